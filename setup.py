@@ -1,0 +1,36 @@
+"""Install micronet_jax: `pip install -e .` (extras: test, bench, tfds, cuda, tpu)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="micronet_jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of the OSI AI MicroNet Challenge entry (CIFAR-100).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11,<3.14",
+    packages=find_packages(include=["micronet_jax", "micronet_jax.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "ml_collections>=1.1.0",
+        "absl-py",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pillow", "ruff"],
+        "bench": ["torch==2.13.0", "pillow"],
+        "tfds": ["tensorflow-datasets"],
+        "cuda": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+    ],
+)
