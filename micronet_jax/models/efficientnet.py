@@ -1,0 +1,158 @@
+"""MicroNet: the original's scaled EfficientNet (MBConv + squeeze-excite + ghost BN).
+
+Built from an `Architecture` (block args after compound scaling), never from a channel table.
+Methods `trunk`, `exit` and `tail` split the forward pass at the early-exit block, so fast
+exit inference can run the tail on the samples that did not exit only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from micronet_jax.models.architecture import Architecture, BlockSpec, conv_padding
+from micronet_jax.models.early_exit import ExitHead
+from micronet_jax.models.layers import (
+    Conv2d,
+    Dense,
+    GhostBatchNorm,
+    drop_connect,
+    squeeze_excite,
+    swish,
+    upsample_nearest,
+)
+
+Dtype = Any
+
+
+class MBConv(nn.Module):
+    """[1x1 expand -> BN -> swish] -> depthwise -> BN -> swish -> SE -> 1x1 project -> BN (+skip)."""
+
+    spec: BlockSpec
+    padding: tuple[int, int]
+    bn_splits: int = 4
+    dtype: Dtype = jnp.float32
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        spec = self.spec
+        bn = dict(splits=self.bn_splits, dtype=self.dtype)
+        conv = dict(dtype=self.dtype, impl=self.impl)
+        h = x
+        if spec.has_expand:
+            h = Conv2d(spec.mid_filters, name="expand_conv", **conv)(h)
+            h = swish(GhostBatchNorm(name="bn0", **bn)(h, train))
+        h = Conv2d(
+            spec.mid_filters,
+            spec.kernel_size,
+            spec.stride,
+            self.padding,
+            groups=spec.mid_filters,
+            name="depthwise_conv",
+            **conv,
+        )(h)
+        h = swish(GhostBatchNorm(name="bn1", **bn)(h, train))
+        if spec.se_filters:
+            h = squeeze_excite(h, spec.se_filters, self.dtype, self.impl)
+        h = Conv2d(spec.output_filters, name="project_conv", **conv)(h)
+        h = GhostBatchNorm(name="bn2", **bn)(h, train)
+        if spec.has_skip:
+            if train and spec.drop_connect_rate > 0:
+                h = drop_connect(h, spec.drop_connect_rate, self.make_rng("dropout"))
+            h = h + x
+        return h
+
+
+class MicroNet(nn.Module):
+    """The OSI AI MicroNet; input is a normalised (N, 32, 32, 3) batch.
+
+    `__call__` returns `(logits, exit_logits)`; `exit_logits` is None without an exit head.
+    """
+
+    arch: Architecture
+    bn_splits: int = 4
+    dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
+
+    def setup(self) -> None:
+        arch = self.arch
+        bn = dict(splits=self.bn_splits, dtype=self.dtype)
+        conv = dict(dtype=self.dtype, impl=self.conv_impl)
+        self.stem_conv = Conv2d(
+            arch.stem_filters, 3, 2, conv_padding(arch, 3, 2), **conv
+        )
+        self.stem_bn = GhostBatchNorm(**bn)
+        self.blocks = [
+            MBConv(
+                spec,
+                conv_padding(arch, spec.kernel_size, spec.stride),
+                self.bn_splits,
+                self.dtype,
+                self.conv_impl,
+            )
+            for spec in arch.blocks
+        ]
+        self.head_conv = Conv2d(arch.head_filters, **conv)
+        self.head_bn = GhostBatchNorm(**bn)
+        self.dropout = nn.Dropout(arch.dropout_rate)
+        self.fc = Dense(arch.num_classes, dtype=self.dtype)
+        if arch.exit_head is not None:
+            self.exit_head = ExitHead(
+                arch.exit_head,
+                arch.num_classes,
+                conv_padding(arch, arch.exit_head.kernel_size, 1),
+                self.bn_splits,
+                self.dtype,
+                self.conv_impl,
+            )
+
+    @property
+    def split_block(self) -> int:
+        """Index of the last block run by `trunk` (the exit block, or the last block)."""
+        exit_head = self.arch.exit_head
+        return exit_head.after_block if exit_head is not None else len(self.arch.blocks) - 1
+
+    def trunk(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Upsample, stem and blocks up to and including the exit block."""
+        x = upsample_nearest(x.astype(self.dtype), self.arch.image_size)
+        h = swish(self.stem_bn(self.stem_conv(x), train))
+        for block in self.blocks[: self.split_block + 1]:
+            h = block(h, train)
+        return h
+
+    def tail(self, features: jax.Array, train: bool = False) -> jax.Array:
+        """The remaining blocks, head, pool, dropout and classifier."""
+        h = features
+        for block in self.blocks[self.split_block + 1 :]:
+            h = block(h, train)
+        h = swish(self.head_bn(self.head_conv(h), train))
+        h = jnp.mean(h, axis=(1, 2))
+        h = self.dropout(h, deterministic=not train)
+        return self.fc(h).astype(jnp.float32)
+
+    def exit(self, features: jax.Array, train: bool = False) -> jax.Array:
+        """Exit-head logits from the exit block's output."""
+        return self.exit_head(features, train).astype(jnp.float32)
+
+    def __call__(
+        self, x: jax.Array, train: bool = False
+    ) -> tuple[jax.Array, jax.Array | None]:
+        features = self.trunk(x, train)
+        exit_logits = self.exit(features, train) if self.arch.exit_head is not None else None
+        return self.tail(features, train), exit_logits
+
+
+def create_model(arch: Architecture, **kwargs: Any) -> MicroNet:
+    """The model for `arch` (kwargs: bn_splits, dtype, conv_impl)."""
+    return MicroNet(arch=arch, **kwargs)
+
+
+def init_variables(model: MicroNet, key: jax.Array, batch_size: int = 4) -> dict:
+    """Initialise params and batch_stats for a (batch_size, 32, 32, 3) input."""
+    size = model.arch.input_size
+    x = jnp.zeros((batch_size, size, size, 3), jnp.float32)
+    return dict(model.init({"params": key}, x, train=False))
