@@ -73,7 +73,7 @@ class BlockSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ExitHeadSpec:
-    """The early-exit head: depthwise conv -> BN -> swish -> 1x1 conv -> BN -> swish -> pool -> FC."""
+    """The early-exit head: depthwise conv, BN, swish, 1x1 conv, BN, swish, pool, FC."""
 
     after_block: int
     input_filters: int

@@ -29,7 +29,7 @@ Dtype = Any
 
 
 class MBConv(nn.Module):
-    """[1x1 expand -> BN -> swish] -> depthwise -> BN -> swish -> SE -> 1x1 project -> BN (+skip)."""
+    """[1x1 expand, BN, swish], depthwise, BN, swish, SE, 1x1 project, BN (+ skip)."""
 
     spec: BlockSpec
     padding: tuple[int, int]
@@ -82,9 +82,7 @@ class MicroNet(nn.Module):
         arch = self.arch
         bn = dict(splits=self.bn_splits, dtype=self.dtype)
         conv = dict(dtype=self.dtype, impl=self.conv_impl)
-        self.stem_conv = Conv2d(
-            arch.stem_filters, 3, 2, conv_padding(arch, 3, 2), **conv
-        )
+        self.stem_conv = Conv2d(arch.stem_filters, 3, 2, conv_padding(arch, 3, 2), **conv)
         self.stem_bn = GhostBatchNorm(**bn)
         self.blocks = [
             MBConv(
@@ -138,9 +136,7 @@ class MicroNet(nn.Module):
         """Exit-head logits from the exit block's output."""
         return self.exit_head(features, train).astype(jnp.float32)
 
-    def __call__(
-        self, x: jax.Array, train: bool = False
-    ) -> tuple[jax.Array, jax.Array | None]:
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array | None]:
         features = self.trunk(x, train)
         exit_logits = self.exit(features, train) if self.arch.exit_head is not None else None
         return self.tail(features, train), exit_logits
