@@ -1,0 +1,7 @@
+"""Stage A of the recipe (SPEC §3): the dense baseline, 1200 epochs on CIFAR-100."""
+
+from micronet_jax.defaults import default_config
+
+
+def get_config():
+    return default_config()

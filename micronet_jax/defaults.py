@@ -1,0 +1,53 @@
+"""The recipe's defaults: stage A (the dense baseline, 1200 epochs on CIFAR-100), SPEC §3.
+
+Config files under `configs/` start from `default_config()` and override a few fields.
+"""
+
+from ml_collections import ConfigDict
+
+from micronet_jax.models.architecture import BASE_BLOCK_STRINGS
+
+
+def default_config() -> ConfigDict:
+    config = ConfigDict()
+    config.mode = "train"  # train | pipeline | test
+    config.seed = 0
+
+    config.model = ConfigDict()
+    config.model.block_strings = BASE_BLOCK_STRINGS
+    config.model.width = 0.9
+    config.model.depth = 1.0
+    config.model.resolution = 1.4
+    config.model.head_filters = 150
+    config.model.dropout = 0.2
+    config.model.drop_connect = 0.2
+    config.model.bn_splits = 4
+    config.model.conv_impl = "auto"  # auto | xla | fast
+    config.model.dtype = "float32"  # or bfloat16 (compute only; params and BN stats stay fp32)
+    config.model.exit_block = 4  # where the early-exit head goes (exit stages only)
+
+    config.data = ConfigDict()
+    config.data.name = "cifar100"  # cifar100 | cifar10
+    config.data.dir = ""  # empty: $MICRONET_DATA or ~/.cache/micronet_jax/data
+    config.data.source = "auto"  # auto | archive | tfds
+    config.data.download = True
+    config.data.num_train = 0  # 0: all; else the first N training images
+    config.data.num_test = 0
+    config.data.autoaugment = True
+    config.data.policy = ""  # empty: the CIFAR-100 policy; else a JSON policy file
+    config.data.mixup_alpha = 1.0
+
+    config.train = ConfigDict()
+    config.train.epochs = 1200
+    config.train.batch_size = 128
+    config.train.lr = 0.13
+    config.train.momentum = 0.9
+    config.train.weight_decay = 1e-5
+    config.train.label_smoothing = 0.3
+    config.train.drop_last = False  # the original's loader keeps the last partial batch
+    config.train.eval_every = 10
+    config.train.checkpoint_every = 10
+    config.train.keep_checkpoints = 3
+    config.train.eval_batch_size = 500
+    config.train.progress = True
+    return config

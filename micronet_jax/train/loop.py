@@ -1,0 +1,275 @@
+"""The epoch loop: shuffle on the device, run jitted steps, evaluate, log, checkpoint, resume.
+
+`fit` runs one stage of training for any step function and state; `train_and_evaluate`
+is stage A (the dense baseline) built from a config, importable from a notebook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from micronet_jax.train import metrics as metrics_io
+from micronet_jax.train.checkpoint import Checkpointer
+from micronet_jax.train.state import SHUFFLE_STREAM, STEP_STREAM, stream_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DeviceData:
+    """A whole data set held on the device as uint8 images and int32 labels."""
+
+    images: jax.Array
+    labels: jax.Array
+
+    @classmethod
+    def from_numpy(cls, images: np.ndarray, labels: np.ndarray) -> DeviceData:
+        return cls(jax.device_put(images), jax.device_put(labels.astype(np.int32)))
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How one stage walks its data: sizes, counts and how often to evaluate and save."""
+
+    epochs: int
+    batch_size: int
+    num_examples: int
+    drop_last: bool = False
+    batch_multiple: int = 4  # ghost-BN splits: every batch size must be a multiple
+    eval_every: int = 10
+    checkpoint_every: int = 10
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """Sizes of the steps of one epoch (a last partial batch when not drop_last)."""
+        full, rest = divmod(self.num_examples, self.batch_size)
+        rest -= rest % self.batch_multiple
+        sizes = (self.batch_size,) * full
+        if rest and not self.drop_last:
+            sizes += (rest,)
+        return sizes
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.batch_sizes)
+
+
+StepFn = Callable[[Any, dict, jax.Array], tuple[Any, dict]]
+
+
+@functools.partial(jax.jit, static_argnames=("step_fn", "batch_size"), donate_argnums=(0,))
+def _run_batch(state, images, labels, perm, start, *, step_fn: StepFn, batch_size: int):
+    """Gather one shuffled batch on the device and run the step on it."""
+    idx = lax.dynamic_slice(perm, (start,), (batch_size,))
+    batch = {"image": images[idx], "label": labels[idx]}
+    key = stream_key(state.rng, STEP_STREAM, state.step)
+    return step_fn(state, batch, key)
+
+
+@jax.jit
+def _permutation(rng: jax.Array, epoch: jax.Array, n_holder: jax.Array) -> jax.Array:
+    return jax.random.permutation(stream_key(rng, SHUFFLE_STREAM, epoch), n_holder.shape[0])
+
+
+def run_epoch(
+    state: Any,
+    step_fn: StepFn,
+    data: DeviceData,
+    schedule: Schedule,
+    epoch: int,
+    progress: Any = None,
+) -> tuple[Any, dict[str, float]]:
+    """One epoch (1-based `epoch`): on-device shuffle, then every step; metrics averaged."""
+    perm = _permutation(state.rng, jnp.asarray(epoch), data.labels)
+    sums: dict[str, jax.Array] = {}
+    weights = 0
+    start = 0
+    for size in schedule.batch_sizes:
+        state, step_metrics = _run_batch(
+            state, data.images, data.labels, perm, start, step_fn=step_fn, batch_size=size
+        )
+        for name, value in step_metrics.items():
+            sums[name] = sums.get(name, 0.0) + value * size
+        weights += size
+        start += size
+        if progress is not None:
+            progress.update(1)
+    return state, {name: float(value) / weights for name, value in sums.items()}
+
+
+def _make_progress(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def fit(
+    state: Any,
+    step_fn: StepFn,
+    train_data: DeviceData,
+    schedule: Schedule,
+    workdir: str | Path,
+    evaluate_fn: Callable[[Any], dict[str, float]] | None = None,
+    lr_of_epoch: Callable[[int], float] | None = None,
+    keep_checkpoints: int = 3,
+    progress: bool = True,
+    desc: str = "train",
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Train `state` for the schedule's epochs under `workdir`, resuming from its checkpoints.
+
+    Writes `workdir/metrics.jsonl` (one record per epoch) and orbax checkpoints under
+    `workdir/checkpoints` (every `checkpoint_every` epochs and at the end) plus the best
+    evaluated one under `workdir/best`. Returns the final state and the metric records.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    metrics_path = workdir / "metrics.jsonl"
+    ckpt = Checkpointer(workdir / "checkpoints", keep=keep_checkpoints)
+    best = Checkpointer(workdir / "best", keep=1)
+    spe = schedule.steps_per_epoch
+    if spe == 0:
+        raise ValueError(
+            f"{schedule.num_examples} training images make no batch of {schedule.batch_size}"
+        )
+
+    best_accuracy = -1.0
+    if ckpt.latest_step() is not None:
+        state, meta, _ = ckpt.restore(state)
+        best_accuracy = meta.get("best_accuracy", -1.0)
+        log.info("resumed %s at epoch %d", workdir, int(state.step) // spe)
+    done_epochs = int(state.step) // spe
+    metrics_io.truncate_after(metrics_path, "epoch", done_epochs)
+
+    bar = _make_progress(progress, schedule.epochs * spe, done_epochs * spe, desc)
+    wall_start = time.time()
+    try:
+        for epoch in range(done_epochs + 1, schedule.epochs + 1):
+            tic = time.perf_counter()
+            state, train_metrics = run_epoch(state, step_fn, train_data, schedule, epoch, bar)
+            seconds = time.perf_counter() - tic
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "step": int(state.step),
+                "lr": lr_of_epoch(epoch) if lr_of_epoch else train_metrics.get("lr"),
+                "train_loss": train_metrics["loss"],
+                "train_accuracy": train_metrics["accuracy"],
+                "images_per_sec": sum(schedule.batch_sizes) / seconds,
+                "wall_time": time.time() - wall_start,
+            }
+            last = epoch == schedule.epochs
+            if evaluate_fn is not None and (last or epoch % schedule.eval_every == 0):
+                test = evaluate_fn(state)
+                record.update({f"test_{k}": v for k, v in test.items()})
+            if bar is not None:
+                bar.set_postfix(
+                    epoch=epoch,
+                    loss=f"{record['train_loss']:.3f}",
+                    test=f"{record.get('test_accuracy', float('nan')):.3f}",
+                )
+            metrics_io.append_record(metrics_path, record)
+            accuracy = record.get("test_accuracy")
+            improved = accuracy is not None and accuracy > best_accuracy
+            if improved:
+                best_accuracy = accuracy
+            meta = {"epoch": epoch, "best_accuracy": best_accuracy, "record": record}
+            if last or epoch % schedule.checkpoint_every == 0:
+                ckpt.save(int(state.step), state, meta)
+            if improved:
+                best.save(int(state.step), state, meta)
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpt.close()
+        best.close()
+    return state, metrics_io.read_records(metrics_path)
+
+
+def step_config_from(config: Any, epochs: int, steps_per_epoch: int, **overrides) -> Any:
+    """The StepConfig of the recipe's main-network training for `config`."""
+    from micronet_jax.train.optim import cosine_per_epoch
+    from micronet_jax.train.steps import StepConfig
+
+    fields = dict(
+        label_smoothing=config.train.label_smoothing,
+        mixup_alpha=config.data.mixup_alpha,
+        autoaugment=config.data.autoaugment,
+        policy=load_policy(config.data.policy),
+        lr_fn=cosine_per_epoch(config.train.lr, epochs, steps_per_epoch),
+    )
+    fields.update(overrides)
+    return StepConfig(**fields)
+
+
+def load_policy(path: str) -> Any:
+    """None (the CIFAR-100 policy) or the rows of a JSON policy file, as a hashable tuple."""
+    if not path:
+        return None
+    import json
+
+    from micronet_jax.errors import ConfigError
+
+    try:
+        rows = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"data.policy {path!r} is not a readable JSON policy: {exc}") from None
+    return tuple(tuple(row) for row in rows)
+
+
+def train_and_evaluate(config: Any, workdir: str | Path) -> tuple[Any, list[dict[str, Any]]]:
+    """Stage A of the recipe: train the dense network from scratch under `workdir`."""
+    from micronet_jax import builders
+    from micronet_jax.models.efficientnet import init_variables
+    from micronet_jax.train.optim import lr_at_epoch, make_optimizer
+    from micronet_jax.train.state import create_train_state
+    from micronet_jax.train.steps import evaluate, train_step
+
+    train, test = builders.load_data(config)
+    model = builders.model_from_config(config)
+    t = config.train
+    schedule = Schedule(
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        num_examples=len(train),
+        drop_last=t.drop_last,
+        batch_multiple=config.model.bn_splits,
+        eval_every=t.eval_every,
+        checkpoint_every=t.checkpoint_every,
+    )
+    tx = make_optimizer(t.lr, t.epochs, schedule.steps_per_epoch, t.momentum, t.weight_decay)
+    variables = init_variables(model, jax.random.key(config.seed))
+    state = create_train_state(model.apply, variables, tx, config.seed)
+    step_cfg = step_config_from(config, t.epochs, schedule.steps_per_epoch)
+    step_fn = functools.partial(train_step, cfg=step_cfg)
+    test_images = jax.device_put(test.images)
+
+    def evaluate_fn(s):
+        return evaluate(s, model.apply, test_images, test.labels, t.eval_batch_size)
+
+    return fit(
+        state,
+        step_fn,
+        DeviceData.from_numpy(train.images, train.labels),
+        schedule,
+        workdir,
+        evaluate_fn=evaluate_fn,
+        lr_of_epoch=lambda e: lr_at_epoch(t.lr, t.epochs, e),
+        keep_checkpoints=t.keep_checkpoints,
+        progress=t.progress,
+        desc="baseline",
+    )

@@ -1,0 +1,52 @@
+"""JSON-lines metrics: one line per record, appended in a single write.
+
+A single `os.write` on an O_APPEND descriptor never interleaves and, if the process is
+killed, leaves at most one torn final line, which the reader skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return value
+
+
+def append_record(path: str | Path, record: dict[str, Any]) -> None:
+    line = json.dumps({k: _jsonable(v) for k, v in record.items()}, sort_keys=True) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete record; a torn last line (from a kill mid-write) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_after(path: str | Path, key: str, value: int) -> None:
+    """Drop records with record[key] > value (work done after the checkpoint resumed from)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [r for r in read_records(path) if r.get(key, 0) <= value]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    os.replace(tmp, path)

@@ -1,0 +1,151 @@
+"""Pure train and eval steps. The loop jits them; notebooks can call them directly.
+
+Augmentation (AutoAugment, crop, flip, normalise) and mixup run inside the step, on the
+device, from a key derived from (seed, step) — no host work per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from micronet_jax.data.augment import eval_transform, mixup, train_transform
+from micronet_jax.train.losses import mixup_loss, soft_smoothing_loss
+from micronet_jax.train.state import TrainState, apply_masks, variables_of
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of a train step (hashable, so a jitted step can close over it)."""
+
+    label_smoothing: float = 0.3
+    mixup_alpha: float = 1.0  # 0 turns mixup off
+    autoaugment: bool = True
+    policy: Any = None  # None: the CIFAR-100 policy
+    loss: str = "mixup_smoothing"  # or "soft_smoothing" (the exit head's)
+    lr_fn: Callable[[jax.Array], jax.Array] | None = None
+
+
+def augment_batch(
+    key: jax.Array, images: jax.Array, labels: jax.Array, cfg: StepConfig
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """uint8 images -> (normalised float images, labels_a, labels_b, λ)."""
+    aug_key, mix_key = jax.random.split(key)
+    x = train_transform(aug_key, images, autoaugment=cfg.autoaugment, policy=cfg.policy)
+    if cfg.mixup_alpha > 0:
+        return mixup(mix_key, x, labels, cfg.mixup_alpha)
+    return x, labels, labels, jnp.ones((), jnp.float32)
+
+
+def _mixed_accuracy(logits, labels_a, labels_b, lam) -> jax.Array:
+    pred = jnp.argmax(logits, -1)
+    acc_a = jnp.mean(pred == labels_a)
+    acc_b = jnp.mean(pred == labels_b)
+    return lam * acc_a + (1.0 - lam) * acc_b
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], key: jax.Array, cfg: StepConfig
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step of the main network: augment, mix, forward/backward, update, re-mask."""
+    data_key, dropout_key = jax.random.split(key)
+    x, labels_a, labels_b, lam = augment_batch(data_key, batch["image"], batch["label"], cfg)
+
+    def loss_fn(params):
+        (logits, _), updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            rngs={"dropout": dropout_key},
+            mutable=["batch_stats"],
+        )
+        loss = mixup_loss(logits, labels_a, labels_b, lam, cfg.label_smoothing)
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    lr = cfg.lr_fn(state.step) if cfg.lr_fn is not None else jnp.zeros(())
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    state = state.replace(params=apply_masks(state.params, state.masks))
+    metrics = {
+        "loss": loss,
+        "accuracy": _mixed_accuracy(logits, labels_a, labels_b, lam),
+        "lr": lr,
+    }
+    return state, metrics
+
+
+def predict_step(apply_fn: Callable, variables: dict, images: jax.Array):
+    """Eval-mode (main logits, exit logits or None) of a uint8 batch."""
+    return apply_fn(variables, eval_transform(images), train=False)
+
+
+_predict_jit = jax.jit(predict_step, static_argnums=0)
+
+
+def predict(
+    apply_fn: Callable,
+    variables: dict,
+    images: np.ndarray | jax.Array,
+    batch_size: int = 500,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits of every image; the last partial batch is padded, so one shape compiles once."""
+    n = images.shape[0]
+    batch_size = min(batch_size, n)
+    mains, exits = [], []
+    for start in range(0, n, batch_size):
+        chunk = images[start : start + batch_size]
+        valid = chunk.shape[0]
+        if valid < batch_size:
+            pad = [(0, batch_size - valid)] + [(0, 0)] * (chunk.ndim - 1)
+            chunk = jnp.pad(chunk, pad)
+        main, exit_logits = _predict_jit(apply_fn, variables, chunk)
+        mains.append(main[:valid])
+        if exit_logits is not None:
+            exits.append(exit_logits[:valid])
+    main = np.asarray(jnp.concatenate(mains))
+    exit_all = np.asarray(jnp.concatenate(exits)) if exits else None
+    return main, exit_all
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1 accuracy and mean (unsmoothed) cross entropy."""
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    loss = -log_probs[np.arange(len(labels)), labels].mean()
+    accuracy = (logits.argmax(-1) == labels).mean()
+    return {"loss": float(loss), "accuracy": float(accuracy)}
+
+
+def evaluate(
+    state_or_variables: TrainState | dict,
+    apply_fn: Callable,
+    images: np.ndarray | jax.Array,
+    labels: np.ndarray,
+    batch_size: int = 500,
+) -> dict[str, float]:
+    """Main-network top-1 and loss on a whole test set, no sample dropped."""
+    variables = (
+        variables_of(state_or_variables)
+        if isinstance(state_or_variables, TrainState)
+        else state_or_variables
+    )
+    logits, _ = predict(apply_fn, variables, images, batch_size)
+    return classification_metrics(logits, np.asarray(labels))
+
+
+__all__ = [
+    "StepConfig",
+    "augment_batch",
+    "classification_metrics",
+    "evaluate",
+    "predict",
+    "predict_step",
+    "soft_smoothing_loss",
+    "train_step",
+]
