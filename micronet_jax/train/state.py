@@ -69,3 +69,42 @@ def stream_key(rng: jax.Array, stream: int, index: jax.Array | int) -> jax.Array
 
 def variables_of(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+class ExitTrainState(TrainState):
+    """The exit head's own state; the frozen main network's params ride along untouched.
+
+    `params`, `opt_state`, `masks` and `step` are the head's; `batch_stats` covers the whole
+    model, since the frozen network's BN keeps updating its statistics in training mode.
+    """
+
+    frozen_params: Any
+
+
+def create_exit_state(
+    apply_fn: Any,
+    variables: dict,
+    tx: optax.GradientTransformation,
+    seed: int,
+    head_masks: Any = None,
+) -> ExitTrainState:
+    """Split full-model variables into the trainable head and the frozen rest."""
+    params = dict(variables["params"])
+    head = params.pop("exit_head")
+    head_masks = ones_masks(head) if head_masks is None else head_masks
+    return ExitTrainState.create(
+        apply_fn=apply_fn,
+        params=apply_masks(head, head_masks),
+        tx=tx,
+        batch_stats=variables["batch_stats"],
+        masks=head_masks,
+        rng=jax.random.key_data(jax.random.key(seed)),
+        frozen_params=params,
+    )
+
+
+def full_variables(state: ExitTrainState) -> dict:
+    """The whole model's variables from an exit-head state."""
+    params = dict(state.frozen_params)
+    params["exit_head"] = state.params
+    return {"params": params, "batch_stats": state.batch_stats}

@@ -16,7 +16,13 @@ import numpy as np
 
 from micronet_jax.data.augment import eval_transform, mixup, train_transform
 from micronet_jax.train.losses import mixup_loss, soft_smoothing_loss
-from micronet_jax.train.state import TrainState, apply_masks, variables_of
+from micronet_jax.train.state import (
+    ExitTrainState,
+    TrainState,
+    apply_masks,
+    full_variables,
+    variables_of,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +85,43 @@ def train_step(
     return state, metrics
 
 
+def exit_train_step(
+    state: ExitTrainState, batch: dict[str, jax.Array], key: jax.Array, cfg: StepConfig
+) -> tuple[ExitTrainState, dict[str, jax.Array]]:
+    """One step of the exit head: the main network is frozen (no gradient, params untouched)
+    but runs in training mode, so all its BN layers keep updating their running statistics."""
+    data_key, dropout_key = jax.random.split(key)
+    x, labels_a, labels_b, lam = augment_batch(data_key, batch["image"], batch["label"], cfg)
+    frozen = jax.lax.stop_gradient(state.frozen_params)
+
+    def loss_fn(head_params):
+        params = dict(frozen)
+        params["exit_head"] = head_params
+        (_, exit_logits), updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            rngs={"dropout": dropout_key},
+            mutable=["batch_stats"],
+        )
+        loss_a = soft_smoothing_loss(exit_logits, labels_a)
+        loss_b = soft_smoothing_loss(exit_logits, labels_b)
+        return lam * loss_a + (1.0 - lam) * loss_b, (exit_logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    lr = cfg.lr_fn(state.step) if cfg.lr_fn is not None else jnp.zeros(())
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    state = state.replace(params=apply_masks(state.params, state.masks))
+    metrics = {
+        "loss": loss,
+        "accuracy": _mixed_accuracy(logits, labels_a, labels_b, lam),
+        "lr": lr,
+    }
+    return state, metrics
+
+
 def predict_step(apply_fn: Callable, variables: dict, images: jax.Array):
     """Eval-mode (main logits, exit logits or None) of a uint8 batch."""
     return apply_fn(variables, eval_transform(images), train=False)
@@ -122,6 +165,15 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
     return {"loss": float(loss), "accuracy": float(accuracy)}
 
 
+def as_variables(state_or_variables: TrainState | dict) -> dict:
+    """Full-model variables from a main state, an exit-head state, or variables."""
+    if isinstance(state_or_variables, ExitTrainState):
+        return full_variables(state_or_variables)
+    if isinstance(state_or_variables, TrainState):
+        return variables_of(state_or_variables)
+    return state_or_variables
+
+
 def evaluate(
     state_or_variables: TrainState | dict,
     apply_fn: Callable,
@@ -130,11 +182,7 @@ def evaluate(
     batch_size: int = 500,
 ) -> dict[str, float]:
     """Main-network top-1 and loss on a whole test set, no sample dropped."""
-    variables = (
-        variables_of(state_or_variables)
-        if isinstance(state_or_variables, TrainState)
-        else state_or_variables
-    )
+    variables = as_variables(state_or_variables)
     logits, _ = predict(apply_fn, variables, images, batch_size)
     return classification_metrics(logits, np.asarray(labels))
 
@@ -146,6 +194,6 @@ __all__ = [
     "evaluate",
     "predict",
     "predict_step",
-    "soft_smoothing_loss",
+    "exit_train_step",
     "train_step",
 ]

@@ -1,0 +1,245 @@
+"""Print the MicroNet table and score of a configuration, or of one of the original's checkpoints.
+
+    python -m micronet_jax.score                                   # dense network
+    python -m micronet_jax.score --sparsity=0.64 --exit_block=4 --exit_ratio=0.3217
+    python -m micronet_jax.score --checkpoint=…/trained_model.pth --exit_ratio=0.3217
+
+With --checkpoint, the honest score (each tensor's real mask) is printed beside the one the
+original published (its global sparsity applied uniformly to every tensor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from micronet_jax.errors import CheckpointError, ConfigError, MicronetError
+from micronet_jax.models.architecture import Architecture, build_architecture
+from micronet_jax.scoring import MicroNetCount, count_micronet, measured_sparsity
+
+COLUMNS = ("layer", "share", "params", "mults", "adds", "math ops")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m micronet_jax.score",
+        description="MicroNet Challenge count (SPEC §6): per-layer table and scores.",
+    )
+    parser.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.0,
+        help="fraction of every main-network weight tensor pruned (uniform)",
+    )
+    parser.add_argument(
+        "--exit_block", type=int, default=None, help="attach the early-exit head after this block"
+    )
+    parser.add_argument(
+        "--exit_ratio",
+        type=float,
+        default=None,
+        help="share of test images that exit early (default 0)",
+    )
+    parser.add_argument(
+        "--exit_sparsity",
+        type=float,
+        default=0.0,
+        help="fraction of the exit head's weights pruned (uniform)",
+    )
+    parser.add_argument(
+        "--bn_as_bias",
+        action="store_true",
+        help="count each BN as a bias of the preceding conv (final ranking)",
+    )
+    parser.add_argument(
+        "--include_upsample",
+        action="store_true",
+        help="count the nearest upsample (image_size² × 3 mults)",
+    )
+    parser.add_argument(
+        "--checkpoint", default=None, help="one of the original's .pth files: score its real masks"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser.parse_args(argv)
+
+
+def architecture_for(exit_block: int | None) -> Architecture:
+    """The original's architecture, with the exit head where asked."""
+    arch = build_architecture()
+    if exit_block is not None and not 0 <= exit_block < len(arch.blocks) - 1:
+        raise ConfigError(
+            f"--exit_block must be in [0, {len(arch.blocks) - 2}] (the exit head needs at "
+            f"least one block after it), got {exit_block}"
+        )
+    return arch.with_exit_head(exit_block)
+
+
+def count_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The counter options shared by every count of one invocation."""
+    return {
+        "bn_as_bias": args.bn_as_bias,
+        "include_upsample": args.include_upsample,
+        "exit_ratio": args.exit_ratio,
+    }
+
+
+def settings(args: argparse.Namespace, arch: Architecture) -> dict[str, Any]:
+    return {
+        "exit_block": arch.exit_head.after_block if arch.exit_head else None,
+        "exit_ratio": args.exit_ratio,
+        "bn_as_bias": args.bn_as_bias,
+        "include_upsample": args.include_upsample,
+    }
+
+
+def describe(opts: dict[str, Any], arch: Architecture, sparsity: str) -> str:
+    """One line saying which conventions a table was counted with."""
+    parts = [sparsity, "BN as bias" if opts["bn_as_bias"] else "BN not counted"]
+    parts.append("upsample counted" if opts["include_upsample"] else "upsample not counted")
+    if arch.exit_head is not None:
+        ratio = opts["exit_ratio"] or 0.0
+        parts.append(f"exit head after block {arch.exit_head.after_block}, exit ratio {ratio:g}")
+    return ", ".join(parts)
+
+
+def _number(x: float) -> str:
+    return f"{round(x):,}" if abs(x - round(x)) < 1e-6 else f"{x:,.1f}"
+
+
+def format_table(count: MicroNetCount, title: str) -> str:
+    """Per-layer rows, totals, 32-bit storage and the three scores."""
+    rows = [COLUMNS]
+    for layer in count.layers:
+        rows.append(
+            (
+                layer.name,
+                f"{layer.share:.4f}",
+                _number(layer.params),
+                _number(layer.mults),
+                _number(layer.adds),
+                _number(layer.math_ops),
+            )
+        )
+    rows.append(
+        (
+            "total",
+            "",
+            _number(count.params),
+            _number(count.mults),
+            _number(count.adds),
+            _number(count.math_ops),
+        )
+    )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = [title]
+    for i, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells))
+        if i == 0 or i == len(rows) - 2:
+            lines.append("-" * len(lines[-1]))
+    lines += [
+        f"masks: {_number(count.mask_bits)} bits; params {count.param_bits}-bit, "
+        f"mults {count.mult_bits}-bit, adds 32-bit",
+        f"parameter storage  {count.param_storage:,.1f} (32-bit units)",
+        f"math operations    {count.math_storage:,.1f} (32-bit units)",
+        f"param score  {count.param_score:.6f}",
+        f"math score   {count.math_score:.6f}",
+        f"score        {count.score:.6f}",
+    ]
+    return "\n".join(lines)
+
+
+def report_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    arch = architecture_for(args.exit_block)
+    opts = count_options(args)
+    count = count_micronet(arch, sparsity=args.sparsity, exit_sparsity=args.exit_sparsity, **opts)
+    sparsity = f"uniform sparsity {args.sparsity:g}" if args.sparsity else "dense"
+    if arch.exit_head is not None:
+        exit_head = f"uniform sparsity {args.exit_sparsity:g}" if args.exit_sparsity else "dense"
+        sparsity += f" (exit head {exit_head})"
+    title = "MicroNet count: " + describe(opts, arch, sparsity)
+    data = {
+        "settings": settings(args, arch)
+        | {"sparsity": args.sparsity, "exit_sparsity": args.exit_sparsity},
+        **count.to_dict(),
+    }
+    return format_table(count, title), data
+
+
+def load_checkpoint(path: str) -> Any:
+    """The original's .pth through the converter, imported only when a checkpoint is asked."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"--checkpoint: no file at {path}")
+    try:
+        from micronet_jax.convert import load_original
+    except ModuleNotFoundError as error:
+        if error.name != "micronet_jax.convert":
+            raise
+        raise CheckpointError("reading .pth checkpoints needs micronet_jax.convert") from error
+    return load_original(path)
+
+
+def report_checkpoint(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """Honest score (real masks) beside the published convention (global sparsity, uniform)."""
+    if args.sparsity or args.exit_sparsity:
+        raise ConfigError("--sparsity/--exit_sparsity are read from --checkpoint; drop them")
+    loaded = load_checkpoint(args.checkpoint)
+    arch = loaded.arch
+    exit_after = arch.exit_head.after_block if arch.exit_head else None
+    if args.exit_block is not None and args.exit_block != exit_after:
+        raise ConfigError(
+            f"--exit_block {args.exit_block} does not match the checkpoint's exit head "
+            f"(after block {exit_after})"
+        )
+    params = loaded.variables["params"]
+    main_sparsity, exit_sparsity = measured_sparsity(arch, params)
+    opts = count_options(args)
+    honest = count_micronet(arch, params=params, **opts)
+    published = count_micronet(arch, sparsity=main_sparsity, exit_sparsity=exit_sparsity, **opts)
+    uniform = f"uniform sparsity {main_sparsity:.4%} (exit head {exit_sparsity:.4%})"
+    text = "\n\n".join(
+        [
+            format_table(honest, f"{args.checkpoint}: " + describe(opts, arch, "actual masks")),
+            format_table(published, "published convention: " + describe(opts, arch, uniform)),
+            format_comparison(honest, published),
+        ]
+    )
+    data = {
+        "checkpoint": args.checkpoint,
+        "settings": settings(args, arch),
+        "sparsity": main_sparsity,
+        "exit_sparsity": exit_sparsity,
+        "actual": honest.to_dict(),
+        "published_convention": published.to_dict(),
+    }
+    return text, data
+
+
+def format_comparison(honest: MicroNetCount, published: MicroNetCount) -> str:
+    lines = [f"{'':12}  {'actual masks':>12}  {'published':>12}"]
+    for name in ("param_score", "math_score", "score"):
+        label = name.replace("_", " ")
+        lines.append(f"{label:12}  {getattr(honest, name):12.6f}  {getattr(published, name):12.6f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = report_checkpoint if args.checkpoint else report_config
+        text, data = report(args)
+    except MicronetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2) if args.json else text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,532 @@
+"""The MicroNet counter against the original's published numbers (SPEC §6) and the model."""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from micronet_jax import score
+from micronet_jax.errors import CheckpointError, ConfigError
+from micronet_jax.models.architecture import build_architecture
+from micronet_jax.scoring import (
+    count_micronet,
+    measured_sparsity,
+    prunable_tensors,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = build_architecture()
+ARCH_EXIT4 = ARCH.with_exit_head(4)
+MAIN_ROWS = ["stem"] + [f"block_{i}" for i in range(10)] + ["head", "pool", "fc"]
+
+# (arch, options, param score, math score, total) as published; SPEC §6.
+PUBLISHED = {
+    "dense": (ARCH, {}, 0.006449, 0.008328, 0.014777),
+    "pruned 64%": (ARCH, {"sparsity": 0.64}, 0.002748, 0.003148, 0.005896),
+    "exit head, r 0.3217": (
+        ARCH_EXIT4,
+        {"sparsity": 0.64, "exit_ratio": 0.3217},
+        0.003031,
+        0.002753,
+        0.005784,
+    ),
+    "final ranking": (
+        ARCH_EXIT4,
+        {"sparsity": 0.64, "exit_ratio": 0.2929, "exit_sparsity": 0.5, "bn_as_bias": True},
+        0.002995,
+        0.002803,
+        0.005798,
+    ),
+}
+
+
+# --- published numbers ----------------------------------------------------------------------
+
+
+def test_dense_totals_match_the_published_table():
+    count = count_micronet(ARCH)
+    assert [layer.name for layer in count.layers] == MAIN_ROWS
+    assert count.params == 470_776
+    assert count.mults == 60_456_692
+    assert count.adds == 57_132_604
+    assert count.math_ops == 117_589_296
+    assert count.mask_bits == 0
+
+
+def test_dense_weights_and_biases_split_as_in_spec():
+    weights = sum(n for _, n in prunable_tensors(ARCH))
+    assert weights == 467_824
+    assert count_micronet(ARCH).params - weights == 2_952
+
+
+@pytest.mark.parametrize("setting", PUBLISHED)
+def test_published_scores(setting):
+    arch, options, param_score, math_score, total = PUBLISHED[setting]
+    count = count_micronet(arch, **options)
+    assert round(count.param_score, 6) == param_score
+    assert round(count.score, 6) == total
+    if setting == "final ranking":
+        assert abs(round(count.math_score, 6) - math_score) <= 1.0001e-6
+    else:
+        assert round(count.math_score, 6) == math_score
+
+
+def test_final_ranking_is_exact_with_the_upsample_counted():
+    arch, options, param_score, math_score, total = PUBLISHED["final ranking"]
+    count = count_micronet(arch, include_upsample=True, **options)
+    assert (round(count.param_score, 6), round(count.math_score, 6)) == (param_score, math_score)
+    assert round(count.score, 6) == total
+
+
+@pytest.mark.parametrize("setting", ["dense", "pruned 64%"])
+def test_first_rows_leave_the_upsample_out(setting):
+    """Counting the upsample moves these two math scores off the published values."""
+    arch, options, _, math_score, _ = PUBLISHED[setting]
+    count = count_micronet(arch, include_upsample=True, **options)
+    assert round(count.math_score, 6) != math_score
+
+
+def test_block_1_worked_example():
+    count = count_micronet(ARCH)
+    block = count.layer("block_1")
+    assert block.params == 1_536 + 864 + 291 + 384 + 2_304 == 5_379
+    assert block.mults == 5_167_209
+    assert block.adds == 4_590_315
+    sizes = [n for path, n in prunable_tensors(ARCH) if path.startswith("blocks_1/")]
+    assert sizes == [1_536, 864, 288, 288, 2_304]
+
+
+def test_write_up_typos_are_not_copied():
+    count = count_micronet(ARCH_EXIT4)
+    assert count.layer("block_9").params == 104_656
+    exit_head = count.layer("exit_head")
+    assert exit_head.params == 20_660
+    # The write-up books 13,500 of the exit FC's adds as mults: 1,717,436 / 1,596,564.
+    assert exit_head.mults == 1_717_436 - 13_500
+    assert exit_head.adds == 1_596_564 + 13_500
+    assert exit_head.math_ops == 3_314_000
+
+
+def test_upsample_row():
+    count = count_micronet(ARCH, include_upsample=True)
+    assert count.layers[0].name == "upsample"
+    assert count.layers[0].mults == 63 * 63 * 3 == 11_907
+    assert count.mults == 60_456_692 + 11_907
+    native = build_architecture(resolution=1.0)
+    assert native.image_size == native.input_size
+    assert count_micronet(native, include_upsample=True).layer("upsample").mults == 0
+
+
+# --- conventions ----------------------------------------------------------------------------
+
+
+def bn_channels_and_elements(arch):
+    """Channels and output elements of every BN, straight from the block specs."""
+    channels = arch.stem_filters + arch.head_filters
+    elements = arch.stem_size**2 * arch.stem_filters + arch.final_size**2 * arch.head_filters
+    for b in arch.blocks:
+        mid = b.input_filters * b.expand_ratio
+        if b.expand_ratio != 1:
+            channels += mid
+            elements += b.input_size**2 * mid
+        channels += mid + b.output_filters
+        elements += b.output_size**2 * (mid + b.output_filters)
+    if arch.exit_head is not None:
+        e = arch.exit_head
+        channels += e.input_filters + e.head_filters
+        elements += e.size**2 * (e.input_filters + e.head_filters)
+    return channels, elements
+
+
+@pytest.mark.parametrize("arch", [ARCH, ARCH_EXIT4], ids=["main", "exit head"])
+def test_bn_as_bias_adds_one_dense_bias_per_bn(arch):
+    channels, elements = bn_channels_and_elements(arch)
+    plain = count_micronet(arch, sparsity=0.5, exit_ratio=0.0 if arch.exit_head else None)
+    with_bn = count_micronet(
+        arch, sparsity=0.5, bn_as_bias=True, exit_ratio=0.0 if arch.exit_head else None
+    )
+    assert with_bn.params - plain.params == channels
+    assert with_bn.adds - plain.adds == pytest.approx(elements, abs=1e-3)
+    assert with_bn.mults == plain.mults
+    assert with_bn.mask_bits == plain.mask_bits
+
+
+def test_masks_only_for_sparse_tensors():
+    exit_n = 432 + 6_528 + 13_600
+    dense_exit = count_micronet(ARCH_EXIT4, sparsity=0.64)
+    assert dense_exit.mask_bits == 467_824
+    assert dense_exit.layer("exit_head").mask_bits == 0
+    sparse_exit = count_micronet(ARCH_EXIT4, sparsity=0.64, exit_sparsity=0.5)
+    assert sparse_exit.layer("exit_head").mask_bits == exit_n
+    assert sparse_exit.layer("exit_head").params == exit_n * 0.5 + 100
+    assert count_micronet(ARCH).mask_bits == 0
+
+
+def test_exit_ratio_mixes_the_two_paths():
+    full = count_micronet(ARCH_EXIT4, exit_ratio=0.0)
+    early = count_micronet(ARCH_EXIT4, exit_ratio=1.0)
+    mixed = count_micronet(ARCH_EXIT4, exit_ratio=0.3)
+    assert full.math_ops == count_micronet(ARCH).math_ops + 3_314_000
+    exit_path = sum(full.layer(n).math_ops for n in ["stem", *MAIN_ROWS[1:6], "exit_head"])
+    assert early.math_ops == pytest.approx(exit_path)
+    assert mixed.math_ops == pytest.approx(0.3 * early.math_ops + 0.7 * full.math_ops)
+    assert mixed.params == full.params == early.params == 470_776 + 20_660
+    assert mixed.layer("block_5").share == pytest.approx(0.7)
+    assert mixed.layer("block_4").share == 1.0
+
+
+def test_bit_widths():
+    count = count_micronet(ARCH, param_bits=32, mult_bits=32)
+    assert count.param_storage == 470_776
+    assert count.math_storage == 117_589_296
+    assert count.param_score == pytest.approx(470_776 / 36.5e6)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"sparsity": 1.0},
+        {"sparsity": -0.1},
+        {"sparsity": float("nan")},
+        {"exit_ratio": 0.5},  # no exit head
+        {"exit_sparsity": 0.5},  # no exit head
+        {"sparsity": 0.5, "params": {}},
+        {"param_bits": 0},
+    ],
+)
+def test_bad_options_raise_config_error(options):
+    with pytest.raises(ConfigError):
+        count_micronet(ARCH, **options)
+
+
+@pytest.mark.parametrize("ratio", [-0.01, 1.01])
+def test_exit_ratio_out_of_range(ratio):
+    with pytest.raises(ConfigError, match="exit_ratio"):
+        count_micronet(ARCH_EXIT4, exit_ratio=ratio)
+
+
+# --- actual masks ---------------------------------------------------------------------------
+
+
+def params_tree(arch, zero_fraction, overrides=None):
+    """A params tree with the model's names; the first `fraction` of each kernel is zero."""
+
+    def kernel(path, shape):
+        fraction = (overrides or {}).get(path, zero_fraction)
+        values = np.ones(int(np.prod(shape)), np.float32)
+        values[: int(round(values.size * fraction))] = 0.0
+        return values.reshape(shape)
+
+    def bn(c):
+        return {"scale": np.ones(c, np.float32), "bias": np.zeros(c, np.float32)}
+
+    def conv(prefix, shape, bias=False):
+        out = {"kernel": kernel(prefix + "/kernel", shape)}
+        if bias:
+            out["bias"] = np.ones(shape[-1], np.float32)
+        return out
+
+    tree = {"stem_conv": conv("stem_conv", (3, 3, 3, arch.stem_filters))}
+    tree["stem_bn"] = bn(arch.stem_filters)
+    for b in arch.blocks:
+        p = f"blocks_{b.index}"
+        mid = b.input_filters * b.expand_ratio
+        block = {}
+        if b.expand_ratio != 1:
+            block["expand_conv"] = conv(p + "/expand_conv", (1, 1, b.input_filters, mid))
+            block["bn0"] = bn(mid)
+        k = b.kernel_size
+        block["depthwise_conv"] = conv(p + "/depthwise_conv", (k, k, 1, mid))
+        block["bn1"] = bn(mid)
+        block["se_reduce"] = conv(p + "/se_reduce", (1, 1, mid, b.se_filters), bias=True)
+        block["se_expand"] = conv(p + "/se_expand", (1, 1, b.se_filters, mid), bias=True)
+        block["project_conv"] = conv(p + "/project_conv", (1, 1, mid, b.output_filters))
+        block["bn2"] = bn(b.output_filters)
+        tree[p] = block
+    last = arch.blocks[-1].output_filters
+    tree["head_conv"] = conv("head_conv", (1, 1, last, arch.head_filters))
+    tree["head_bn"] = bn(arch.head_filters)
+    tree["fc"] = conv("fc", (arch.head_filters, arch.num_classes), bias=True)
+    if arch.exit_head is not None:
+        e = arch.exit_head
+        tree["exit_head"] = {
+            "depthwise_conv": conv("exit_head/depthwise_conv", (3, 3, 1, e.input_filters)),
+            "bn0": bn(e.input_filters),
+            "expand_conv": conv("exit_head/expand_conv", (1, 1, e.input_filters, e.head_filters)),
+            "bn1": bn(e.head_filters),
+            "fc": conv("exit_head/fc", (e.head_filters, arch.num_classes), bias=True),
+        }
+    return tree
+
+
+def test_prunable_tensors_are_the_trees_multi_dim_leaves():
+    tree = params_tree(ARCH_EXIT4, 0.0)
+    leaves = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, prefix + key + "/")
+            elif value.ndim > 1:
+                leaves[prefix + key] = value.size
+
+    walk(tree, "")
+    assert dict(prunable_tensors(ARCH_EXIT4)) == leaves
+
+
+def test_actual_masks_with_a_quarter_zeros_equal_uniform_quarter():
+    """Every kernel size here is a multiple of 4, so 25% zeros is an exact density of 0.75."""
+    tree = params_tree(ARCH_EXIT4, 0.25)
+    actual = count_micronet(ARCH_EXIT4, params={"params": tree}, exit_ratio=0.4)
+    uniform = count_micronet(ARCH_EXIT4, sparsity=0.25, exit_sparsity=0.25, exit_ratio=0.4)
+    for a, u in zip(actual.layers, uniform.layers, strict=True):
+        assert a.name == u.name
+        for field in ("params", "mults", "adds", "mask_bits"):
+            assert getattr(a, field) == pytest.approx(getattr(u, field), rel=1e-12), a.name
+    assert measured_sparsity(ARCH_EXIT4, tree) == (pytest.approx(0.25), pytest.approx(0.25))
+
+
+def test_actual_masks_read_each_tensor():
+    tree = params_tree(ARCH, 0.0, overrides={"head_conv/kernel": 0.5, "fc/kernel": 0.75})
+    count = count_micronet(ARCH, params=tree)
+    dense = count_micronet(ARCH)
+    head, fc = count.layer("head"), count.layer("fc")
+    assert head.params == 13_056 / 2
+    assert head.mask_bits == 13_056
+    assert head.mults == 96 * 0.5 * 7 * 7 * 136 + 3 * 7 * 7 * 136
+    assert fc.params == 13_600 / 4 + 100
+    assert fc.mults == 136 * 0.25 * 100
+    assert fc.adds == (136 * 0.25 - 1) * 100 + 100
+    for name in MAIN_ROWS[:-3]:
+        assert count.layer(name) == dense.layer(name)
+    main, exit_sparsity = measured_sparsity(ARCH, tree)
+    assert main == pytest.approx((13_056 / 2 + 13_600 * 0.75) / 467_824)
+    assert exit_sparsity == 0.0
+
+
+def test_actual_masks_reject_a_tree_of_another_architecture():
+    tree = params_tree(build_architecture(width=1.0), 0.0)
+    with pytest.raises(CheckpointError, match="weights"):
+        count_micronet(ARCH, params=tree)
+    with pytest.raises(CheckpointError, match="exit_head"):
+        count_micronet(ARCH_EXIT4, params=params_tree(ARCH, 0.0))
+
+
+# --- other architectures and the model ------------------------------------------------------
+
+
+def independent_params(arch):
+    """Weights and biases summed from the block specs' shapes (BN not counted)."""
+    total = 3 * 3 * 3 * arch.stem_filters
+    for b in arch.blocks:
+        mid, r = b.input_filters * b.expand_ratio, b.se_filters
+        total += b.input_filters * mid if b.expand_ratio != 1 else 0
+        total += b.kernel_size**2 * mid
+        total += (mid * r + r) + (r * mid + mid)
+        total += mid * b.output_filters
+    total += arch.blocks[-1].output_filters * arch.head_filters
+    total += arch.head_filters * arch.num_classes + arch.num_classes
+    return total
+
+
+K5_BLOCKS = (
+    "r1_k3_s1_e1_i32_o16_se0.25",
+    "r2_k5_s2_e6_i16_o24_se0.25",
+    "r2_k5_s1_e6_i24_o40_se0.25",
+)
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        build_architecture(width=1.0, resolution=1.0),
+        build_architecture(width=1.0, resolution=1.0, depth=2.0),
+        build_architecture(K5_BLOCKS, width=1.2, resolution=1.2, head_filters=64),
+    ],
+    ids=["w1.0 r1.0", "depth 2", "kernel 5"],
+)
+def test_other_architectures_are_counted_from_their_specs(arch):
+    count = count_micronet(arch)
+    assert count.params == independent_params(arch)
+    assert [layer.name for layer in count.layers] == (
+        ["stem"] + [f"block_{b.index}" for b in arch.blocks] + ["head", "pool", "fc"]
+    )
+    assert count.layer("pool").adds == (arch.final_size**2 - 1) * arch.head_filters
+    assert count.layer("fc").mults == arch.head_filters * arch.num_classes
+    assert count.params != count_micronet(ARCH).params
+
+
+@pytest.mark.parametrize("exit_block", [None, 4])
+def test_counter_matches_the_flax_parameter_tree(exit_block):
+    jax = pytest.importorskip("jax")
+    efficientnet = pytest.importorskip("micronet_jax.models.efficientnet")
+    arch = ARCH.with_exit_head(exit_block)
+    model = efficientnet.MicroNet(arch=arch)
+    x = jax.numpy.zeros((4, 32, 32, 3), jax.numpy.float32)
+    init = functools.partial(model.init, train=False)
+    shapes = jax.eval_shape(init, jax.random.key(0), x)["params"]
+
+    def is_bn(name):
+        return name.endswith("_bn") or name in ("bn0", "bn1", "bn2")
+
+    def sizes(node, bias_of_bn):
+        total = 0
+        for key, value in node.items():
+            if hasattr(value, "shape"):
+                total += int(np.prod(value.shape))
+            elif is_bn(key):
+                total += int(np.prod(value["bias"].shape)) if bias_of_bn else 0
+            else:
+                total += sizes(value, bias_of_bn)
+        return total
+
+    rows = {"stem": ["stem_conv", "stem_bn"], "head": ["head_conv", "head_bn"], "fc": ["fc"]}
+    rows |= {f"block_{b.index}": [f"blocks_{b.index}"] for b in arch.blocks}
+    if exit_block is not None:
+        rows["exit_head"] = ["exit_head"]
+    assert sorted(k for keys in rows.values() for k in keys) == sorted(shapes)
+    for bn_as_bias in (False, True):
+        count = count_micronet(arch, bn_as_bias=bn_as_bias)
+        for row, keys in rows.items():
+            expected = sizes({k: shapes[k] for k in keys}, bn_as_bias)
+            assert count.layer(row).params == expected, (row, bn_as_bias)
+
+    # The real tree carries every tensor the counter reads, with the sizes it expects.
+    tree = jax.tree_util.tree_map(lambda s: np.ones(s.shape, np.float32), shapes)
+    assert count_micronet(arch, params=tree).params == count_micronet(arch).params
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "micronet_jax.score", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def test_cli_json_of_the_headline_entry():
+    result = run_cli("--sparsity=0.64", "--exit_block=4", "--exit_ratio=0.3217", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    for key in ("layers", "params", "mults", "adds", "param_score", "math_score", "score"):
+        assert key in data
+    names = [layer["name"] for layer in data["layers"]]
+    assert names == MAIN_ROWS + ["exit_head"]
+    for layer in data["layers"]:
+        assert {"name", "params", "mults", "adds"} <= set(layer)
+    assert (round(data["param_score"], 6), round(data["math_score"], 6)) == (0.003031, 0.002753)
+    assert round(data["score"], 6) == 0.005784
+
+
+def test_cli_table_of_the_dense_network(capsys):
+    assert score.main(["--include_upsample"]) == 0
+    out = capsys.readouterr().out
+    for row in ["upsample", "stem", "block_9", "head", "pool", "fc"]:
+        assert f"\n{row} " in out
+    assert "470,776" in out and "11,907" in out
+    assert "param score  0.006449" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sparsity=1.0"], "sparsity"),
+        (["--sparsity=-0.2"], "sparsity"),
+        (["--exit_block=4", "--exit_ratio=1.5"], "exit_ratio"),
+        (["--exit_block=9"], "exit_block"),
+        (["--exit_block=-1"], "exit_block"),
+        (["--exit_ratio=0.3"], "exit head"),
+        (["--exit_block=4", "--exit_sparsity=1"], "exit_sparsity"),
+        (["--checkpoint=/nonexistent/model.pth"], "no file"),
+    ],
+)
+def test_cli_bad_values_exit_with_one_message(capsys, args, message):
+    assert score.main(args) != 0
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_cli_bad_value_in_a_subprocess_has_no_traceback():
+    result = run_cli("--exit_block=4", "--exit_ratio=2")
+    assert result.returncode != 0
+    assert "exit_ratio" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- the original's checkpoints -------------------------------------------------------------
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize(
+    "folder, extra, published",
+    [
+        ("first_submission", ["--exit_ratio=0.3217"], (0.003031, 0.002753, 0.005784)),
+        (
+            "final_ee50",
+            ["--exit_ratio=0.2929", "--bn_as_bias", "--include_upsample"],
+            (0.002995, 0.002803, 0.005798),
+        ),
+    ],
+)
+def test_cli_scores_the_original_checkpoints(
+    original_checkpoints, capsys, folder, extra, published
+):
+    pytest.importorskip("micronet_jax.convert")
+    path = original_checkpoints / folder / "trained_model.pth"
+    assert score.main([f"--checkpoint={path}", "--json", *extra]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["sparsity"] == pytest.approx(299_407 / 467_824)
+    assert data["exit_sparsity"] == pytest.approx(0.5 if folder == "final_ee50" else 0.0, abs=1e-3)
+    convention = data["published_convention"]
+    scores = tuple(round(convention[k], 6) for k in ("param_score", "math_score", "score"))
+    assert scores == published
+    # Every tensor is sparse here, so storage depends only on how many weights survive.
+    assert data["actual"]["param_score"] == pytest.approx(convention["param_score"], rel=1e-6)
+    assert data["actual"]["math_score"] != pytest.approx(convention["math_score"], rel=1e-6)
+
+
+def test_cli_checkpoint_flow_with_a_stand_in_converter(monkeypatch, capsys, tmp_path):
+    """The CLI's checkpoint path, with `load_original` replaced by a known params tree."""
+    import types
+
+    tree = params_tree(ARCH_EXIT4, 0.5, overrides={"stem_conv/kernel": 0.0, "fc/kernel": 0.9})
+    loaded = types.SimpleNamespace(arch=ARCH_EXIT4, variables={"params": tree, "batch_stats": {}})
+    fake = types.ModuleType("micronet_jax.convert")
+    fake.load_original = lambda path: loaded
+    monkeypatch.setitem(sys.modules, "micronet_jax.convert", fake)
+    path = tmp_path / "trained_model.pth"
+    path.write_bytes(b"")
+
+    assert score.main([f"--checkpoint={path}", "--exit_ratio=0.25", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    kept = 648 + 13_600 * 0.1 + (467_824 - 648 - 13_600) * 0.5
+    assert data["sparsity"] == pytest.approx(1 - kept / 467_824)
+    assert data["exit_sparsity"] == pytest.approx(0.5)
+    honest, convention = data["actual"], data["published_convention"]
+    stem = honest["layers"][0]
+    assert (stem["name"], stem["params"], stem["mask_bits"]) == ("stem", 648, 0)
+    # Same surviving weights; the honest count needs no mask for the dense stem.
+    saved_mask = 648 / 32 / 36.5e6
+    assert convention["param_score"] - honest["param_score"] == pytest.approx(saved_mask)
+    assert honest["math_score"] != pytest.approx(convention["math_score"], rel=1e-6)
+
+    assert score.main([f"--checkpoint={path}", "--exit_ratio=0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "actual masks" in out and "published" in out
+
+    assert score.main([f"--checkpoint={path}", "--exit_block=3"]) != 0
+    assert "exit_block" in capsys.readouterr().err
+    assert score.main([f"--checkpoint={path}", "--sparsity=0.5"]) != 0
+    assert "read from --checkpoint" in capsys.readouterr().err
