@@ -1,0 +1,149 @@
+"""Early-exit inference: a sample exits when the exit head's max softmax is above a threshold.
+
+Two implementations with identical predictions:
+- `exit_predict_exact` computes both heads for every sample and selects (for evaluation);
+- `exit_predict_fast` runs the tail only on the samples that did not exit, gathered into a
+  fixed-capacity bucket (a few compiled sizes) and scattered back — the compute saving the
+  MicroNet count promises, under jit's static shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from micronet_jax.data.augment import eval_transform
+from micronet_jax.errors import ConfigError
+from micronet_jax.models.efficientnet import MicroNet
+
+
+def check_threshold(threshold: float) -> float:
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"exit threshold must be in (0, 1), got {threshold}")
+    return float(threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitResult:
+    """Per-sample predictions and which samples exited early."""
+
+    predictions: np.ndarray
+    exited: np.ndarray
+    main_predictions: np.ndarray | None = None
+    exit_predictions: np.ndarray | None = None
+
+    @property
+    def exit_ratio(self) -> float:
+        return float(np.mean(self.exited))
+
+
+def exit_decision(exit_logits: np.ndarray, threshold: float) -> np.ndarray:
+    """True where max softmax > threshold (strict)."""
+    return np.asarray(jax.nn.softmax(jnp.asarray(exit_logits), axis=-1).max(-1) > threshold)
+
+
+def select_predictions(
+    main_logits: np.ndarray, exit_logits: np.ndarray, threshold: float
+) -> ExitResult:
+    """Combine both heads' logits by the threshold rule."""
+    exited = exit_decision(exit_logits, check_threshold(threshold))
+    main_pred = np.asarray(main_logits).argmax(-1)
+    exit_pred = np.asarray(exit_logits).argmax(-1)
+    return ExitResult(np.where(exited, exit_pred, main_pred), exited, main_pred, exit_pred)
+
+
+def exit_metrics(result: ExitResult, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy of each path (over all samples and over its own samples) and overall."""
+    labels = np.asarray(labels)
+    out = {
+        "accuracy": float(np.mean(result.predictions == labels)),
+        "exit_ratio": result.exit_ratio,
+    }
+    if result.main_predictions is not None:
+        out["main_accuracy"] = float(np.mean(result.main_predictions == labels))
+        out["exit_head_accuracy"] = float(np.mean(result.exit_predictions == labels))
+    ex = result.exited
+    if ex.any():
+        out["accuracy_of_exited"] = float(np.mean(result.predictions[ex] == labels[ex]))
+    if (~ex).any():
+        out["accuracy_of_continued"] = float(np.mean(result.predictions[~ex] == labels[~ex]))
+    return out
+
+
+def exit_predict_exact(
+    model: MicroNet,
+    variables: dict,
+    images: np.ndarray,
+    threshold: float,
+    batch_size: int = 500,
+) -> ExitResult:
+    """Both heads on every sample, then the threshold rule."""
+    from micronet_jax.train.steps import predict
+
+    if model.arch.exit_head is None:
+        raise ConfigError("the model has no exit head")
+    main, exits = predict(model.apply, variables, images, batch_size)
+    return select_predictions(main, exits, threshold)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _front(model: MicroNet, variables: dict, images: jax.Array):
+    features = model.apply(variables, eval_transform(images), method=MicroNet.trunk)
+    exit_logits = model.apply(variables, features, method=MicroNet.exit)
+    return features, exit_logits
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _back(model: MicroNet, variables: dict, features: jax.Array, index: jax.Array):
+    return model.apply(variables, features[index], method=MicroNet.tail)
+
+
+def bucket_sizes(batch_size: int, buckets: int = 8) -> tuple[int, ...]:
+    """Capacities for the tail batch: multiples of batch_size/buckets (rounded up to 8)."""
+    step = max(8, -(-batch_size // buckets + 7) // 8 * 8)
+    sizes = list(range(step, batch_size, step)) + [batch_size]
+    return tuple(sorted(set(sizes)))
+
+
+def exit_predict_fast(
+    model: MicroNet,
+    variables: dict,
+    images: np.ndarray,
+    threshold: float,
+    batch_size: int = 512,
+    buckets: Sequence[int] | None = None,
+) -> ExitResult:
+    """Run the tail only on samples that did not exit (gather, run, scatter back)."""
+    if model.arch.exit_head is None:
+        raise ConfigError("the model has no exit head")
+    threshold = check_threshold(threshold)
+    n = images.shape[0]
+    batch_size = min(batch_size, n)
+    sizes = tuple(buckets) if buckets else bucket_sizes(batch_size)
+    predictions, exited_all = [], []
+    for start in range(0, n, batch_size):
+        chunk = np.asarray(images[start : start + batch_size])
+        valid = chunk.shape[0]
+        if valid < batch_size:
+            chunk = np.concatenate(
+                [chunk, np.zeros((batch_size - valid, *chunk.shape[1:]), chunk.dtype)]
+            )
+        features, exit_logits = _front(model, variables, jnp.asarray(chunk))
+        exit_logits = np.asarray(exit_logits)[:valid]
+        exited = exit_decision(exit_logits, threshold)
+        pred = exit_logits.argmax(-1)
+        rest = np.flatnonzero(~exited)
+        if rest.size:
+            capacity = next(s for s in sizes if s >= rest.size)
+            index = np.zeros(capacity, np.int32)
+            index[: rest.size] = rest
+            tail_logits = np.asarray(_back(model, variables, features, jnp.asarray(index)))
+            pred[rest] = tail_logits[: rest.size].argmax(-1)
+        predictions.append(pred)
+        exited_all.append(exited)
+    return ExitResult(np.concatenate(predictions), np.concatenate(exited_all))
