@@ -36,4 +36,8 @@ def get_config(variant: str = "") -> object:
     config.train.eval_batch_size = 128
     if variant == "pipeline":
         config.mode = "pipeline"
+        config.pipeline.epoch_scale = 1 / 600  # baseline 2 epochs, each round 1, exit 1
+        config.pipeline.exit_prune_targets = (25.0, 50.0)
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} of smoke.py (known: pipeline)")
     return config

@@ -6,6 +6,7 @@ Config files under `configs/` start from `default_config()` and override a few f
 from ml_collections import ConfigDict
 
 from micronet_jax.models.architecture import BASE_BLOCK_STRINGS
+from micronet_jax.pruning import DEFAULT_TARGETS
 
 
 def default_config() -> ConfigDict:
@@ -50,4 +51,22 @@ def default_config() -> ConfigDict:
     config.train.keep_checkpoints = 3
     config.train.eval_batch_size = 500
     config.train.progress = True
+
+    # The multi-stage recipe (mode=pipeline): baseline -> pruning rounds -> exit head
+    # [-> exit-head pruning]. Every stage's epochs are multiplied by epoch_scale.
+    config.pipeline = ConfigDict()
+    config.pipeline.epoch_scale = 1.0
+    config.pipeline.baseline_epochs = 1200
+    config.pipeline.prune_targets = DEFAULT_TARGETS
+    config.pipeline.prune_epochs = 600
+    config.pipeline.rewind = False  # True: each round restarts from the baseline's init
+    config.pipeline.exit_epochs = 800
+    config.pipeline.exit_mixup = False  # the exit head trains without mixup
+    config.pipeline.exit_autoaugment = True  # the original's code keeps it (write-up: off)
+    config.pipeline.exit_prune_targets = ()  # e.g. (10, 20, 30, 40, 50): the final version
+    config.pipeline.exit_prune_epochs = 600
+    config.pipeline.threshold = 0.85
+
+    # mode=test: a finished workdir or one of the original's .pth files.
+    config.checkpoint = ""
     return config
