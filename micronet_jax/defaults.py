@@ -13,6 +13,7 @@ def default_config() -> ConfigDict:
     config = ConfigDict()
     config.mode = "train"  # train | pipeline | test
     config.seed = 0
+    config.compilation_cache = ""  # empty: ~/.cache/micronet_jax/xla; "none": off
 
     config.model = ConfigDict()
     config.model.block_strings = BASE_BLOCK_STRINGS

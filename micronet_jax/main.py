@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from micronet_jax.errors import MicronetError
+from micronet_jax.runtime import enable_compilation_cache
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file.", lock_config=True
@@ -47,6 +48,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config is required, e.g. --config=configs/reproduce.py")
     logging.set_verbosity(logging.WARNING)
     try:
+        enable_compilation_cache(_CONFIG.value.compilation_cache)
         run(_CONFIG.value, _WORKDIR.value)
     except MicronetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,132 @@
+"""The epoch loop: metrics, checkpoints, exact resume after SIGKILL, determinism."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from archives import make_cifar10_python_archive
+
+from micronet_jax.train import metrics as metrics_io
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tiny.py"
+VOLATILE = {"images_per_sec", "wall_time"}
+
+
+def _stable(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
+@pytest.fixture(scope="module")
+def tiny_archive(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "cifar-10-python.tar.gz"
+    make_cifar10_python_archive(path, n_train=160, n_test=32)
+    return path
+
+
+def _command(workdir: Path, archive: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "micronet_jax.main",
+        f"--config={TINY}",
+        f"--workdir={workdir}",
+        f"--config.data.dir={archive}",
+        *overrides,
+    ]
+
+
+def _env(cache: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["MICRONET_CACHE_DIR"] = str(cache)
+    return env
+
+
+def _run(workdir: Path, archive: Path, cache: Path, *overrides: str) -> None:
+    done = subprocess.run(
+        _command(workdir, archive, *overrides),
+        env=_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_archive) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("reference")
+    cache = root / "cache"
+    _run(root / "run", tiny_archive, cache)
+    return root / "run", cache
+
+
+def test_run_writes_metrics_and_checkpoints(reference_run):
+    workdir, _ = reference_run
+    records = metrics_io.read_records(workdir / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    steps_per_epoch = 160 // 32
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    for r in records:
+        for key in (
+            "lr",
+            "train_loss",
+            "train_accuracy",
+            "test_loss",
+            "test_accuracy",
+            "images_per_sec",
+            "wall_time",
+        ):
+            assert key in r
+    assert records[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the last epoch runs at lr 0
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == 4 * steps_per_epoch
+    assert any((workdir / "best").iterdir())
+
+
+def test_same_seed_same_metrics(reference_run, tmp_path, tiny_archive):
+    workdir, cache = reference_run
+    _run(tmp_path / "again", tiny_archive, cache)
+    first = _stable(metrics_io.read_records(workdir / "metrics.jsonl"))
+    second = _stable(metrics_io.read_records(tmp_path / "again" / "metrics.jsonl"))
+    assert first == second
+
+
+def test_other_seed_other_metrics(reference_run, tmp_path, tiny_archive):
+    workdir, cache = reference_run
+    _run(tmp_path / "other", tiny_archive, cache, "--config.seed=1")
+    first = _stable(metrics_io.read_records(workdir / "metrics.jsonl"))
+    other = _stable(metrics_io.read_records(tmp_path / "other" / "metrics.jsonl"))
+    assert first[0]["train_loss"] != other[0]["train_loss"]
+
+
+def test_sigkill_mid_epoch_then_resume_matches(reference_run, tmp_path, tiny_archive):
+    """Kill after the first checkpoint, inside a later epoch; the rerun finishes identically."""
+    workdir, cache = reference_run
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _command(killed, tiny_archive),
+        env=_env(cache),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if len(metrics_io.read_records(killed / "metrics.jsonl")) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted = metrics_io.read_records(killed / "metrics.jsonl")
+    assert len(interrupted) < 4
+    _run(killed, tiny_archive, cache)
+    expected = _stable(metrics_io.read_records(workdir / "metrics.jsonl"))
+    assert _stable(metrics_io.read_records(killed / "metrics.jsonl")) == expected
