@@ -450,8 +450,7 @@ def apply_stage(
     if luts:
         identity = jnp.broadcast_to(jnp.arange(256, dtype=jnp.uint8), (n, ch, 256))
         out = apply_lut(out, _select(luts, identity))
-    blends = [(masks[name], BLEND_DEGENERATES[name](images)) for name in BLEND_OPS
-              if name in masks]
+    blends = [(masks[name], BLEND_DEGENERATES[name](images)) for name in BLEND_OPS if name in masks]
     if blends:
         is_blend = functools.reduce(jnp.logical_or, [mask for mask, _ in blends])
         factors = jnp.where(is_blend, values, 1.0)

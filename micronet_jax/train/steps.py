@@ -108,9 +108,7 @@ def exit_train_step(
         loss_b = soft_smoothing_loss(exit_logits, labels_b)
         return lam * loss_a + (1.0 - lam) * loss_b, (exit_logits, updates["batch_stats"])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
-    )
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     lr = cfg.lr_fn(state.step) if cfg.lr_fn is not None else jnp.zeros(())
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     state = state.replace(params=apply_masks(state.params, state.masks))
