@@ -1,0 +1,115 @@
+"""The multi-stage recipe on a tiny config: every stage kind, the report, skipping on rerun."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from archives import make_cifar10_python_archive
+
+from micronet_jax import pruning
+from micronet_jax.errors import ConfigError
+from micronet_jax.pipeline import plan_stages, run_pipeline
+from micronet_jax.runtime import enable_compilation_cache
+
+TINY = Path(__file__).resolve().parent / "configs" / "tiny.py"
+
+
+def tiny_config(variant: str = "pipeline"):
+    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    enable_compilation_cache(root / "cache")
+    archive = root / "cifar-10-python.tar.gz"
+    make_cifar10_python_archive(archive, n_train=160, n_test=32)
+    config = tiny_config()
+    config.data.dir = str(archive)
+    report = run_pipeline(config, root / "run")
+    return config, root / "run", report
+
+
+def test_plan_follows_the_recipe():
+    from micronet_jax.defaults import default_config
+
+    config = default_config()
+    stages = plan_stages(config)
+    assert [s.name for s in stages][:2] == ["stage_a", "prune_01"]
+    assert [s.target for s in stages if s.kind == "prune"] == list(pruning.DEFAULT_TARGETS)
+    assert [s.epochs for s in stages] == [1200] + [600] * 11 + [800]
+    assert stages[-1].kind == "exit"
+
+
+def test_plan_rejects_bad_targets():
+    config = tiny_config()
+    config.pipeline.prune_targets = (30.0, 20.0)
+    with pytest.raises(ConfigError, match="increase"):
+        plan_stages(config)
+    config.pipeline.prune_targets = (30.0, 100.0)
+    with pytest.raises(ConfigError, match=r"\[0, 100\)"):
+        plan_stages(config)
+
+
+def test_every_stage_finishes_with_its_sparsity(finished):
+    _, workdir, _ = finished
+    names = ["stage_a", "prune_01", "prune_02", "exit", "exit_prune_01"]
+    for name in names:
+        assert (workdir / name / "done.json").exists(), name
+    summaries = {n: json.loads((workdir / n / "done.json").read_text()) for n in names}
+    assert summaries["stage_a"]["sparsity"] == 0.0
+    assert summaries["prune_01"]["sparsity"] == pytest.approx(0.30, abs=0.002)
+    assert summaries["prune_02"]["sparsity"] == pytest.approx(0.60, abs=0.002)
+    assert summaries["exit"]["exit_sparsity"] == 0.0
+    assert summaries["exit_prune_01"]["exit_sparsity"] == pytest.approx(0.50, abs=0.002)
+    # the exit-head stages leave the main network's weights alone
+    assert summaries["exit_prune_01"]["sparsity"] == summaries["prune_02"]["sparsity"]
+
+
+def test_report_is_written_and_consistent(finished):
+    _, workdir, report = finished
+    on_disk = json.loads((workdir / "report.json").read_text())
+    assert on_disk["metrics"] == report["metrics"]
+    assert "MicroNet score" in (workdir / "report.md").read_text()
+    m = report["metrics"]
+    assert 0.0 <= m["exit_ratio"] <= 1.0
+    assert 0.0 <= m["accuracy"] <= 1.0
+    assert report["sparsity"] == pytest.approx(0.60, abs=0.002)
+    honest, published = report["score_actual_masks"], report["score_published_convention"]
+    assert honest["params"] == pytest.approx(published["params"], rel=0.01)
+    assert honest["score"] > 0 and published["score"] > 0
+
+
+def test_rerun_skips_finished_stages(finished):
+    config, workdir, report = finished
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("metrics.jsonl")}
+    again = run_pipeline(config, workdir)
+    after = {p: p.stat().st_mtime_ns for p in workdir.rglob("metrics.jsonl")}
+    assert before == after  # no stage trained again
+    assert again["metrics"] == report["metrics"]
+
+
+def test_pruned_weights_are_zero_in_final_variables(finished):
+    config, workdir, _ = finished
+    from micronet_jax.pipeline import Context, load_final, plan_stages
+
+    stage = plan_stages(config)[-1]
+    ctx = Context(config, None, None, None, None, None)
+    from micronet_jax import builders
+
+    ctx.model = builders.model_from_config(config)
+    ctx.exit_model = builders.model_from_config(
+        config, builders.architecture_from_config(config, with_exit=True)
+    )
+    variables, masks = load_final(ctx, stage, workdir / stage.name)
+    for w, m in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(masks), strict=True):
+        w, m = np.asarray(w), np.asarray(m)
+        assert np.all(w[m == 0] == 0)
