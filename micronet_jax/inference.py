@@ -103,7 +103,7 @@ def _back(model: MicroNet, variables: dict, features: jax.Array, index: jax.Arra
     return model.apply(variables, features[index], method=MicroNet.tail)
 
 
-def bucket_sizes(batch_size: int, buckets: int = 8) -> tuple[int, ...]:
+def bucket_sizes(batch_size: int, buckets: int = 16) -> tuple[int, ...]:
     """Capacities for the tail batch: multiples of batch_size/buckets (rounded up to 8)."""
     step = max(8, -(-batch_size // buckets + 7) // 8 * 8)
     sizes = list(range(step, batch_size, step)) + [batch_size]
