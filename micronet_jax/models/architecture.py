@@ -122,6 +122,7 @@ class Architecture:
 
 
 _BLOCK_RE = re.compile(r"^([a-z]+)([0-9.]+)$")
+_FIELDS = ("r", "k", "s", "e", "i", "o", "se")
 
 
 def decode_block_string(text: str) -> BlockString:
@@ -135,11 +136,19 @@ def decode_block_string(text: str) -> BlockString:
         match = _BLOCK_RE.match(part)
         if not match:
             raise ValueError(f"malformed block string {text!r}: cannot parse {part!r}")
-        fields[match.group(1)] = match.group(2)
+        name = match.group(1)
+        if name not in _FIELDS:
+            raise ValueError(f"malformed block string {text!r}: unknown field {part!r}")
+        if name in fields:
+            raise ValueError(f"malformed block string {text!r}: field {name!r} given twice")
+        fields[name] = match.group(2)
     required = ("r", "k", "s", "e", "i", "o")
     missing = [k for k in required if k not in fields]
     if missing:
         raise ValueError(f"malformed block string {text!r}: missing fields {missing}")
+    positive = [k for k in required if float(fields[k]) < 1]
+    if positive:
+        raise ValueError(f"malformed block string {text!r}: {positive} must be at least 1")
     return BlockString(
         num_repeat=int(fields["r"]),
         kernel_size=int(fields["k"]),
