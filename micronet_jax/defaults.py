@@ -14,6 +14,9 @@ def default_config() -> ConfigDict:
     config.mode = "train"  # train | pipeline | test
     config.seed = 0
     config.compilation_cache = ""  # empty: ~/.cache/micronet_jax/xla; "none": off
+    # A workdir remembers its config (config.json); a rerun with a different recipe is refused
+    # unless force_restart, which moves the old contents to workdir/.old-<timestamp>/.
+    config.force_restart = False
 
     config.model = ConfigDict()
     config.model.block_strings = BASE_BLOCK_STRINGS
@@ -52,6 +55,12 @@ def default_config() -> ConfigDict:
     config.train.keep_checkpoints = 3
     config.train.eval_batch_size = 500
     config.train.progress = True
+    # A step whose loss or new parameters are not finite is never applied; then
+    # 'stop' ends the run with a message, 'skip' goes on (counted as skipped_steps).
+    config.train.nan_policy = "stop"  # stop | skip
+    config.train.nan_check_every = 10  # steps between host reads of the finiteness flags
+    config.train.inject_nan_step = -1  # fault injection for tests: that global step's loss is NaN
+    config.train.min_free_mb = 50  # refuse to checkpoint with less free disk (or 3x the last one)
 
     # The multi-stage recipe (mode=pipeline): baseline -> pruning rounds -> exit head
     # [-> exit-head pruning]. Every stage's epochs are multiplied by epoch_scale.

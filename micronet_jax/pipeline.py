@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from micronet_jax.inference import check_threshold, exit_metrics, exit_predict_e
 from micronet_jax.models.efficientnet import MicroNet, init_variables
 from micronet_jax.report import build_report, report_markdown, write_report
 from micronet_jax.train.checkpoint import Checkpointer
-from micronet_jax.train.loop import DeviceData, Schedule, fit, step_config_from
+from micronet_jax.train.loop import DeviceData, Schedule, fit, guard_options, step_config_from
 from micronet_jax.train.optim import lr_at_epoch, make_optimizer
 from micronet_jax.train.state import (
     create_exit_state,
@@ -33,6 +34,7 @@ from micronet_jax.train.state import (
     variables_of,
 )
 from micronet_jax.train.steps import evaluate, exit_train_step, train_step
+from micronet_jax.validate import check_resume, record_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +165,7 @@ def _train(
         keep_checkpoints=t.keep_checkpoints,
         progress=t.progress,
         desc=stage.name,
+        **guard_options(t),
     )
     if is_exit:
         final_masks = dict(masks)
@@ -218,6 +221,9 @@ def _final_template(ctx: Context, stage: StageSpec) -> dict:
 
 
 def _save_final(workdir: Path, variables: dict, masks: Any, summary: dict) -> None:
+    """`final` then done.json; a `final` left by a run killed before done.json is redone."""
+    if (workdir / "final").exists():
+        shutil.rmtree(workdir / "final")
     ckpt = Checkpointer(workdir / "final", keep=1)
     ckpt.save(0, {**variables, "masks": masks}, summary)
     ckpt.close()
@@ -240,9 +246,10 @@ def load_final(ctx: Context, stage: StageSpec, workdir: Path) -> tuple[dict, Any
 def run_pipeline(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Run (or resume) every stage, then evaluate and score the result."""
     stages = plan_stages(config)
+    check_resume(config, workdir)
     ctx = Context.from_config(config)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    record_config(config, workdir)
     variables, masks = None, None
     for index, stage in enumerate(stages):
         stage_dir = workdir / stage.name

@@ -21,6 +21,7 @@ from jax import lax
 
 from micronet_jax.train import metrics as metrics_io
 from micronet_jax.train.checkpoint import Checkpointer
+from micronet_jax.train.guard import EpochProgress, GuardedStep, StopSignals, Watch
 from micronet_jax.train.state import SHUFFLE_STREAM, STEP_STREAM, stream_key
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,17 @@ class DeviceData:
 
     images: jax.Array
     labels: jax.Array
+    batch_sharding: Any = None  # with a mesh: each gathered batch is split over its devices
 
     @classmethod
-    def from_numpy(cls, images: np.ndarray, labels: np.ndarray) -> DeviceData:
-        return cls(jax.device_put(images), jax.device_put(labels.astype(np.int32)))
+    def from_numpy(cls, images: np.ndarray, labels: np.ndarray, mesh: Any = None) -> DeviceData:
+        """On the default device, or (with a `mesh`) replicated on every device of it."""
+        if mesh is None:
+            return cls(jax.device_put(images), jax.device_put(labels.astype(np.int32)))
+        from micronet_jax.train import sharding
+
+        images, labels = sharding.replicate((images, labels.astype(np.int32)), mesh)
+        return cls(images, labels, sharding.batch_sharding(mesh))
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -71,11 +79,17 @@ class Schedule:
 StepFn = Callable[[Any, dict, jax.Array], tuple[Any, dict]]
 
 
-@functools.partial(jax.jit, static_argnames=("step_fn", "batch_size"), donate_argnums=(0,))
-def _run_batch(state, images, labels, perm, start, *, step_fn: StepFn, batch_size: int):
+@functools.partial(
+    jax.jit, static_argnames=("step_fn", "batch_size", "batch_sharding"), donate_argnums=(0,)
+)
+def _run_batch(
+    state, images, labels, perm, start, *, step_fn: StepFn, batch_size: int, batch_sharding=None
+):
     """Gather one shuffled batch on the device and run the step on it."""
     idx = lax.dynamic_slice(perm, (start,), (batch_size,))
     batch = {"image": images[idx], "label": labels[idx]}
+    if batch_sharding is not None:
+        batch = lax.with_sharding_constraint(batch, batch_sharding)
     key = stream_key(state.rng, STEP_STREAM, state.step)
     return step_fn(state, batch, key)
 
@@ -92,23 +106,38 @@ def run_epoch(
     schedule: Schedule,
     epoch: int,
     progress: Any = None,
+    partial: EpochProgress | None = None,
+    stop: Callable[[EpochProgress], bool] | None = None,
 ) -> tuple[Any, dict[str, float]]:
-    """One epoch (1-based `epoch`): on-device shuffle, then every step; metrics averaged."""
+    """One epoch (1-based `epoch`): on-device shuffle, then every step; metrics averaged.
+
+    `partial` resumes an epoch mid-way (the permutation depends only on (rng, epoch), so it
+    is regenerated) and is updated in place; `stop(partial)` returning True ends the epoch
+    early at a step boundary (then `partial.index` < steps_per_epoch).
+    """
+    sizes = schedule.batch_sizes
+    if partial is None:
+        partial = EpochProgress(epoch=epoch, first_step=(epoch - 1) * len(sizes))
     perm = _permutation(state.rng, jnp.asarray(epoch), data.labels)
-    sums: dict[str, jax.Array] = {}
-    weights = 0
-    start = 0
-    for size in schedule.batch_sizes:
+    start = sum(sizes[: partial.index])
+    for size in sizes[partial.index :]:
+        if stop is not None and stop(partial):
+            break
         state, step_metrics = _run_batch(
-            state, data.images, data.labels, perm, start, step_fn=step_fn, batch_size=size
+            state,
+            data.images,
+            data.labels,
+            perm,
+            start,
+            step_fn=step_fn,
+            batch_size=size,
+            batch_sharding=data.batch_sharding,
         )
-        for name, value in step_metrics.items():
-            sums[name] = sums.get(name, 0.0) + value * size
-        weights += size
+        partial.add(step_metrics, size)
         start += size
         if progress is not None:
             progress.update(1)
-    return state, {name: float(value) / weights for name, value in sums.items()}
+    return state, partial.averages()
 
 
 def _make_progress(enabled: bool, total: int, initial: int, desc: str):
@@ -130,38 +159,60 @@ def fit(
     keep_checkpoints: int = 3,
     progress: bool = True,
     desc: str = "train",
+    nan_policy: str = "stop",
+    nan_check_every: int = 10,
+    poison_step: int = -1,
+    min_free_mb: float = 50,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Train `state` for the schedule's epochs under `workdir`, resuming from its checkpoints.
 
     Writes `workdir/metrics.jsonl` (one record per epoch) and orbax checkpoints under
     `workdir/checkpoints` (every `checkpoint_every` epochs and at the end) plus the best
     evaluated one under `workdir/best`. Returns the final state and the metric records.
+
+    A step with a non-finite loss or parameters is never applied (see `guard.GuardedStep`);
+    `nan_policy` 'stop' raises NonFiniteError, 'skip' counts it in `skipped_steps`. SIGINT
+    or SIGTERM saves a checkpoint at the next step boundary and raises `guard.Interrupted`;
+    the rerun resumes mid-epoch from it.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     metrics_path = workdir / "metrics.jsonl"
-    ckpt = Checkpointer(workdir / "checkpoints", keep=keep_checkpoints)
-    best = Checkpointer(workdir / "best", keep=1)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=keep_checkpoints, min_free_mb=min_free_mb)
+    best = Checkpointer(workdir / "best", keep=1, min_free_mb=min_free_mb)
     spe = schedule.steps_per_epoch
     if spe == 0:
         raise ValueError(
             f"{schedule.num_examples} training images make no batch of {schedule.batch_size}"
         )
 
+    step_fn = GuardedStep(step_fn, poison_step)
     best_accuracy = -1.0
+    partial = None
     if ckpt.latest_step() is not None:
         state, meta, _ = ckpt.restore(state)
         best_accuracy = meta.get("best_accuracy", -1.0)
+        partial = _resumed_partial(meta, int(state.step), spe, ckpt.directory)
         log.info("resumed %s at epoch %d", workdir, int(state.step) // spe)
     done_epochs = int(state.step) // spe
     metrics_io.truncate_after(metrics_path, "epoch", done_epochs)
 
-    bar = _make_progress(progress, schedule.epochs * spe, done_epochs * spe, desc)
+    bar = _make_progress(progress, schedule.epochs * spe, int(state.step), desc)
     wall_start = time.time()
+    signals = StopSignals()
+    watch = Watch(nan_policy, max(1, nan_check_every), signals, desc, spe)
     try:
+        signals.__enter__()
         for epoch in range(done_epochs + 1, schedule.epochs + 1):
             tic = time.perf_counter()
-            state, train_metrics = run_epoch(state, step_fn, train_data, schedule, epoch, bar)
+            partial = partial or EpochProgress(epoch=epoch, first_step=(epoch - 1) * spe)
+            state, train_metrics = run_epoch(
+                state, step_fn, train_data, schedule, epoch, bar, partial, watch
+            )
+            watch.check(partial)  # before anything is saved: the flags of the last steps
+            if partial.index < spe:
+                _save_interrupted(ckpt, state, partial, best_accuracy, signals.signum)
+            skipped, partial = partial.skipped, None
             seconds = time.perf_counter() - tic
             record: dict[str, Any] = {
                 "epoch": epoch,
@@ -171,6 +222,7 @@ def fit(
                 "train_accuracy": train_metrics["accuracy"],
                 "images_per_sec": sum(schedule.batch_sizes) / seconds,
                 "wall_time": time.time() - wall_start,
+                "skipped_steps": skipped,
             }
             last = epoch == schedule.epochs
             if evaluate_fn is not None and (last or epoch % schedule.eval_every == 0):
@@ -193,11 +245,58 @@ def fit(
             if improved:
                 best.save(int(state.step), state, meta)
     finally:
+        signals.__exit__()
         if bar is not None:
             bar.close()
         ckpt.close()
         best.close()
     return state, metrics_io.read_records(metrics_path)
+
+
+def _resumed_partial(
+    meta: dict, step: int, steps_per_epoch: int, directory: Path
+) -> EpochProgress | None:
+    """The sums of the epoch a mid-epoch checkpoint stopped in (None at an epoch boundary)."""
+    index = step % steps_per_epoch
+    if index == 0:
+        return None
+    saved = meta.get("partial")
+    if not saved or int(saved.get("index", -1)) != index:
+        from micronet_jax.errors import CheckpointError
+
+        raise CheckpointError(
+            f"checkpoint {directory}/{step} stops mid-epoch (batch {index} of "
+            f"{steps_per_epoch}) but holds no matching epoch sums; was the batch size changed?"
+        )
+    return EpochProgress.from_json(saved, first_step=step - index)
+
+
+def _save_interrupted(
+    ckpt: Checkpointer, state: Any, partial: EpochProgress, best_accuracy: float, signum: int
+) -> None:
+    """Save the state at this step boundary with the partial epoch's sums, then stop."""
+    from micronet_jax.train.guard import Interrupted
+
+    step = int(state.step)
+    meta = {"epoch": partial.epoch - 1, "best_accuracy": best_accuracy}
+    meta["partial"] = partial.to_json()
+    if ckpt.latest_step() != step:
+        ckpt.save(step, state, meta)
+    raise Interrupted(
+        f"stopped by signal {signum} in epoch {partial.epoch} after batch {partial.index}; "
+        f"saved checkpoint {ckpt.directory}/{step}; rerun the same command to resume",
+        signum,
+    )
+
+
+def guard_options(train_config: Any) -> dict[str, Any]:
+    """`fit`'s numerical-guard and disk-space keywords from `config.train`."""
+    return dict(
+        nan_policy=train_config.nan_policy,
+        nan_check_every=train_config.nan_check_every,
+        poison_step=train_config.inject_nan_step,
+        min_free_mb=train_config.min_free_mb,
+    )
 
 
 def step_config_from(config: Any, epochs: int, steps_per_epoch: int, **overrides) -> Any:
@@ -238,8 +337,11 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> tuple[Any, list[dict
     from micronet_jax.train.optim import lr_at_epoch, make_optimizer
     from micronet_jax.train.state import create_train_state
     from micronet_jax.train.steps import evaluate, train_step
+    from micronet_jax.validate import check_resume, record_config
 
+    check_resume(config, workdir)
     train, test = builders.load_data(config)
+    record_config(config, workdir)
     model = builders.model_from_config(config)
     t = config.train
     schedule = Schedule(
@@ -272,4 +374,5 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> tuple[Any, list[dict
         keep_checkpoints=t.keep_checkpoints,
         progress=t.progress,
         desc="baseline",
+        **guard_options(t),
     )

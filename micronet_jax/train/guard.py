@@ -1,0 +1,219 @@
+"""Run-time guards of the training loop: non-finite steps and stop signals.
+
+`GuardedStep` wraps a step so that a step whose loss or new parameters are not finite
+leaves the state as it was (only the step counter moves on, so every later batch keeps its
+key) and reports `ok=False`; the loop reads the flags on the host every few steps and
+either stops (`nan_policy='stop'`) or counts the skipped steps (`'skip'`). Because a bad
+update is never applied, a bad state can never be checkpointed.
+
+`StopSignals` turns SIGINT/SIGTERM into a flag the loop polls at step boundaries, so it
+can save a checkpoint and exit cleanly with status 128 + signal number (130 / 143).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from micronet_jax.errors import MicronetError
+
+log = logging.getLogger(__name__)
+
+NAN_POLICIES = ("stop", "skip")
+
+
+class NonFiniteError(MicronetError):
+    """Training met a NaN/Inf loss or parameter and `nan_policy` is 'stop'."""
+
+
+class Interrupted(MicronetError):
+    """A stop signal arrived; a checkpoint was saved. `exit_code` is 128 + signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """One device bool: every floating leaf of `tree` is finite."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardedStep:
+    """A step that refuses non-finite updates. Hashable by value, so equal wrappers of one
+    step share a compiled program. `poison_step` >= 0 makes that global step's loss NaN
+    (a fault-injection hook for tests)."""
+
+    step_fn: Callable
+    poison_step: int = -1
+
+    def __call__(self, state: Any, batch: dict, key: jax.Array) -> tuple[Any, dict]:
+        new_state, metrics = self.step_fn(state, batch, key)
+        loss = metrics["loss"]
+        if self.poison_step >= 0:
+            loss = jnp.where(state.step == self.poison_step, jnp.nan, loss)
+        ok = jnp.isfinite(loss) & all_finite(new_state.params)
+        kept = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+        kept = kept.replace(step=state.step + 1)
+        metrics = {name: jnp.where(ok, value, 0.0) for name, value in metrics.items()}
+        metrics["loss"] = jnp.where(ok, loss, 0.0)
+        metrics["ok"] = ok
+        return kept, metrics
+
+
+def check_nan_policy(policy: str) -> str:
+    if policy not in NAN_POLICIES:
+        raise MicronetError(f"train.nan_policy must be one of {NAN_POLICIES}, got {policy!r}")
+    return policy
+
+
+class StopSignals:
+    """Context manager: while active, SIGINT/SIGTERM set `signum` instead of killing.
+
+    A second signal of the same kind restores the default behaviour (a second Ctrl-C
+    interrupts at once). Outside the main thread it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        if self.signum is not None:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        self.signum = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+@dataclasses.dataclass
+class EpochProgress:
+    """Running sums of one epoch, so a checkpoint taken mid-epoch resumes its averages exactly.
+
+    `pending` holds the device `ok` flags not yet read on the host, with their global steps.
+    """
+
+    epoch: int
+    first_step: int  # global step of the epoch's first batch
+    index: int = 0  # batches of the epoch done
+    sums: dict[str, Any] = dataclasses.field(default_factory=dict)
+    weight: Any = 0
+    skipped: int = 0
+    pending: list[tuple[int, jax.Array]] = dataclasses.field(default_factory=list)
+
+    def add(self, metrics: dict[str, jax.Array], size: int) -> None:
+        """Accumulate one step's metrics (weighted by batch size) without a device sync."""
+        metrics = dict(metrics)
+        ok = metrics.pop("ok", None)
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value * size
+        if ok is None:
+            self.weight = self.weight + size
+        else:
+            self.weight = self.weight + jnp.where(ok, size, 0).astype(jnp.float32)
+            self.pending.append((self.first_step + self.index, ok))
+        self.index += 1
+
+    def bad_steps(self) -> list[int]:
+        """Read the pending flags (one host transfer); the global steps that were not finite."""
+        if not self.pending:
+            return []
+        flags = jax.device_get([ok for _, ok in self.pending])
+        bad = [step for (step, _), ok in zip(self.pending, flags, strict=True) if not ok]
+        self.pending.clear()
+        return bad
+
+    def averages(self) -> dict[str, float]:
+        weight = float(self.weight)
+        if weight == 0:
+            return {name: float("nan") for name in self.sums}
+        return {name: float(value) / weight for name, value in self.sums.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        if self.pending:
+            raise RuntimeError("read the pending flags (bad_steps) before saving")
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "sums": {name: float(value) for name, value in self.sums.items()},
+            "weight": float(self.weight),
+            "skipped": self.skipped,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], first_step: int) -> EpochProgress:
+        return cls(
+            epoch=int(data["epoch"]),
+            first_step=first_step,
+            index=int(data["index"]),
+            sums={name: float(value) for name, value in data["sums"].items()},
+            weight=float(data["weight"]),
+            skipped=int(data["skipped"]),
+        )
+
+
+@dataclasses.dataclass
+class Watch:
+    """Polled by the loop at every step boundary: reads the finiteness flags every
+    `check_every` steps (and whenever asked to flush) and notices stop signals."""
+
+    policy: str
+    check_every: int
+    signals: StopSignals
+    stage: str
+    steps_per_epoch: int
+
+    def check(self, progress: EpochProgress) -> None:
+        """Raise NonFiniteError ('stop') or count skipped steps ('skip')."""
+        bad = progress.bad_steps()
+        if not bad:
+            return
+        first = bad[0]
+        epoch, index = divmod(first, self.steps_per_epoch)
+        where = (
+            f"stage {self.stage}, epoch {epoch + 1}, step {index + 1} of {self.steps_per_epoch} "
+            f"(global step {first})"
+        )
+        if self.policy == "stop":
+            raise NonFiniteError(
+                f"non-finite loss or parameters in {where}; training stopped and the update "
+                "was not applied, so the last checkpoint is untouched "
+                "(train.nan_policy='skip' skips such batches instead)"
+            )
+        progress.skipped += len(bad)
+        log.warning("skipped %d non-finite step(s), the first in %s", len(bad), where)
+
+    def __call__(self, progress: EpochProgress) -> bool:
+        """True when the loop should stop at this step boundary (a signal arrived)."""
+        if len(progress.pending) >= self.check_every:
+            self.check(progress)
+        return self.signals.requested

@@ -1,0 +1,417 @@
+"""Runs survive signals, kills, damaged checkpoints, NaNs, full disks and config changes.
+
+Most tests drive `fit` in-process with a toy linear model (compiles in a second); the
+kill-anywhere test runs the whole tiny pipeline through the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from archives import make_cifar10_python_archive
+
+from micronet_jax.errors import CheckpointError, ConfigError
+from micronet_jax.train import loop
+from micronet_jax.train import metrics as metrics_io
+from micronet_jax.train.checkpoint import Checkpointer
+from micronet_jax.train.guard import Interrupted, NonFiniteError
+from micronet_jax.train.state import create_train_state
+from micronet_jax.validate import check_resume, record_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tiny.py"
+VOLATILE = {"images_per_sec", "wall_time"}
+EPOCHS, BATCH, N = 4, 8, 40  # 5 steps per epoch
+
+
+def stable(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
+# --- a toy model: fit's behaviour does not depend on the network ------------------------
+
+
+def toy_step(state, batch, key):
+    """Softmax regression on the raw pixels, with a little noise from the step key."""
+    x = batch["image"].reshape(batch["image"].shape[0], -1).astype(jnp.float32) / 255.0
+    x = x + 0.01 * jax.random.normal(key, x.shape)
+
+    def loss_fn(params):
+        logits = x @ params["w"] + params["b"]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        return loss, logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return state, {"loss": loss, "accuracy": accuracy}
+
+
+def toy_data() -> loop.DeviceData:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (N, 4, 4, 3), dtype=np.uint8)
+    return loop.DeviceData.from_numpy(images, rng.integers(0, 10, N))
+
+
+def toy_state():
+    variables = {"params": {"w": jnp.zeros((48, 10)), "b": jnp.zeros(10)}}
+    return create_train_state(None, variables, optax.sgd(0.5, momentum=0.9), seed=3)
+
+
+def toy_fit(workdir: Path, **kwargs):
+    schedule = loop.Schedule(
+        epochs=EPOCHS, batch_size=BATCH, num_examples=N, batch_multiple=1, eval_every=1,
+        checkpoint_every=1,
+    )  # fmt: skip
+    kwargs.setdefault("keep_checkpoints", 10)
+    return loop.fit(toy_state(), toy_step, toy_data(), schedule, workdir, progress=False, **kwargs)
+
+
+def params_of(state) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+@pytest.fixture(scope="module")
+def toy_reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("toy") / "run"
+    state, records = toy_fit(workdir)
+    return workdir, state, records
+
+
+class SignalAt:
+    """Stands in for the progress bar; sends `signum` to this process after `count` steps."""
+
+    def __init__(self, count: int, signum: int):
+        self.count, self.signum, self.done = count, signum, 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.done == self.count:
+            os.kill(os.getpid(), self.signum)
+
+    def set_postfix(self, **kwargs) -> None:
+        del kwargs
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("signum, at_step", [(signal.SIGTERM, 7), (signal.SIGINT, 13)])
+def test_signal_saves_mid_epoch_and_resume_is_exact(
+    toy_reference, tmp_path, monkeypatch, signum, at_step
+):
+    _, ref_state, ref_records = toy_reference
+    workdir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_make_progress", lambda *a: SignalAt(at_step, signum))
+        with pytest.raises(Interrupted, match=f"signal {signum}") as caught:
+            toy_fit(workdir)
+    assert caught.value.exit_code == 128 + signum
+    assert signal.getsignal(signum) is not None  # handlers restored
+    ckpt = Checkpointer(workdir / "checkpoints")
+    assert ckpt.latest_step() == at_step  # saved at the step boundary after the signal
+    _, meta, _ = ckpt.restore(toy_state())
+    ckpt.close()
+    assert meta["partial"]["index"] == at_step % 5
+    state, records = toy_fit(workdir)
+    assert stable(records) == stable(ref_records)
+    for got, want in zip(params_of(state), params_of(ref_state), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_nan_stops_at_that_step_and_keeps_the_last_checkpoint(toy_reference, tmp_path):
+    ref_dir, _, _ = toy_reference
+    workdir = tmp_path / "run"
+    where = r"stage train, epoch 2, step 3 of 5 \(global step 7\)"
+    with pytest.raises(NonFiniteError, match=where):
+        toy_fit(workdir, poison_step=7, nan_check_every=1)
+    records = metrics_io.read_records(workdir / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1]
+    ckpt, ref = Checkpointer(workdir / "checkpoints"), Checkpointer(ref_dir / "checkpoints")
+    assert ckpt.steps() == [5]
+    good, _, _ = ckpt.restore(toy_state())
+    want, _, _ = ref.restore(toy_state(), step=5)
+    ckpt.close(), ref.close()
+    for a, b in zip(params_of(good), params_of(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nan_checked_lazily_is_still_never_saved(tmp_path):
+    """With reads every 100 steps the epoch-end check still runs before the save."""
+    workdir = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=r"global step 7\)"):
+        toy_fit(workdir, poison_step=7, nan_check_every=100)
+    assert Checkpointer(workdir / "checkpoints").steps() == [5]
+
+
+def test_nan_skip_counts_and_continues(tmp_path):
+    state, records = toy_fit(tmp_path / "run", poison_step=7, nan_policy="skip")
+    assert [r["skipped_steps"] for r in records] == [0, 1, 0, 0]
+    assert int(state.step) == EPOCHS * 5
+    assert all(np.isfinite(p).all() for p in params_of(state))
+    assert all(np.isfinite(r["train_loss"]) for r in records)
+
+
+def _damage(step_dir: Path, how: str) -> None:
+    for f in step_dir.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            if how == "garbage":
+                f.write_bytes(os.urandom(f.stat().st_size))
+            else:
+                with open(f, "r+b") as handle:
+                    handle.truncate(f.stat().st_size // 3)
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncate"])
+def test_damaged_latest_checkpoint_falls_back(toy_reference, tmp_path, caplog, how):
+    ref_dir, _, _ = toy_reference
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    _damage(workdir / "checkpoints" / "20", how)
+    ckpt = Checkpointer(workdir / "checkpoints")
+    with caplog.at_level(logging.WARNING):
+        _, meta, step = ckpt.restore(toy_state())
+    ckpt.close()
+    assert step == 15 and meta["epoch"] == 3
+    assert "checkpoints/20 is unreadable" in caplog.text
+    assert [p.name[:3] for p in (workdir / "checkpoints.damaged").iterdir()] == ["20-"]
+    _, records = toy_fit(workdir)  # resumes from 15 and redoes epoch 4
+    assert stable(records) == stable(metrics_io.read_records(ref_dir / "metrics.jsonl"))
+
+
+def test_all_checkpoints_damaged_is_one_clear_error(toy_reference, tmp_path):
+    ref_dir, _, _ = toy_reference
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    for step_dir in (workdir / "checkpoints").iterdir():
+        if step_dir.is_dir():
+            _damage(step_dir, "garbage")
+    with pytest.raises(CheckpointError, match=f"no readable checkpoint in {workdir}.*step 20"):
+        toy_fit(workdir)
+
+
+def test_unfinished_orbax_directory_is_ignored(toy_reference, tmp_path):
+    ref_dir, _, ref_records = toy_reference
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    unfinished = workdir / "checkpoints" / "25.orbax-checkpoint-tmp-1234"
+    (unfinished / "state").mkdir(parents=True)
+    (unfinished / "state" / "junk").write_bytes(b"half written")
+    assert Checkpointer(workdir / "checkpoints").latest_step() == 20
+    _, records = toy_fit(workdir)
+    assert stable(records) == stable(ref_records)
+
+
+def test_low_disk_space_refuses_to_checkpoint(tmp_path, monkeypatch):
+    from micronet_jax.train import checkpoint
+
+    usage = shutil.disk_usage(tmp_path)._replace(free=10 << 20)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage)
+    with pytest.raises(CheckpointError, match=r"only 10.0 MB free .* needs 50.0 MB"):
+        toy_fit(tmp_path / "run")
+    assert not any((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
+
+
+def test_metrics_reader_skips_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    metrics_io.append_record(path, {"epoch": 1, "loss": 1.5})
+    metrics_io.append_record(path, {"epoch": 2, "loss": 1.25})
+    with open(path, "a") as f:
+        f.write('{"epoch": 3, "lo')  # killed mid-write
+    assert [r["epoch"] for r in metrics_io.read_records(path)] == [1, 2]
+    metrics_io.truncate_after(path, "epoch", 1)
+    assert path.read_text() == '{"epoch": 1, "loss": 1.5}\n'
+    metrics_io.append_record(path, {"epoch": 2, "loss": 1.0})
+    assert [r["loss"] for r in metrics_io.read_records(path)] == [1.5, 1.0]
+
+
+# --- config changes on resume -----------------------------------------------------------
+
+
+def tiny_config(variant: str = ""):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def test_resume_with_another_recipe_is_refused(tmp_path):
+    workdir = tmp_path / "run"
+    record_config(tiny_config(), workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["train"]["lr"] == 0.13
+    same = tiny_config()
+    same.train.eval_every = 5  # not part of the recipe
+    same.data.dir = "/elsewhere"
+    check_resume(same, workdir)
+    other = tiny_config()
+    other.train.lr = 0.5
+    other.model.width = 2.0
+    with pytest.raises(ConfigError, match=r"model.width: 1.0 -> 2.0; train.lr: 0.13 -> 0.5"):
+        check_resume(other, workdir)
+
+
+def test_force_restart_moves_the_old_run_aside(tmp_path):
+    workdir = tmp_path / "run"
+    record_config(tiny_config(), workdir)
+    (workdir / "metrics.jsonl").write_text("{}\n")
+    other = tiny_config()
+    other.train.lr = 0.5
+    other.force_restart = True
+    check_resume(other, workdir)
+    record_config(other, workdir)
+    old = [p for p in workdir.iterdir() if p.name.startswith(".old-")]
+    assert len(old) == 1 and (old[0] / "metrics.jsonl").exists()
+    assert json.loads((workdir / "config.json").read_text())["train"]["lr"] == 0.5
+    assert not (workdir / "metrics.jsonl").exists()
+
+
+# --- the whole pipeline, SIGKILLed anywhere ---------------------------------------------
+
+
+def pipeline_command(workdir: Path, archive: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "micronet_jax.main",
+        f"--config={TINY}:pipeline",
+        f"--workdir={workdir}",
+        f"--config.data.dir={archive}",
+    ]
+
+
+def pipeline_env(cache: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["MICRONET_CACHE_DIR"] = str(cache)
+    return env
+
+
+def finish(workdir: Path, archive: Path, cache: Path) -> None:
+    done = subprocess.run(
+        pipeline_command(workdir, archive),
+        env=pipeline_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def run_killed_at(workdir: Path, archive: Path, cache: Path, seconds: float) -> bool:
+    """Start the pipeline, SIGKILL it after `seconds`; False when it finished first."""
+    proc = subprocess.Popen(
+        pipeline_command(workdir, archive),
+        env=pipeline_env(cache),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        proc.wait(timeout=seconds)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return True
+
+
+def outcome(workdir: Path) -> dict:
+    """Everything a run produces that must not depend on kills: metrics, summaries, the
+    report's metrics, and the final stage's params and masks."""
+    from micronet_jax.pipeline import Context, load_final, plan_stages
+
+    config = tiny_config("pipeline")
+    stages = plan_stages(config)
+    result = {}
+    for stage in stages:
+        records = metrics_io.read_records(workdir / stage.name / "metrics.jsonl")
+        result[f"{stage.name}/metrics"] = stable(records)
+        done = json.loads((workdir / stage.name / "done.json").read_text())
+        done["final"] = stable([done["final"]])[0]
+        result[f"{stage.name}/done"] = done
+    result["report"] = json.loads((workdir / "report.json").read_text())["metrics"]
+    from micronet_jax import builders
+
+    exit_arch = builders.architecture_from_config(config, with_exit=True)
+    ctx = Context(config, None, None, None, builders.model_from_config(config), None)
+    ctx.exit_model = builders.model_from_config(config, exit_arch)
+    variables, masks = load_final(ctx, stages[-1], workdir / stages[-1].name)
+    result["leaves"] = [np.asarray(x) for x in jax.tree.leaves((variables, masks))]
+    return result
+
+
+def assert_same_outcome(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        if key == "leaves":
+            for a, b in zip(got[key], want[key], strict=True):
+                np.testing.assert_array_equal(a, b)
+        else:
+            assert got[key] == want[key], key
+
+
+@pytest.fixture(scope="module")
+def pipeline_reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    archive = root / "cifar-10-python.tar.gz"
+    make_cifar10_python_archive(archive, n_train=160, n_test=32)
+    cache = root / "cache"
+    tic = time.time()
+    finish(root / "reference", archive, cache)
+    return root, archive, cache, time.time() - tic
+
+
+@pytest.mark.slow
+def test_pipeline_killed_anywhere_resumes_exactly(pipeline_reference):
+    root, archive, cache, _ = pipeline_reference
+    warm = root / "warm"
+    tic = time.time()
+    finish(warm, archive, cache)  # with a warm compile cache: the time a run really takes
+    duration = time.time() - tic
+    workdir = root / "killed"
+    moments = random.Random(1234).sample(range(15, 95), 3)
+    kills = 0
+    for percent in sorted(moments):
+        kills += run_killed_at(workdir, archive, cache, duration * percent / 100)
+    assert kills >= 3, "the run finished before it could be killed three times"
+    finish(workdir, archive, cache)
+    assert_same_outcome(outcome(workdir), outcome(root / "reference"))
+
+
+@pytest.mark.slow
+def test_cli_reports_when_every_checkpoint_is_damaged(pipeline_reference, tmp_path):
+    root, archive, cache, _ = pipeline_reference
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    shutil.copy(root / "reference" / "config.json", workdir)
+    shutil.copytree(root / "reference" / "stage_a", workdir / "stage_a")
+    (workdir / "stage_a" / "done.json").unlink()
+    shutil.rmtree(workdir / "stage_a" / "final")
+    for step_dir in (workdir / "stage_a" / "checkpoints").iterdir():
+        _damage(step_dir, "garbage")
+    done = subprocess.run(
+        pipeline_command(workdir, archive),
+        env=pipeline_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1
+    assert f"error: no readable checkpoint in {workdir}/stage_a/checkpoints" in done.stderr
+    assert "Traceback" not in done.stderr
