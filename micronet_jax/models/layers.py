@@ -6,6 +6,7 @@ recipe was tuned with them.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -28,8 +29,71 @@ def torch_uniform(fan_in: int):
     return init
 
 
+@jax.custom_vjp
 def swish(x: jax.Array) -> jax.Array:
+    """x·σ(x). The backward keeps only x and recomputes σ (the original's memory-efficient
+    swish): autodiff would keep σ(x) too, an extra activation-sized buffer per layer."""
     return x * jax.nn.sigmoid(x)
+
+
+def _swish_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return swish(x), x
+
+
+def _swish_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    s = jax.nn.sigmoid(x)
+    return (g * (s * (1 + x * (1 - s))),)
+
+
+swish.defvjp(_swish_fwd, _swish_bwd)
+
+
+_GHOST_AXES = (0, 2, 3)  # of a (N/s, s, H, W, C) grouped batch: all but ghost batch and channel
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def ghost_normalize(
+    g: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per ghost batch (axis 1) normalise by mean and biased variance, then scale and shift.
+
+    Returns (y, mean, var); mean and var only feed the running statistics (no gradient).
+    The hand-written backward is the textbook BN gradient: it keeps the input and two
+    per-channel vectors instead of autodiff's chain of intermediates, and makes two passes.
+    """
+    y, mean, var, _ = _ghost_forward(g, scale, bias, epsilon)
+    return y, mean, var
+
+
+def _ghost_forward(g, scale, bias, epsilon):
+    mean = jnp.mean(g, axis=_GHOST_AXES, keepdims=True)
+    var = jnp.mean(jnp.square(g - mean), axis=_GHOST_AXES, keepdims=True)
+    inv = jax.lax.rsqrt(var + epsilon)
+    a = inv * scale
+    return g * a + (bias - mean * a), mean, var, inv
+
+
+def _ghost_fwd(g, scale, bias, epsilon):
+    y, mean, var, inv = _ghost_forward(g, scale, bias, epsilon)
+    return (y, mean, var), (g, mean, inv, scale)
+
+
+def _ghost_bwd(epsilon, residuals, cotangents):
+    del epsilon
+    g, mean, inv, scale = residuals
+    dy = cotangents[0]
+    count = g.size // (g.shape[1] * g.shape[-1])
+    xhat = (g - mean) * inv
+    sum_dy = jnp.sum(dy, axis=_GHOST_AXES, keepdims=True)
+    sum_dy_xhat = jnp.sum(dy * xhat, axis=_GHOST_AXES, keepdims=True)
+    dg = (scale * inv) * (dy - (sum_dy + xhat * sum_dy_xhat) / count)
+    reduce = tuple(range(g.ndim - 1))
+    dscale = jnp.sum(sum_dy_xhat, axis=reduce)
+    dbias = jnp.sum(sum_dy, axis=reduce)
+    return dg, dscale, dbias
+
+
+ghost_normalize.defvjp(_ghost_fwd, _ghost_bwd)
 
 
 class Conv2d(nn.Module):
@@ -109,11 +173,9 @@ class GhostBatchNorm(nn.Module):
         if n % self.splits:
             raise ValueError(f"batch size {n} is not divisible by the {self.splits} ghost batches")
         grouped = x.astype(jnp.float32).reshape(n // self.splits, self.splits, *x.shape[1:])
-        axes = tuple(i for i in range(grouped.ndim - 1) if i != 1)
-        mean = jnp.mean(grouped, axis=axes, keepdims=True)
-        var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
-        inv = jax.lax.rsqrt(var + self.epsilon) * scale
-        y = grouped * inv + (bias - mean * inv)
+        if grouped.ndim != 5:
+            grouped = grouped.reshape(grouped.shape[:2] + (1,) * (5 - grouped.ndim) + (c,))
+        y, mean, var = ghost_normalize(grouped, scale, bias, self.epsilon)
         if not self.is_initializing():
             count = grouped.size // (self.splits * c)
             batch_mean = jnp.mean(mean.reshape(self.splits, c), axis=0)
