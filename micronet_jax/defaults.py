@@ -13,6 +13,7 @@ def default_config() -> ConfigDict:
     config = ConfigDict()
     config.mode = "train"  # train | pipeline | test
     config.seed = 0
+    config.distributed = False  # multi-host: call jax.distributed.initialize() first
     config.compilation_cache = ""  # empty: ~/.cache/micronet_jax/xla; "none": off
     # A workdir remembers its config (config.json); a rerun with a different recipe is refused
     # unless force_restart, which moves the old contents to workdir/.old-<timestamp>/.
@@ -55,6 +56,7 @@ def default_config() -> ConfigDict:
     config.train.keep_checkpoints = 3
     config.train.eval_batch_size = 500
     config.train.progress = True
+    config.train.data_parallel = True  # shard each batch over all local devices when > 1
     # A step whose loss or new parameters are not finite is never applied; then
     # 'stop' ends the run with a message, 'skip' goes on (counted as skipped_steps).
     config.train.nan_policy = "stop"  # stop | skip

@@ -16,6 +16,7 @@ from ml_collections import config_flags
 from micronet_jax.errors import MicronetError
 from micronet_jax.runtime import enable_compilation_cache
 from micronet_jax.train.guard import Interrupted
+from micronet_jax.train.sharding import initialize_distributed
 from micronet_jax.validate import check_resume, validate_config
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -53,6 +54,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     try:
         enable_compilation_cache(_CONFIG.value.compilation_cache)
+        initialize_distributed(_CONFIG.value.distributed)
         run(_CONFIG.value, _WORKDIR.value)
     except Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ from micronet_jax.errors import CheckpointError, ConfigError
 from micronet_jax.inference import check_threshold, exit_metrics, exit_predict_exact
 from micronet_jax.models.efficientnet import MicroNet, init_variables
 from micronet_jax.report import build_report, report_markdown, write_report
+from micronet_jax.train import sharding
 from micronet_jax.train.checkpoint import Checkpointer
 from micronet_jax.train.loop import DeviceData, Schedule, fit, guard_options, step_config_from
 from micronet_jax.train.optim import lr_at_epoch, make_optimizer
@@ -83,19 +84,22 @@ class Context:
     test_labels: np.ndarray
     model: MicroNet  # main network only
     exit_model: MicroNet  # with the exit head
+    mesh: Any = None  # a 'data' mesh when training data-parallel over several devices
 
     @classmethod
     def from_config(cls, config: Any) -> Context:
         train, test = builders.load_data(config)
+        mesh = sharding.data_mesh(config.train.data_parallel)
         arch = builders.architecture_from_config(config)
         exit_arch = builders.architecture_from_config(config, with_exit=True)
         return cls(
             config=config,
-            train=DeviceData.from_numpy(train.images, train.labels),
+            train=DeviceData.from_numpy(train.images, train.labels, mesh),
             test_images=jax.device_put(test.images),
             test_labels=np.asarray(test.labels),
             model=builders.model_from_config(config, arch),
             exit_model=builders.model_from_config(config, exit_arch),
+            mesh=mesh,
         )
 
     def schedule(self, epochs: int) -> Schedule:
@@ -152,6 +156,7 @@ def _train(
         overrides = {}
         model = ctx.model
         state = create_train_state(model.apply, variables, tx, seed, masks)
+    state = sharding.place_state(state, ctx.mesh)
     step_cfg = step_config_from(config, stage.epochs, spe, **overrides)
     evaluate_fn = functools.partial(_evaluate, ctx, model, is_exit)
     state, records = fit(

@@ -334,6 +334,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> tuple[Any, list[dict
     """Stage A of the recipe: train the dense network from scratch under `workdir`."""
     from micronet_jax import builders
     from micronet_jax.models.efficientnet import init_variables
+    from micronet_jax.train import sharding
     from micronet_jax.train.optim import lr_at_epoch, make_optimizer
     from micronet_jax.train.state import create_train_state
     from micronet_jax.train.steps import evaluate, train_step
@@ -355,7 +356,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> tuple[Any, list[dict
     )
     tx = make_optimizer(t.lr, t.epochs, schedule.steps_per_epoch, t.momentum, t.weight_decay)
     variables = init_variables(model, jax.random.key(config.seed))
-    state = create_train_state(model.apply, variables, tx, config.seed)
+    mesh = sharding.data_mesh(t.data_parallel)
+    state = sharding.place_state(create_train_state(model.apply, variables, tx, config.seed), mesh)
     step_cfg = step_config_from(config, t.epochs, schedule.steps_per_epoch)
     step_fn = functools.partial(train_step, cfg=step_cfg)
     test_images = jax.device_put(test.images)
@@ -366,7 +368,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> tuple[Any, list[dict
     return fit(
         state,
         step_fn,
-        DeviceData.from_numpy(train.images, train.labels),
+        DeviceData.from_numpy(train.images, train.labels, mesh),
         schedule,
         workdir,
         evaluate_fn=evaluate_fn,

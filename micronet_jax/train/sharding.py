@@ -58,3 +58,15 @@ def check_batch_size(batch_size: int, mesh: Mesh, splits: int = 4) -> None:
     if batch_size % mesh.size:
         raise ValueError(f"batch size {batch_size} is not divisible by {mesh.size} devices")
     del splits
+
+
+def data_mesh(enabled: bool) -> Mesh | None:
+    """A 'data' mesh over all devices when asked for and there is more than one device."""
+    if not enabled or jax.device_count() == 1:
+        return None
+    return make_mesh()
+
+
+def place_state(state: Any, mesh: Mesh | None) -> Any:
+    """The state replicated on every device of `mesh` (unchanged without one)."""
+    return state if mesh is None else replicate(state, mesh)
