@@ -22,7 +22,17 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pillow", "ruff"],
+        "test": [
+            "pytest",
+            "pillow",
+            "ruff",
+            "optuna",
+            "matplotlib",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+        ],
+        "experiments": ["optuna", "matplotlib"],
         "bench": ["torch==2.13.0", "pillow"],
         "tfds": ["tensorflow-datasets"],
         "cuda": ["jax[cuda12]"],

@@ -1,0 +1,1 @@
+"""Searches and sweeps around the recipe: AutoAugment, architecture, scaling, exit position."""

@@ -1,0 +1,164 @@
+"""Each experiment at its smallest setting: the files it promises exist and hold what they say."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from archives import make_cifar10_python_archive
+
+from experiments import architecture_search, autoaugment_search, exit_sweep, scaling_search
+from micronet_jax.data.policy import Policy
+from micronet_jax.models.architecture import BASE_BLOCK_STRINGS, build_architecture
+from micronet_jax.scoring import count_micronet, measured_sparsity
+from micronet_jax.train.loop import load_policy
+from micronet_jax.validate import check_policy_file
+
+pytest.importorskip("optuna")
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "cifar-10-python.tar.gz"
+    make_cifar10_python_archive(path, n_train=200, n_test=40)
+    return path
+
+
+def tiny_args(archive: Path, out: Path, trials: int = 1) -> list[str]:
+    return [
+        f"--out={out}",
+        f"--data={archive}",
+        "--num_train=64",
+        "--num_val=32",
+        "--epochs=1",
+        "--batch_size=32",
+        f"--trials={trials}",
+        "--startup_trials=1",
+        f"--cache={out.parent / 'xla'}",
+    ]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_outputs(out: Path, columns: tuple[str, ...], n: int) -> list[dict[str, str]]:
+    rows = read_csv(out / "trials.csv")
+    assert tuple(rows[0]) == columns
+    assert [int(r["trial"]) for r in rows] == list(range(n))
+    assert all(
+        math.isfinite(float(r["val_loss"])) and 0 <= float(r["val_accuracy"]) <= 1 for r in rows
+    )
+    assert (out / "trials.md").read_text().count("\n|") >= n + 1
+    assert len(json.loads((out / "trials.json").read_text())) == n
+    assert (out / "trials.png").read_bytes()[:4] == b"\x89PNG"
+    return rows
+
+
+@pytest.mark.slow
+def test_autoaugment_search_emits_a_policy_the_recipe_loads(archive, tmp_path):
+    out = tmp_path / "aa"
+    assert autoaugment_search.main(tiny_args(archive, out, trials=2)) == 0
+    rows = assert_outputs(out, autoaugment_search.COLUMNS, 2)
+    path = out / "best_policy.json"
+    check_policy_file(str(path))
+    policy = Policy.from_rows(load_policy(str(path)))
+    assert len(policy) == 25
+    # the emitted policy is the best trial's
+    best = min(range(2), key=lambda i: float(rows[i]["val_loss"]))
+    trials = json.loads((out / "trials.json").read_text())
+    assert [list(r) for r in policy.rows] == trials[best]["policy"]
+
+
+def test_architecture_space_makes_valid_networks():
+    original = architecture_search.block_strings((2, 5), (1, 1, 2, 1, 2, 2, 1), (3,) * 7, 0.2)
+    assert original == BASE_BLOCK_STRINGS
+    blocks = architecture_search.block_strings((1, 3), (3, 1, 1, 2, 1, 1, 1), (5,) * 7, 0.37)
+    arch = build_architecture(blocks)
+    assert sum(b.stride == 2 for b in arch.blocks) == 2
+    assert len(arch.blocks) == 10 and {b.kernel_size for b in arch.blocks} == {5}
+    assert arch.blocks[0].se_filters == int(arch.blocks[0].input_filters * 0.37)
+
+
+@pytest.mark.slow
+def test_architecture_search_scores_the_original_first(archive, tmp_path):
+    out = tmp_path / "arch"
+    assert architecture_search.main(tiny_args(archive, out)) == 0
+    (row,) = assert_outputs(out, architecture_search.COLUMNS, 1)
+    assert tuple(row["blocks"].split()) == BASE_BLOCK_STRINGS
+    dense = count_micronet(build_architecture())
+    assert float(row["score"]) == pytest.approx(dense.score)
+    assert round(float(row["score"]), 6) == 0.014777  # SPEC §6, dense row
+
+
+@pytest.mark.slow
+def test_scaling_search_couples_width_to_resolution(archive, tmp_path):
+    out = tmp_path / "scaling"
+    assert scaling_search.main(tiny_args(archive, out)) == 0
+    (row,) = assert_outputs(out, scaling_search.COLUMNS, 1)
+    resolution, width = float(row["resolution"]), float(row["width"])
+    assert 1.0 <= resolution <= 1.4
+    assert width == pytest.approx(math.sqrt(2) / resolution)
+    arch = build_architecture(width=width, resolution=resolution)
+    assert int(row["image_size"]) == arch.image_size
+    assert float(row["score"]) == pytest.approx(count_micronet(arch).score)
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_exit_sweep_matches_the_counter(original_checkpoints, archive, tmp_path):
+    from micronet_jax.convert import load_original
+
+    checkpoint = original_checkpoints / "first_submission" / "trained_model.pth"
+    out = tmp_path / "exit"
+    argv = [
+        f"--out={out}",
+        f"--checkpoint={checkpoint}",
+        f"--data={archive}",
+        "--num_test=40",
+        "--num_train=32",
+        "--steps=2",
+        "--batch_size=16",
+        "--positions=3,4",
+        f"--cache={tmp_path / 'xla'}",
+    ]
+    assert exit_sweep.main(argv) == 0
+    rows = read_csv(out / "exit_sweep.csv")
+    assert [(int(r["exit_block"]), float(r["threshold"])) for r in rows] == [
+        (p, t) for p in (3, 4) for t in exit_sweep.THRESHOLDS
+    ]
+    loaded = load_original(checkpoint)
+    sparsity, _ = measured_sparsity(loaded.arch, loaded.variables["params"])
+    for r in rows:
+        assert 0 <= float(r["exit_ratio"]) <= 1 and 0 <= float(r["accuracy"]) <= 1
+        arch = loaded.arch.with_exit_head(int(r["exit_block"]))
+        assert float(r["sparsity"]) == pytest.approx(sparsity)
+        expected = count_micronet(
+            arch,
+            sparsity=sparsity,
+            exit_sparsity=float(r["exit_sparsity"]),
+            exit_ratio=float(r["exit_ratio"]),
+        )
+        assert float(r["score"]) == pytest.approx(expected.score, rel=1e-9)
+        assert float(r["math_score"]) == pytest.approx(expected.math_score, rel=1e-9)
+        assert 0 < float(r["exit_path_share"]) < 1
+        # only exiting samples can disagree with the full network
+        assert float(r["agreement"]) >= 1 - float(r["exit_ratio"]) - 1e-9
+    # an earlier exit saves more; the main path is the same whichever head is attached
+    share = {int(r["exit_block"]): float(r["exit_path_share"]) for r in rows}
+    assert share[3] < share[4]
+    assert len({r["main_accuracy"] for r in rows}) == 1
+    # a higher threshold never lets more samples exit
+    for p in (3, 4):
+        ratios = [float(r["exit_ratio"]) for r in rows if int(r["exit_block"]) == p]
+        assert ratios == sorted(ratios, reverse=True)
+    assert (out / "exit_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "out of domain" in (out / "exit_sweep.md").read_text()
+    data = json.loads((out / "exit_sweep.json").read_text())
+    assert np.isclose(data[0]["score"], float(rows[0]["score"]))

@@ -1,0 +1,66 @@
+"""The Colab notebook end to end on a CPU: tiny config, a generated archive, no installs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from archives import make_cifar100_python_archive
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+pytest.importorskip("matplotlib")
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "experiments" / "colab.ipynb"
+ORIGINAL = (
+    Path(os.environ.get("MICRONET_SHARED", REPO.parent / "shared"))
+    / "reference"
+    / "osi_ai"
+    / "first_submission"
+    / "trained_model.pth"
+)
+
+
+def outputs(nb, output_type: str) -> list:
+    return [
+        o
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for o in cell.outputs
+        if o.output_type == output_type
+    ]
+
+
+@pytest.mark.slow
+def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    make_cifar100_python_archive(archive, n_train=96, n_test=32)
+    workdir = tmp_path / "run"
+    env = {
+        "MICRONET_NOTEBOOK_INSTALL": "0",
+        "MICRONET_NOTEBOOK_DATA": str(archive),
+        "MICRONET_NOTEBOOK_WORKDIR": str(workdir),
+        "MICRONET_NOTEBOOK_TINY": "1",
+        "MICRONET_NOTEBOOK_CHECKPOINT": str(ORIGINAL) if ORIGINAL.exists() else "",
+        "MICRONET_CACHE_DIR": str(tmp_path / "xla"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+
+    text = "".join(o.get("text", "") for o in outputs(nb, "stream"))
+    assert "install skipped" in text
+    assert "from archive" in text
+    assert (workdir / "report.json").exists() and (workdir / "exit" / "done.json").exists()
+    images = [o for o in outputs(nb, "display_data") if "image/png" in o.get("data", {})]
+    pngs = sorted((workdir / "plots").glob("*.png"))
+    assert len(images) == len(pngs) >= 5
+    if ORIGINAL.exists():
+        assert "MicroNet score" in text  # run_test printed the original's report
