@@ -1,4 +1,4 @@
-"""MicroNet and its SGD step in PyTorch eager, written from the spec (SPEC §1, §3).
+"""MicroNet and its SGD step in PyTorch eager, written from the spec.
 
 The reference the JAX step is timed against: NCHW, ghost BN by the original's reshape
 N×C×H×W → (N/4)×(4C)×H×W, swish, squeeze-excite, drop-connect, TF-"same"-for-32 padding by

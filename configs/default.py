@@ -1,4 +1,4 @@
-"""Stage A of the recipe (SPEC §3): the dense baseline, 1200 epochs on CIFAR-100."""
+"""Stage A of the recipe: the dense baseline, 1200 epochs on CIFAR-100."""
 
 from micronet_jax.defaults import default_config
 

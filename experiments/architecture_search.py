@@ -1,6 +1,6 @@
 """TPE search of the block arguments, each candidate scored by proxy loss and MicroNet score.
 
-The original's space (SPEC §4): which two stages downsample (stride 2), each stage's repeats
+The original's space: which two stages downsample (stride 2), each stage's repeats
 and kernel (3 or 5), and the squeeze-excite ratio U(0.2, 0.4); channels and expansion stay
 the base network's. A candidate becomes block strings, is built by `build_architecture`
 (width 0.9, resolution 1.4: what would be submitted) and counted with `count_micronet`;

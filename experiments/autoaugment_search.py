@@ -1,6 +1,6 @@
 """TPE search of an AutoAugment policy: 25 sub-policies, each trial scored by a proxy training.
 
-As the original searched its CIFAR-100 policy (SPEC §4): every sub-policy is (op1, p1, m1,
+As the original searched its CIFAR-100 policy: every sub-policy is (op1, p1, m1,
 op2, p2, m2) with ops from the 14 AutoAugment ops, probabilities U(0, 1) and magnitudes
 0..9; a trial trains a network briefly with the candidate policy and is scored by its
 validation loss on images held out of the training set.

@@ -1,6 +1,6 @@
 """TPE search of the compound-scaling coefficients: resolution U(1.0, 1.4), width from it.
 
-The original's rule (SPEC §4): width = sqrt(2 / resolution²), which keeps width²·resolution²
+The original's rule: width = sqrt(2 / resolution²), which keeps width²·resolution²
 (roughly the FLOPs factor) at 2. Each trial is scored by proxy validation loss; its MicroNet
 score is that of the base block strings scaled by (width, resolution) for CIFAR-100.
 Note that `build_architecture` squares the resolution coefficient for the input size, as the

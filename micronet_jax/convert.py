@@ -1,4 +1,4 @@
-"""Convert the original's PyTorch checkpoints (SPEC §7) into this package's flax variables.
+"""Convert the original's PyTorch checkpoints into this package's flax variables.
 
 The whole checkpoint is checked against the layout that `Architecture` predicts before
 anything is built, so a file from another network fails with one message naming the first

@@ -1,4 +1,4 @@
-"""The recipe's defaults: stage A (the dense baseline, 1200 epochs on CIFAR-100), SPEC §3.
+"""The recipe's defaults: stage A, the dense baseline (1200 epochs on CIFAR-100).
 
 Config files under `configs/` start from `default_config()` and override a few fields.
 """

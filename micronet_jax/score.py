@@ -27,7 +27,7 @@ COLUMNS = ("layer", "share", "params", "mults", "adds", "math ops")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m micronet_jax.score",
-        description="MicroNet Challenge count (SPEC §6): per-layer table and scores.",
+        description="MicroNet Challenge count: per-layer table and scores.",
     )
     parser.add_argument(
         "--sparsity",

@@ -1,4 +1,4 @@
-"""MicroNet Challenge counter (SPEC §6), walking the same `Architecture` the model is built from.
+"""MicroNet Challenge counter, walking the same `Architecture` the model is built from.
 
 Score = parameter storage / 36.5M + math ops / 10.49B, both in 32-bit units: parameters and
 multiplications at `param_bits` / `mult_bits` (16 → ×0.5), additions always 32-bit.

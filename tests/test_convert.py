@@ -1,4 +1,4 @@
-"""Loading the original's released PyTorch checkpoints without torch (SPEC §7).
+"""Loading the original's released PyTorch checkpoints without torch.
 
 Values are checked against torch.load when torch is installed, and always against a minimal
 decoding of the legacy file written here (pickletools + struct, not the package's reader).
@@ -33,8 +33,8 @@ from micronet_jax.torch_pickle import load_state_dict, load_torch_file
 pytestmark = pytest.mark.shared
 
 NAMES = ("first_submission", "final_ee50")
-MAIN_WEIGHTS = 467_824  # SPEC §1
-MAIN_ZEROS = 299_407  # SPEC §7
+MAIN_WEIGHTS = 467_824  # published
+MAIN_ZEROS = 299_407  # published
 EXIT_WEIGHTS = 432 + 6_528 + 13_600  # 48·3·3 + 48·136 + 136·100
 EXIT_THRESHOLD = 0.85
 BATCH = 250
@@ -245,7 +245,7 @@ def test_variables_match_the_model_exactly(converted, name):
 
 
 def test_info_is_the_original_model_info(converted):
-    # SPEC §9: the checkpoints record 79.92% and 80.26%.
+    # the checkpoints record 79.92% and 80.26%.
     assert converted["first_submission"].info["performance"]["accuracy"] == pytest.approx(0.7992)
     assert converted["final_ee50"].info["performance"]["accuracy"] == pytest.approx(0.8026)
 
@@ -391,7 +391,7 @@ def test_torch_saved_files_of_every_layout(tmp_path):
 
 
 def _torch_forward(torch, sd, x):
-    """The original network written directly in torch.nn.functional (SPEC §1, §2)."""
+    """The original network written directly in torch.nn.functional."""
     functional = torch.nn.functional
 
     def bn(h, prefix):

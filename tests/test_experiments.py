@@ -94,7 +94,7 @@ def test_architecture_search_scores_the_original_first(archive, tmp_path):
     assert tuple(row["blocks"].split()) == BASE_BLOCK_STRINGS
     dense = count_micronet(build_architecture())
     assert float(row["score"]) == pytest.approx(dense.score)
-    assert round(float(row["score"]), 6) == 0.014777  # SPEC §6, dense row
+    assert round(float(row["score"]), 6) == 0.014777  # published: dense row
 
 
 @pytest.mark.slow

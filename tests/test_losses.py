@@ -1,4 +1,4 @@
-"""The recipe's losses (SPEC §3) against hand computations in numpy and PyTorch autograd."""
+"""The recipe's losses against hand computations in numpy and PyTorch autograd."""
 
 from __future__ import annotations
 
@@ -88,8 +88,9 @@ def test_smoothed_cross_entropy_large_logits_are_stable():
 @pytest.mark.parametrize("lam", [0.0, 0.37, 1.0])
 def test_mixup_loss(lam):
     """λ·L(y_a) + (1 − λ)·L(y_b), batch mean."""
-    got = mixup_loss(jnp.asarray(LOGITS), jnp.asarray(LABELS), jnp.asarray(LABELS_B),
-                     jnp.asarray(lam), 0.3)
+    got = mixup_loss(
+        jnp.asarray(LOGITS), jnp.asarray(LABELS), jnp.asarray(LABELS_B), jnp.asarray(lam), 0.3
+    )
     la = smoothed_ce_numpy(LOGITS, LABELS).mean()
     lb = smoothed_ce_numpy(LOGITS, LABELS_B).mean()
     assert float(got) == pytest.approx(lam * la + (1 - lam) * lb, rel=1e-5)
@@ -141,9 +142,10 @@ def test_soft_smoothing_gradient_against_torch():
     ce = -lp[torch.arange(4), torch.from_numpy(SMALL_LABELS)]
     loss = (ce * (1 + lp.exp().max(dim=-1).values)).mean()
     loss.backward()
-    g = jax.grad(soft_smoothing_loss)(jnp.asarray(SMALL_LOGITS, jnp.float32),
-                                      jnp.asarray(SMALL_LABELS))
+    g = jax.grad(soft_smoothing_loss)(
+        jnp.asarray(SMALL_LOGITS, jnp.float32), jnp.asarray(SMALL_LABELS)
+    )
     np.testing.assert_allclose(np.asarray(g), z.grad.numpy(), rtol=1e-4, atol=1e-6)
-    assert float(soft_smoothing_loss(jnp.asarray(SMALL_LOGITS, jnp.float32),
-                                     jnp.asarray(SMALL_LABELS))) == pytest.approx(
-        loss.item(), rel=1e-5)
+    assert float(
+        soft_smoothing_loss(jnp.asarray(SMALL_LOGITS, jnp.float32), jnp.asarray(SMALL_LABELS))
+    ) == pytest.approx(loss.item(), rel=1e-5)

@@ -1,4 +1,4 @@
-"""The model against SPEC §1-§2: architecture, parameter counts, padding, BN, init, lowerings."""
+"""The model against the original's published network: shapes, counts, padding, BN, init."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from micronet_jax.models.layers import (
     upsample_nearest,
 )
 
-# SPEC §1, typed in: (s, e, in, mid, out, r, skip, drop-connect p, size in, size out).
-SPEC_TABLE = [
+# The published block table: (s, e, in, mid, out, r, skip, drop-connect p, size in, size out).
+PUBLISHED_TABLE = [
     (1, 1, 24, 24, 16, 4, False, 0.0, 31, 31),
     (1, 6, 16, 96, 24, 3, False, 0.0, 31, 31),
     (2, 6, 24, 144, 40, 4, False, 0.0, 31, 15),
@@ -112,7 +112,7 @@ def is_bn(path) -> bool:
 
 
 def test_default_architecture_matches_spec_table():
-    """Channels, strides, SE widths, skips, drop-connect rates and sizes: SPEC §1's table."""
+    """Channels, strides, SE widths, skips, drop-connect rates and sizes: the published table."""
     arch = build_architecture()
     assert arch.input_size == 32
     assert arch.image_size == 63
@@ -123,8 +123,8 @@ def test_default_architecture_matches_spec_table():
     assert arch.dropout_rate == pytest.approx(0.2)
     assert arch.final_size == 7
     assert arch.exit_head is None
-    assert len(arch.blocks) == len(SPEC_TABLE)
-    for i, (block, row) in enumerate(zip(arch.blocks, SPEC_TABLE, strict=True)):
+    assert len(arch.blocks) == len(PUBLISHED_TABLE)
+    for i, (block, row) in enumerate(zip(arch.blocks, PUBLISHED_TABLE, strict=True)):
         s, e, cin, mid, cout, r, skip, p, size_in, size_out = row
         assert block.index == i
         assert block.kernel_size == 3
@@ -138,7 +138,7 @@ def test_default_architecture_matches_spec_table():
 
 
 def test_default_exit_head_spec():
-    """The exit head after block 4 reads 15×15×48 (SPEC §2) and has 136 head channels."""
+    """The exit head after block 4 reads 15×15×48 and has 136 head channels."""
     spec = build_architecture(exit_block=4).exit_head
     assert (spec.after_block, spec.input_filters, spec.head_filters) == (4, 48, 136)
     assert (spec.kernel_size, spec.size) == (3, 15)
@@ -178,8 +178,14 @@ def test_round_repeats_and_image_size():
 
 @pytest.mark.parametrize(
     "size, kernel, stride, expected",
-    [(32, 3, 1, (1, 1)), (32, 3, 2, (0, 1)), (32, 1, 1, (0, 0)), (32, 5, 1, (2, 2)),
-     (32, 5, 2, (1, 2)), (16, 3, 2, (0, 1))],
+    [
+        (32, 3, 1, (1, 1)),
+        (32, 3, 2, (0, 1)),
+        (32, 1, 1, (0, 0)),
+        (32, 5, 1, (2, 2)),
+        (32, 5, 2, (1, 2)),
+        (16, 3, 2, (0, 1)),
+    ],
 )
 def test_same_padding(size, kernel, stride, expected):
     """TF 'same' padding for the reference size: total = (ceil(n/s)-1)·s + k - n."""
@@ -198,11 +204,24 @@ def test_width_and_resolution_one():
     """Width 1.0, resolution 1.0: unrounded channels, 32 -> 16 -> 8 -> 4, head 152."""
     arch = build_architecture(width=1.0, resolution=1.0)
     assert (arch.image_size, arch.stem_size, arch.stem_filters, arch.head_filters) == (
-        32, 16, 24, 152,
+        32,
+        16,
+        24,
+        152,
     )
     io = [(b.input_filters, b.output_filters) for b in arch.blocks]
-    assert io == [(24, 16), (16, 24), (24, 40), (40, 40), (40, 56), (56, 72), (72, 72),
-                  (72, 88), (88, 88), (88, 104)]
+    assert io == [
+        (24, 16),
+        (16, 24),
+        (24, 40),
+        (40, 40),
+        (40, 56),
+        (56, 72),
+        (72, 72),
+        (72, 88),
+        (88, 88),
+        (88, 104),
+    ]
     sizes = [b.output_size for b in arch.blocks]
     assert sizes == [16, 16, 8, 8, 8, 8, 8, 4, 4, 4]
     model = create_model(arch)
@@ -258,8 +277,14 @@ def test_decode_block_string():
 
 @pytest.mark.parametrize(
     "text",
-    ["", "r1_k3_s1_e1_i24", "r1_k3_s1_e1_i24_o16_se", "r1_k3_s1_e1_i24_o16_se0.2_X", "r1-k3",
-     "r1_k3_s1_e1_i24_o16__se0.2"],
+    [
+        "",
+        "r1_k3_s1_e1_i24",
+        "r1_k3_s1_e1_i24_o16_se",
+        "r1_k3_s1_e1_i24_o16_se0.2_X",
+        "r1-k3",
+        "r1_k3_s1_e1_i24_o16__se0.2",
+    ],
 )
 def test_malformed_block_string(text):
     """Unparseable parts or missing fields raise ValueError."""
@@ -307,7 +332,7 @@ def count_params(params):
 
 
 def test_parameter_counts():
-    """467,824 weights + 2,952 biases = 470,776 (SPEC §1); exit head 20,660 (SPEC §2)."""
+    """467,824 weights + 2,952 biases = 470,776; exit head 20,660."""
     model = create_model(build_architecture(exit_block=4))
     params = dict(shape_tree(model)["params"])
     head = params.pop("exit_head")
@@ -320,8 +345,11 @@ def test_parameter_counts():
     assert hw == 432 + 6_528 + 13_600
     assert hb == 100
     assert hw + hb == 20_660
-    shapes = {"/".join(k.key for k in p): leaf.shape
-              for p, leaf in jax.tree_util.tree_leaves_with_path(head) if not is_bn(p)}
+    shapes = {
+        "/".join(k.key for k in p): leaf.shape
+        for p, leaf in jax.tree_util.tree_leaves_with_path(head)
+        if not is_bn(p)
+    }
     assert shapes == {
         "depthwise_conv/kernel": (3, 3, 1, 48),
         "expand_conv/kernel": (1, 1, 48, 136),
@@ -335,7 +363,7 @@ def test_default_model_shapes():
     model = create_model(build_architecture(exit_block=4))
     variables = shape_tree(model)
     shapes = block_output_shapes(model, variables)
-    for i, row in enumerate(SPEC_TABLE):
+    for i, row in enumerate(PUBLISHED_TABLE):
         assert shapes[f"blocks_{i}"] == (4, row[9], row[9], row[4])
     x = jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32)
     trunk = jax.eval_shape(lambda v, x: model.apply(v, x, method=MicroNet.trunk), variables, x)
@@ -358,7 +386,7 @@ def numpy_conv(x, w, stride, pad, groups=1):
     cout_g = cout // groups
     for o in range(cout):
         g = o // cout_g
-        xs = x[..., g * cin_g:(g + 1) * cin_g]
+        xs = x[..., g * cin_g : (g + 1) * cin_g]
         for a in range(k):
             for b in range(k):
                 rows = slice(a, a + stride * (ho - 1) + 1, stride)
@@ -486,9 +514,13 @@ def test_upsample_nearest_against_torch():
     """Same pixels as torch.nn.functional.interpolate(mode='nearest')."""
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(2).standard_normal((2, 32, 32, 3)).astype(np.float32)
-    ref = torch.nn.functional.interpolate(
-        torch.from_numpy(x).permute(0, 3, 1, 2), size=(63, 63), mode="nearest"
-    ).permute(0, 2, 3, 1).numpy()
+    ref = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(x).permute(0, 3, 1, 2), size=(63, 63), mode="nearest"
+        )
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     assert np.array_equal(np.asarray(upsample_nearest(jnp.asarray(x), 63)), ref)
 
 
@@ -503,10 +535,14 @@ def gbn_case():
     x = rng.standard_normal((8, 3, 3, c)) * rng.uniform(0.5, 2, (8, 1, 1, 1))
     x = (x + rng.standard_normal((8, 1, 1, c)) * 2).astype(np.float32)
     variables = {
-        "params": {"scale": rng.uniform(0.5, 1.5, c).astype(np.float32),
-                   "bias": rng.standard_normal(c).astype(np.float32)},
-        "batch_stats": {"mean": rng.standard_normal(c).astype(np.float32),
-                        "var": rng.uniform(0.5, 2, c).astype(np.float32)},
+        "params": {
+            "scale": rng.uniform(0.5, 1.5, c).astype(np.float32),
+            "bias": rng.standard_normal(c).astype(np.float32),
+        },
+        "batch_stats": {
+            "mean": rng.standard_normal(c).astype(np.float32),
+            "var": rng.uniform(0.5, 2, c).astype(np.float32),
+        },
     }
     return x, variables
 
@@ -599,8 +635,12 @@ def ghost_bn_grads(x, variables, ct):
     bn = GhostBatchNorm(splits=4)
 
     def f(x, params):
-        y, _ = bn.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                        train=True, mutable=["batch_stats"])
+        y, _ = bn.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
         return jnp.sum(y * ct)
 
     gx, gp = jax.jit(jax.grad(f, (0, 1)))(jnp.asarray(x), variables["params"])
@@ -623,8 +663,9 @@ def test_ghost_bn_gradients_match_autodiff(gbn_case):
         return jnp.sum(y * ct)
 
     p = variables["params"]
-    ref = jax.jit(jax.grad(plain, (0, 1, 2)))(jnp.asarray(x), jnp.asarray(p["scale"]),
-                                     jnp.asarray(p["bias"]))
+    ref = jax.jit(jax.grad(plain, (0, 1, 2)))(
+        jnp.asarray(x), jnp.asarray(p["scale"]), jnp.asarray(p["bias"])
+    )
     for got, want in zip(ghost_bn_grads(x, variables, ct), ref, strict=True):
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5)
 
@@ -646,17 +687,16 @@ def test_ghost_bn_gradients_against_torch(gbn_case):
     (y * torch.from_numpy(ct)).sum().backward()
     gx, gs, gb = ghost_bn_grads(x, variables, jnp.asarray(ct, jnp.float32))
     np.testing.assert_allclose(gx, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(gs, tbn.weight.grad.view(4, c).sum(0).numpy(), rtol=1e-4,
-                               atol=1e-5)
-    np.testing.assert_allclose(gb, tbn.bias.grad.view(4, c).sum(0).numpy(), rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(gs, tbn.weight.grad.view(4, c).sum(0).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gb, tbn.bias.grad.view(4, c).sum(0).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_swish_value_and_gradient():
     """swish(x) = x·σ(x); its gradient equals autodiff of that formula."""
     x = jnp.linspace(-8.0, 8.0, 33)
-    np.testing.assert_allclose(np.asarray(swish(x)), np.asarray(x) / (1 + np.exp(-np.asarray(x))),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(swish(x)), np.asarray(x) / (1 + np.exp(-np.asarray(x))), rtol=1e-6, atol=1e-7
+    )
     got = jax.grad(lambda x: jnp.sum(jnp.sin(x) * swish(x)))(x)
     want = jax.grad(lambda x: jnp.sum(jnp.sin(x) * x * jax.nn.sigmoid(x)))(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
@@ -681,9 +721,19 @@ def test_drop_connect_per_sample():
 
 def test_mbconv_drop_connect_train_and_eval():
     """In training a skip block adds 0 or h/(1-p) per sample (h = bn2's output); eval adds h."""
-    spec = BlockSpec(index=3, kernel_size=3, stride=1, expand_ratio=2, input_filters=8,
-                     output_filters=8, se_filters=2, has_skip=True, drop_connect_rate=0.5,
-                     input_size=5, output_size=5)
+    spec = BlockSpec(
+        index=3,
+        kernel_size=3,
+        stride=1,
+        expand_ratio=2,
+        input_filters=8,
+        output_filters=8,
+        se_filters=2,
+        has_skip=True,
+        drop_connect_rate=0.5,
+        input_size=5,
+        output_size=5,
+    )
     block = MBConv(spec, (1, 1))
     x = jnp.asarray(np.random.default_rng(7).standard_normal((16, 5, 5, 8)), jnp.float32)
 
@@ -691,8 +741,14 @@ def test_mbconv_drop_connect_train_and_eval():
     def run(x):
         variables = block.init({"params": init_key(8)}, x, train=False)
         kw = dict(capture_intermediates=lambda mdl, _: mdl.name == "bn2")
-        train = block.apply(variables, x, train=True, rngs={"dropout": jax.random.key(9)},
-                            mutable=["batch_stats", "intermediates"], **kw)
+        train = block.apply(
+            variables,
+            x,
+            train=True,
+            rngs={"dropout": jax.random.key(9)},
+            mutable=["batch_stats", "intermediates"],
+            **kw,
+        )
         ev = block.apply(variables, x, train=False, mutable=["intermediates"], **kw)
         return train, ev
 
@@ -719,8 +775,11 @@ def test_dropout_inactive_in_eval(tiny):
     assert np.array_equal(np.asarray(a), np.asarray(b))
     c = model.apply(variables, x)[0]
     assert np.array_equal(np.asarray(a), np.asarray(c))
-    train = jax.jit(lambda k: model.apply(variables, x, True, rngs={"dropout": k},
-                                          mutable=["batch_stats"])[0][0])
+    train = jax.jit(
+        lambda k: model.apply(variables, x, True, rngs={"dropout": k}, mutable=["batch_stats"])[0][
+            0
+        ]
+    )
     ta, tb = train(jax.random.key(1)), train(jax.random.key(2))
     assert not np.allclose(np.asarray(ta), np.asarray(tb))
 
@@ -750,8 +809,10 @@ def test_model_init(tiny):
     """Every conv/dense weight within ±1/√fan_in, biases by their layer's fan_in; BN 1 and 0."""
     _, variables, _ = tiny
     params = variables["params"]
-    flat = {tuple(k.key for k in p): np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    flat = {
+        tuple(k.key for k in p): np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(params)
+    }
     n_kernels = 0
     for path, leaf in flat.items():
         parent = path[:-1]
@@ -797,5 +858,4 @@ def test_trunk_exit_tail_compose(tiny):
     assert np.array_equal(np.asarray(ex), np.asarray(exit_logits))
     # The tail on a subset of samples gives those samples' logits.
     sub = model.apply(variables, feats[jnp.asarray([3, 1])], method=MicroNet.tail)
-    np.testing.assert_allclose(np.asarray(sub), np.asarray(logits)[[3, 1]], rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sub), np.asarray(logits)[[3, 1]], rtol=1e-6, atol=1e-6)

@@ -1,4 +1,4 @@
-"""The optimizer against PyTorch SGD semantics (SPEC §3): coupled decay, momentum, cosine/epoch."""
+"""The optimizer against PyTorch SGD semantics: coupled decay, momentum, cosine/epoch."""
 
 from __future__ import annotations
 
@@ -23,10 +23,14 @@ STEPS = 8  # runs past the last epoch: the schedule stays at the last epoch's lr
 def toy_params() -> dict:
     rng = np.random.default_rng(0)
     return {
-        "conv": {"kernel": rng.standard_normal((2, 3)).astype(np.float32),
-                 "bias": rng.standard_normal(3).astype(np.float32)},
-        "bn": {"scale": rng.uniform(0.5, 1.5, 3).astype(np.float32),
-               "bias": rng.standard_normal(3).astype(np.float32)},
+        "conv": {
+            "kernel": rng.standard_normal((2, 3)).astype(np.float32),
+            "bias": rng.standard_normal(3).astype(np.float32),
+        },
+        "bn": {
+            "scale": rng.uniform(0.5, 1.5, 3).astype(np.float32),
+            "bias": rng.standard_normal(3).astype(np.float32),
+        },
     }
 
 
@@ -43,8 +47,12 @@ def toy_loss(params):
 
 
 def numpy_grad(params):
-    return {layer: {name: CURVATURE[layer][name] * (p - TARGETS[layer][name])
-                    for name, p in leaves.items()} for layer, leaves in params.items()}
+    return {
+        layer: {
+            name: CURVATURE[layer][name] * (p - TARGETS[layer][name]) for name, p in leaves.items()
+        }
+        for layer, leaves in params.items()
+    }
 
 
 def hand_lr(step: int) -> float:
@@ -76,8 +84,9 @@ def run_optax(params, weight_decay):
     if weight_decay is None:
         tx = make_optimizer(BASE_LR, EPOCHS, STEPS_PER_EPOCH)
     else:
-        tx = make_optimizer(BASE_LR, EPOCHS, STEPS_PER_EPOCH, momentum=0.9,
-                            weight_decay=weight_decay)
+        tx = make_optimizer(
+            BASE_LR, EPOCHS, STEPS_PER_EPOCH, momentum=0.9, weight_decay=weight_decay
+        )
     params = jax.tree_util.tree_map(jnp.asarray, params)
     state = tx.init(params)
     grad_fn = jax.jit(jax.grad(toy_loss))
@@ -92,8 +101,9 @@ def run_optax(params, weight_decay):
 def assert_trees_close(a, b, atol=1e-6, where=""):
     for layer in b:
         for name in b[layer]:
-            np.testing.assert_allclose(a[layer][name], b[layer][name], rtol=0, atol=atol,
-                                       err_msg=f"{where} {layer}/{name}")
+            np.testing.assert_allclose(
+                a[layer][name], b[layer][name], rtol=0, atol=atol, err_msg=f"{where} {layer}/{name}"
+            )
 
 
 def test_hand_lr_values():
@@ -120,9 +130,10 @@ def test_decay_skips_biases_and_hits_bn_scale():
     params = toy_params()
     ours = run_optax(params, 0.05)[-1]
     no_decay = reference_sgd(params, 0.0)[-1]
-    assert_trees_close({"conv": {"bias": ours["conv"]["bias"]}, "bn": {"bias": ours["bn"]["bias"]}},
-                       {"conv": {"bias": no_decay["conv"]["bias"]},
-                        "bn": {"bias": no_decay["bn"]["bias"]}})
+    assert_trees_close(
+        {"conv": {"bias": ours["conv"]["bias"]}, "bn": {"bias": ours["bn"]["bias"]}},
+        {"conv": {"bias": no_decay["conv"]["bias"]}, "bn": {"bias": no_decay["bn"]["bias"]}},
+    )
     assert np.max(np.abs(ours["bn"]["scale"] - no_decay["bn"]["scale"])) > 1e-4
     assert np.max(np.abs(ours["conv"]["kernel"] - no_decay["conv"]["kernel"])) > 1e-4
 
@@ -132,11 +143,14 @@ def test_make_optimizer_matches_torch_sgd():
     torch = pytest.importorskip("torch")
     weight_decay = 0.05
     params = toy_params()
-    tparams = {(k, n): torch.tensor(v, requires_grad=True)
-               for k, d in params.items() for n, v in d.items()}
+    tparams = {
+        (k, n): torch.tensor(v, requires_grad=True) for k, d in params.items() for n, v in d.items()
+    }
     groups = [
-        {"params": [p for (_, n), p in tparams.items() if n != "bias"],
-         "weight_decay": weight_decay},
+        {
+            "params": [p for (_, n), p in tparams.items() if n != "bias"],
+            "weight_decay": weight_decay,
+        },
         {"params": [p for (_, n), p in tparams.items() if n == "bias"], "weight_decay": 0.0},
     ]
     opt = torch.optim.SGD(groups, lr=BASE_LR, momentum=0.9)
@@ -145,8 +159,10 @@ def test_make_optimizer_matches_torch_sgd():
         for group in opt.param_groups:
             group["lr"] = hand_lr(step)
         opt.zero_grad()
-        loss = sum(0.5 * CURVATURE[k][n] * ((p - float(TARGETS[k][n].flat[0])) ** 2).sum()
-                   for (k, n), p in tparams.items())
+        loss = sum(
+            0.5 * CURVATURE[k][n] * ((p - float(TARGETS[k][n].flat[0])) ** 2).sum()
+            for (k, n), p in tparams.items()
+        )
         loss.backward()
         opt.step()
         expected = {k: {n: tparams[(k, n)].detach().numpy() for n in d} for k, d in params.items()}
@@ -180,8 +196,12 @@ def test_cosine_per_epoch_values():
 
 def test_decay_mask():
     """Every leaf named `bias` is excluded, everything else (kernels, BN scales) included."""
-    tree = {"a": {"kernel": 1, "bias": 2}, "bn": {"scale": 3, "bias": 4},
-            "blocks_0": {"se_reduce": {"kernel": 5, "bias": 6}}, "fc": {"kernel": 7}}
+    tree = {
+        "a": {"kernel": 1, "bias": 2},
+        "bn": {"scale": 3, "bias": 4},
+        "blocks_0": {"se_reduce": {"kernel": 5, "bias": 6}},
+        "fc": {"kernel": 7},
+    }
     assert decay_mask(tree) == {
         "a": {"kernel": True, "bias": False},
         "bn": {"scale": True, "bias": False},

@@ -23,7 +23,7 @@ def images(cifar10_archive) -> np.ndarray:
 
 
 def _spec_rows(spec: str) -> list[tuple]:
-    """The 25-row table of SPEC §4: | # | op1 | p1 | m1 | op2 | p2 | m2 |."""
+    """The 25-row policy table of the specification: | # | op1 | p1 | m1 | op2 | p2 | m2 |."""
     pattern = r"^\| (\d+) \| (\w+) \| ([\d.]+) \| (\d) \| (\w+) \| ([\d.]+) \| (\d) \|$"
     rows = []
     for match in re.finditer(pattern, spec, re.MULTILINE):

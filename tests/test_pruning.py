@@ -1,4 +1,4 @@
-"""Layer-wise normalised global magnitude pruning (SPEC §5) against hand computations."""
+"""Layer-wise normalised global magnitude pruning against hand computations."""
 
 from __future__ import annotations
 
@@ -28,13 +28,16 @@ def toy_params(seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     f32 = lambda a: np.asarray(a, np.float32)
     return {
-        "conv": {"kernel": f32(rng.standard_normal((3, 3, 2, 4)) * 5),
-                 "bias": f32(rng.standard_normal(4) * 1e-3)},
+        "conv": {
+            "kernel": f32(rng.standard_normal((3, 3, 2, 4)) * 5),
+            "bias": f32(rng.standard_normal(4) * 1e-3),
+        },
         "bn": {"scale": f32(rng.uniform(1e-4, 1e-3, 4)), "bias": f32(rng.standard_normal(4))},
         "dw": {"kernel": f32(rng.standard_normal((3, 3, 1, 4)) * 0.01)},
         "fc": {"kernel": f32(rng.standard_normal((10, 5))), "bias": f32(np.zeros(5))},
-        "exit_head": {"fc": {"kernel": f32(rng.standard_normal((6, 3))),
-                             "bias": f32(rng.standard_normal(3))}},
+        "exit_head": {
+            "fc": {"kernel": f32(rng.standard_normal((6, 3))), "bias": f32(rng.standard_normal(3))}
+        },
     }
 
 
@@ -43,6 +46,7 @@ MAIN_KERNELS = (("conv", "kernel"), ("dw", "kernel"), ("fc", "kernel"))
 
 def hand_masks(params: dict, percent: float, kernels=MAIN_KERNELS) -> dict:
     """Scores |w|/‖w‖₂ per tensor, np.percentile over all of them, keep score > threshold."""
+
     def get(path):
         leaf = params
         for k in path:
@@ -67,9 +71,11 @@ def test_hand_worked_example():
     Sorted: 1/3, .5, .5, .5, .5, .6, 2/3, 2/3, .8. 70th percentile: position 5.6 ->
     0.6 + 0.6·(2/3 − 0.6) = 0.64, so A's 3 goes, C's twos stay, all of B goes.
     """
-    params = {"A": {"kernel": np.array([[3.0, 4.0]], np.float32)},
-              "B": {"kernel": np.full((2, 2), 10.0, np.float32)},
-              "C": {"kernel": np.array([[1.0, 2.0, 2.0]], np.float32)}}
+    params = {
+        "A": {"kernel": np.array([[3.0, 4.0]], np.float32)},
+        "B": {"kernel": np.full((2, 2), 10.0, np.float32)},
+        "C": {"kernel": np.array([[1.0, 2.0, 2.0]], np.float32)},
+    }
     assert global_threshold(params, 70) == pytest.approx(0.64)
     masks = prune_masks(params, 70)
     np.testing.assert_array_equal(masks["A"]["kernel"], [[0, 1]])
@@ -91,8 +97,14 @@ def test_masks_match_np_percentile():
         expected = hand_masks(params, percent)
         for path, m in expected.items():
             np.testing.assert_array_equal(leaf(masks, path), m, err_msg=f"{percent} {path}")
-        for path in (("conv", "bias"), ("bn", "scale"), ("bn", "bias"), ("fc", "bias"),
-                     ("exit_head", "fc", "bias"), ("exit_head", "fc", "kernel")):
+        for path in (
+            ("conv", "bias"),
+            ("bn", "scale"),
+            ("bn", "bias"),
+            ("fc", "bias"),
+            ("exit_head", "fc", "bias"),
+            ("exit_head", "fc", "kernel"),
+        ):
             assert np.all(leaf(masks, path) == 1), path
         assert jax.tree_util.tree_structure(masks) == jax.tree_util.tree_structure(params)
     # The tiny-valued BN scale and bias never enter the ranking, whatever the target.
@@ -136,8 +148,9 @@ def test_select_filters():
     old["exit_head"]["fc"]["kernel"][0, 0] = 0.0  # an earlier exit-head round's mask
     old["conv"]["kernel"][0, 0, 0, 0] = 0.0
     masks = prune_masks(params, 40, old, select=main_network)
-    np.testing.assert_array_equal(masks["exit_head"]["fc"]["kernel"],
-                                  old["exit_head"]["fc"]["kernel"])
+    np.testing.assert_array_equal(
+        masks["exit_head"]["fc"]["kernel"], old["exit_head"]["fc"]["kernel"]
+    )
     for path, m in hand_masks(params, 40).items():
         np.testing.assert_array_equal(leaf(masks, path), m)
 
@@ -145,8 +158,9 @@ def test_select_filters():
     for path in MAIN_KERNELS:
         np.testing.assert_array_equal(leaf(masks, path), leaf(old, path))
     kernels = (("exit_head", "fc", "kernel"),)
-    np.testing.assert_array_equal(leaf(masks, kernels[0]),
-                                  hand_masks(params, 50, kernels)[kernels[0]])
+    np.testing.assert_array_equal(
+        leaf(masks, kernels[0]), hand_masks(params, 50, kernels)[kernels[0]]
+    )
     assert leaf(masks, kernels[0]).sum() == 9  # 18 weights, no ties: 50% -> 9 kept
     assert np.all(leaf(masks, ("exit_head", "fc", "bias")) == 1)
     assert main_network("blocks_3/expand_conv/kernel") and not main_network("exit_head/fc/kernel")
@@ -198,8 +212,11 @@ def test_masked_sgd_keeps_pruned_weights_zero():
     masks = prune_masks(params, 50)
     params = apply_masks(params, masks)
     target = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.7), params)
-    loss = lambda p: sum(jax.tree_util.tree_leaves(
-        jax.tree_util.tree_map(lambda a, b: jnp.sum((a - b) ** 2), p, target)))
+    loss = lambda p: sum(
+        jax.tree_util.tree_leaves(
+            jax.tree_util.tree_map(lambda a, b: jnp.sum((a - b) ** 2), p, target)
+        )
+    )
     tx = make_optimizer(0.1, epochs=3, steps_per_epoch=2)
     opt_state = tx.init(params)
     grad = jax.jit(jax.grad(loss))

@@ -1,4 +1,4 @@
-"""The MicroNet counter against the original's published numbers (SPEC §6) and the model."""
+"""The MicroNet counter against the original's published numbers and the model."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ ARCH = build_architecture()
 ARCH_EXIT4 = ARCH.with_exit_head(4)
 MAIN_ROWS = ["stem"] + [f"block_{i}" for i in range(10)] + ["head", "pool", "fc"]
 
-# (arch, options, param score, math score, total) as published; SPEC §6.
+# (arch, options, param score, math score, total) as published.
 PUBLISHED = {
     "dense": (ARCH, {}, 0.006449, 0.008328, 0.014777),
     "pruned 64%": (ARCH, {"sparsity": 0.64}, 0.002748, 0.003148, 0.005896),

@@ -2,7 +2,7 @@
 
 The transforms take uint8 NHWC batches, mixup the normalised float batch; all draw from a
 `jax.random` key, so a (seed, step) pair derived with ``fold_in`` reproduces a batch exactly,
-and all jit (SPEC §3). Inside `train_transform` the images stay planar (N, C, H, W), the
+and all jit. Inside `train_transform` the images stay planar (N, C, H, W), the
 layout the AutoAugment ops run fastest in, until normalisation.
 """
 

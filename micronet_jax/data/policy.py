@@ -23,7 +23,7 @@ from micronet_jax.errors import ConfigError
 
 Row = tuple[str, float, int, str, float, int]
 
-# The original's searched policy for CIFAR-100 (SPEC §4): (op1, p1, m1, op2, p2, m2).
+# The original's searched policy for CIFAR-100: (op1, p1, m1, op2, p2, m2).
 CIFAR100_ROWS: tuple[Row, ...] = (
     ("solarize", 0.9879223132161143, 1, "rotate", 0.03867356636118723, 8),
     ("autocontrast", 0.5906539642621361, 2, "shearX", 0.07767828867074882, 9),
@@ -54,7 +54,7 @@ CIFAR100_ROWS: tuple[Row, ...] = (
 
 NUM_MAGNITUDES = 10
 
-# Value at magnitude index m, before the sign (SPEC §4; the original's `ranges`).
+# Value at magnitude index m, before the sign (the original's `ranges`).
 MAGNITUDES: dict[str, np.ndarray] = {
     "shearX": np.linspace(0, 0.3, NUM_MAGNITUDES),
     "shearY": np.linspace(0, 0.3, NUM_MAGNITUDES),

@@ -206,7 +206,7 @@ def build_architecture(
     dropout_rate: float = DROPOUT_RATE,
     exit_block: int | None = None,
 ) -> Architecture:
-    """Scale the base block strings into the concrete network (SPEC §1)."""
+    """Scale the base block strings into the concrete network."""
     decoded = [decode_block_string(s) for s in block_strings]
     if not decoded:
         raise ValueError("at least one block string is needed")
