@@ -89,6 +89,15 @@ def events_of(workdir: Path) -> int:
     return logged + len(list(workdir.glob("*/done.json")))
 
 
+def stage_starts(reference: Path) -> list[int]:
+    """The progress count (see `events_of`) at which each stage of the reference run began."""
+    starts, events = [], 0
+    for name in stages_of():
+        starts.append(events)
+        events += len(metrics_io.read_records(reference / name / "metrics.jsonl")) + 1
+    return starts
+
+
 def stages_of() -> list[str]:
     from micronet_jax.pipeline import plan_stages
 
@@ -173,7 +182,11 @@ def main() -> int:
     print(f"  ({time.time() - tic:.0f} s, compiling into a fresh cache)\n", flush=True)
     total = events_of(args.root / "reference")
     rng = random.Random(args.seed)
-    plan = sorted((rng.randrange(total), rng.uniform(0.0, 4.0)) for _ in range(args.kills))
+    # one kill inside every stage (so every stage kind is hit), the rest anywhere
+    starts = stage_starts(args.root / "reference")
+    plan = [(start, rng.uniform(0.0, 4.0)) for start in starts[: args.kills]]
+    plan += [(rng.randrange(total), rng.uniform(0.0, 4.0)) for _ in range(args.kills - len(plan))]
+    plan.sort()
     workdir = args.root / "killed"
     print("| # | kill when | outcome | workdir state after the kill |")
     print("|---|---|---|---|")

@@ -91,16 +91,23 @@ def exit_predict_exact(
     return select_predictions(main, exits, threshold)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _front(model: MicroNet, variables: dict, images: jax.Array):
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _exit_then_tail(
+    model: MicroNet, variables: dict, images: jax.Array, threshold: jax.Array, capacity: int
+):
+    """One program: trunk, exit head, then the tail on `capacity` samples, continuing ones first.
+
+    Returns (predictions, exited, number continuing). Predictions are right for every sample
+    when the number continuing is at most `capacity`.
+    """
     features = model.apply(variables, eval_transform(images), method=MicroNet.trunk)
     exit_logits = model.apply(variables, features, method=MicroNet.exit)
-    return features, exit_logits
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _back(model: MicroNet, variables: dict, features: jax.Array, index: jax.Array):
-    return model.apply(variables, features[index], method=MicroNet.tail)
+    exited = jax.nn.softmax(exit_logits, axis=-1).max(-1) > threshold
+    index = jnp.argsort(exited, stable=True)[:capacity]  # continuing samples first
+    tail_logits = model.apply(variables, features[index], method=MicroNet.tail)
+    predictions = exit_logits.argmax(-1)
+    chosen = jnp.where(exited[index], predictions[index], tail_logits.argmax(-1))
+    return predictions.at[index].set(chosen), exited, jnp.sum(~exited)
 
 
 def bucket_sizes(batch_size: int, buckets: int = 16) -> tuple[int, ...]:
@@ -108,6 +115,12 @@ def bucket_sizes(batch_size: int, buckets: int = 16) -> tuple[int, ...]:
     step = max(8, -(-batch_size // buckets + 7) // 8 * 8)
     sizes = list(range(step, batch_size, step)) + [batch_size]
     return tuple(sorted(set(sizes)))
+
+
+def _capacity_for(expected: float, sizes: Sequence[int]) -> int:
+    """The smallest bucket above `expected` plus one binomial standard deviation."""
+    need = expected + np.sqrt(max(expected, 1.0))
+    return next((s for s in sizes if s >= need), sizes[-1])
 
 
 def exit_predict_fast(
@@ -118,32 +131,33 @@ def exit_predict_fast(
     batch_size: int = 512,
     buckets: Sequence[int] | None = None,
 ) -> ExitResult:
-    """Run the tail only on samples that did not exit (gather, run, scatter back)."""
+    """Run the tail only on samples that did not exit, in one program per batch.
+
+    The tail's capacity is a bucket sized from the previous batch's count of continuing
+    samples (a few compiled sizes); a batch that overflows it is run again with enough room,
+    so predictions always equal `exit_predict_exact`'s.
+    """
     if model.arch.exit_head is None:
         raise ConfigError("the model has no exit head")
-    threshold = check_threshold(threshold)
+    threshold = jnp.float32(check_threshold(threshold))
     n = images.shape[0]
     batch_size = min(batch_size, n)
-    sizes = tuple(buckets) if buckets else bucket_sizes(batch_size)
+    sizes = tuple(sorted(buckets)) if buckets else bucket_sizes(batch_size)
+    capacity = sizes[len(sizes) // 2]  # a guess; an overflowing batch runs again
     predictions, exited_all = [], []
     for start in range(0, n, batch_size):
         chunk = np.asarray(images[start : start + batch_size])
         valid = chunk.shape[0]
         if valid < batch_size:
-            chunk = np.concatenate(
-                [chunk, np.zeros((batch_size - valid, *chunk.shape[1:]), chunk.dtype)]
-            )
-        features, exit_logits = _front(model, variables, jnp.asarray(chunk))
-        exit_logits = np.asarray(exit_logits)[:valid]
-        exited = exit_decision(exit_logits, threshold)
-        pred = exit_logits.argmax(-1)
-        rest = np.flatnonzero(~exited)
-        if rest.size:
-            capacity = next(s for s in sizes if s >= rest.size)
-            index = np.zeros(capacity, np.int32)
-            index[: rest.size] = rest
-            tail_logits = np.asarray(_back(model, variables, features, jnp.asarray(index)))
-            pred[rest] = tail_logits[: rest.size].argmax(-1)
-        predictions.append(pred)
-        exited_all.append(exited)
+            pad = np.zeros((batch_size - valid, *chunk.shape[1:]), chunk.dtype)
+            chunk = np.concatenate([chunk, pad])
+        chunk = jnp.asarray(chunk)
+        pred, exited, continuing = _exit_then_tail(model, variables, chunk, threshold, capacity)
+        continuing = int(continuing)
+        if continuing > capacity:
+            capacity = next(s for s in sizes if s >= continuing)
+            pred, exited, _ = _exit_then_tail(model, variables, chunk, threshold, capacity)
+        predictions.append(np.asarray(pred)[:valid])
+        exited_all.append(np.asarray(exited)[:valid])
+        capacity = _capacity_for(continuing, sizes)
     return ExitResult(np.concatenate(predictions), np.concatenate(exited_all))

@@ -73,6 +73,9 @@ def test_fast_equals_exact_on_a_random_model():
     np.testing.assert_array_equal(fast.exited, exact.exited)
     np.testing.assert_array_equal(fast.predictions, exact.predictions)
     assert exact_all.predictions.shape == (100,)
+    # a tiny first bucket makes later batches overflow and run again with more room
+    small = exit_predict_fast(model, variables, images, threshold, batch_size=32, buckets=(8, 32))
+    np.testing.assert_array_equal(small.predictions, exact.predictions)
 
 
 def _cifar10_test_images(archive, n):
