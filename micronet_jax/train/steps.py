@@ -55,6 +55,20 @@ def _mixed_accuracy(logits, labels_a, labels_b, lam) -> jax.Array:
     return lam * acc_a + (1.0 - lam) * acc_b
 
 
+def _update(state, grads, batch_stats, cfg: StepConfig, loss, logits, mix) -> tuple[Any, dict]:
+    """SGD update, new BN statistics, re-masking (pruned weights stay zero) and the metrics."""
+    labels_a, labels_b, lam = mix
+    lr = cfg.lr_fn(state.step) if cfg.lr_fn is not None else jnp.zeros(())
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    state = state.replace(params=apply_masks(state.params, state.masks))
+    metrics = {
+        "loss": loss,
+        "accuracy": _mixed_accuracy(logits, labels_a, labels_b, lam),
+        "lr": lr,
+    }
+    return state, metrics
+
+
 def train_step(
     state: TrainState, batch: dict[str, jax.Array], key: jax.Array, cfg: StepConfig
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -74,15 +88,7 @@ def train_step(
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    lr = cfg.lr_fn(state.step) if cfg.lr_fn is not None else jnp.zeros(())
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    state = state.replace(params=apply_masks(state.params, state.masks))
-    metrics = {
-        "loss": loss,
-        "accuracy": _mixed_accuracy(logits, labels_a, labels_b, lam),
-        "lr": lr,
-    }
-    return state, metrics
+    return _update(state, grads, batch_stats, cfg, loss, logits, (labels_a, labels_b, lam))
 
 
 def exit_train_step(
@@ -109,15 +115,7 @@ def exit_train_step(
         return lam * loss_a + (1.0 - lam) * loss_b, (exit_logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    lr = cfg.lr_fn(state.step) if cfg.lr_fn is not None else jnp.zeros(())
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    state = state.replace(params=apply_masks(state.params, state.masks))
-    metrics = {
-        "loss": loss,
-        "accuracy": _mixed_accuracy(logits, labels_a, labels_b, lam),
-        "lr": lr,
-    }
-    return state, metrics
+    return _update(state, grads, batch_stats, cfg, loss, logits, (labels_a, labels_b, lam))
 
 
 def predict_step(apply_fn: Callable, variables: dict, images: jax.Array):
