@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import json
 import time
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from micronet_jax.models.efficientnet import MicroNet, init_variables
 from micronet_jax.train.loop import DeviceData, Schedule, run_epoch
 from micronet_jax.train.optim import cosine_per_epoch, make_optimizer
 from micronet_jax.train.state import create_train_state
-from micronet_jax.train.steps import StepConfig, evaluate, train_step
+from micronet_jax.train.steps import StepConfig, evaluate, step_function
 
 SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-10-python.tar.gz"
 
@@ -87,18 +86,6 @@ def load_split(
     )
 
 
-@functools.cache
-def _optimizer(lr: float, epochs: int, spe: int, momentum: float, wd: float) -> Any:
-    """Cached with the schedule, so trials with equal settings reuse one compiled step."""
-    return make_optimizer(lr, epochs, spe, momentum, wd), cosine_per_epoch(lr, epochs, spe)
-
-
-@functools.cache
-def _step(cfg: StepConfig):
-    """One step function per settings, so equal trials share a compiled step."""
-    return functools.partial(train_step, cfg=cfg)
-
-
 def proxy_train(
     arch: Architecture, split: Split, settings: ProxySettings, policy: Any = None
 ) -> dict[str, float]:
@@ -114,9 +101,8 @@ def proxy_train(
         checkpoint_every=settings.epochs,
     )
     spe = schedule.steps_per_epoch
-    tx, lr_fn = _optimizer(
-        settings.lr, settings.epochs, spe, settings.momentum, settings.weight_decay
-    )
+    tx = make_optimizer(settings.lr, settings.epochs, spe, settings.momentum, settings.weight_decay)
+    lr_fn = cosine_per_epoch(settings.lr, settings.epochs, spe)
     variables = init_variables(model, jax.random.key(settings.seed))
     state = create_train_state(model.apply, variables, tx, settings.seed)
     cfg = StepConfig(
@@ -129,7 +115,7 @@ def proxy_train(
     data = DeviceData.from_numpy(split.train_images, split.train_labels)
     train_loss = float("nan")
     for epoch in range(1, settings.epochs + 1):
-        state, averages = run_epoch(state, _step(cfg), data, schedule, epoch)
+        state, averages = run_epoch(state, step_function(cfg), data, schedule, epoch)
         train_loss = float(averages["loss"])
     val = evaluate(state, model.apply, split.val_images, split.val_labels, settings.eval_batch_size)
     return {

@@ -34,7 +34,7 @@ from micronet_jax.train.state import (
     ones_masks,
     variables_of,
 )
-from micronet_jax.train.steps import evaluate, exit_train_step, train_step
+from micronet_jax.train.steps import evaluate, step_function
 from micronet_jax.validate import check_resume, record_config
 
 
@@ -115,18 +115,6 @@ class Context:
         )
 
 
-@functools.cache
-def _optimizer(lr: float, epochs: int, spe: int, momentum: float, wd: float):
-    """Cached, so rounds with equal settings share one optimizer and one compiled step."""
-    return make_optimizer(lr, epochs, spe, momentum, wd)
-
-
-@functools.cache
-def _step_fn(kind: str, cfg: Any):
-    step = exit_train_step if kind in ("exit", "exit_prune") else train_step
-    return functools.partial(step, cfg=cfg)
-
-
 def _stage_seed(config: Any, index: int) -> int:
     return int(config.seed) * 1000 + index
 
@@ -142,7 +130,7 @@ def _train(
     config, t = ctx.config, ctx.config.train
     schedule = ctx.schedule(stage.epochs)
     spe = schedule.steps_per_epoch
-    tx = _optimizer(t.lr, stage.epochs, spe, t.momentum, t.weight_decay)
+    tx = make_optimizer(t.lr, stage.epochs, spe, t.momentum, t.weight_decay)
     seed = _stage_seed(config, index)
     is_exit = stage.kind in ("exit", "exit_prune")
     if is_exit:
@@ -161,7 +149,7 @@ def _train(
     evaluate_fn = functools.partial(_evaluate, ctx, model, is_exit)
     state, records = fit(
         state,
-        _step_fn(stage.kind, step_cfg),
+        step_function(step_cfg, exit_head=is_exit),
         ctx.train,
         schedule,
         workdir,

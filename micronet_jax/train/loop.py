@@ -337,7 +337,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> tuple[Any, list[dict
     from micronet_jax.train import sharding
     from micronet_jax.train.optim import lr_at_epoch, make_optimizer
     from micronet_jax.train.state import create_train_state
-    from micronet_jax.train.steps import evaluate, train_step
+    from micronet_jax.train.steps import evaluate, step_function
     from micronet_jax.validate import check_resume, record_config
 
     check_resume(config, workdir)
@@ -359,7 +359,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> tuple[Any, list[dict
     mesh = sharding.data_mesh(t.data_parallel)
     state = sharding.place_state(create_train_state(model.apply, variables, tx, config.seed), mesh)
     step_cfg = step_config_from(config, t.epochs, schedule.steps_per_epoch)
-    step_fn = functools.partial(train_step, cfg=step_cfg)
+    step_fn = step_function(step_cfg)
     test_images = jax.device_put(test.images)
 
     def evaluate_fn(s):

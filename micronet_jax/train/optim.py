@@ -8,6 +8,7 @@ BN shifts, which are all leaves named `bias` in our parameter tree.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 
+@functools.cache
 def cosine_per_epoch(base_lr: float, epochs: int, steps_per_epoch: int) -> optax.Schedule:
     """Epoch e (1-based) runs at base_lr·(1 + cos(π·e/T))/2, so the last epoch runs at 0."""
     if epochs <= 0 or steps_per_epoch <= 0:
@@ -40,6 +42,7 @@ def decay_mask(params: Any) -> Any:
     )
 
 
+@functools.cache
 def make_optimizer(
     base_lr: float,
     epochs: int,
@@ -47,7 +50,11 @@ def make_optimizer(
     momentum: float = 0.9,
     weight_decay: float = 1e-5,
 ) -> optax.GradientTransformation:
-    """PyTorch-equivalent SGD: coupled weight decay, momentum, no Nesterov, cosine per epoch."""
+    """PyTorch-equivalent SGD: coupled weight decay, momentum, no Nesterov, cosine per epoch.
+
+    Cached (as is the schedule): equal settings give the same object, so stages and trials
+    with equal settings share one compiled step.
+    """
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
         optax.sgd(cosine_per_epoch(base_lr, epochs, steps_per_epoch), momentum=momentum),

@@ -7,6 +7,7 @@ device, from a key derived from (seed, step) — no host work per batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -116,6 +117,12 @@ def exit_train_step(
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return _update(state, grads, batch_stats, cfg, loss, logits, (labels_a, labels_b, lam))
+
+
+@functools.cache
+def step_function(cfg: StepConfig, exit_head: bool = False) -> Callable:
+    """The (state, batch, key) step for `cfg`; cached, so equal settings share a compiled step."""
+    return functools.partial(exit_train_step if exit_head else train_step, cfg=cfg)
 
 
 def predict_step(apply_fn: Callable, variables: dict, images: jax.Array):
