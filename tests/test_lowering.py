@@ -32,6 +32,7 @@ def value_and_grads(impl, x, kernel, stride, padding, groups):
 
 CASES = {
     "pointwise": ((8, 9, 9, 16), (1, 1, 16, 24), 1, (0, 0), 1),
+    "pointwise_narrowing": ((8, 9, 9, 24), (1, 1, 24, 16), 1, (0, 0), 1),
     "depthwise_s1": ((8, 9, 9, 16), (3, 3, 1, 16), 1, (1, 1), 16),
     "depthwise_s2": ((8, 9, 9, 16), (3, 3, 1, 16), 2, (0, 1), 16),
     "depthwise_k5": ((4, 11, 11, 8), (5, 5, 1, 8), 2, (1, 2), 8),
@@ -54,6 +55,19 @@ def test_conv_kinds_agree(name):
     assert rel_err(vf, vr) < TOL
     for a, b in zip(gf, gr, strict=True):
         assert rel_err(a, b) < TOL
+
+
+@pytest.mark.parametrize("stride,padding", [(1, (1, 1)), (2, (0, 1))])
+def test_depthwise_kernel_gradient_over_several_chunks(monkeypatch, stride, padding):
+    """The chunked scan's kernel gradient sums every chunk (here 6 chunks of 2 samples)."""
+    x = jax.random.normal(jax.random.key(0), (12, 9, 9, 8))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 1, 8))
+    monkeypatch.setattr(conv, "_CHUNK_BYTES", 2 * 9 * 9 * 8 * 4)
+    out, pullback = jax.vjp(lambda k: conv.conv_xla(x, k, stride, padding, 8), k)
+    dy = jax.random.normal(jax.random.key(2), out.shape)
+    (expected,) = pullback(dy)
+    got = conv.depthwise_kernel_grad(x, dy, 3, stride, padding)
+    assert rel_err(got, expected) < TOL
 
 
 def _model_loss(impl, arch, x):

@@ -8,6 +8,7 @@ Every form takes an HWIO kernel, so parameters never depend on the lowering.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
@@ -68,21 +69,101 @@ def conv_xla(
     )
 
 
+@jax.custom_vjp
 def pointwise_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """A 1x1 stride-1 conv as a matmul over the channel axis."""
     return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
 
 
-def depthwise_shifted(
+def _pointwise_fwd(x, kernel):
+    return pointwise_matmul(x, kernel), (x, kernel)
+
+
+def _pointwise_bwd(residuals, dy):
+    """The kernel gradient contracts over every position; the operand that has to be laid
+    out position-minor for the matmul is transposed explicitly, choosing the narrower one
+    (XLA's own choice transposes the wider)."""
+    x, kernel = residuals
+    cin, cout = x.shape[-1], dy.shape[-1]
+    x2, dy2 = x.reshape(-1, cin), dy.reshape(-1, cout)
+    if cin <= cout:
+        dw = jnp.transpose(x2) @ dy2
+    else:
+        dw = jnp.transpose(jnp.transpose(dy2) @ x2)
+    dx = jnp.einsum("nhwd,cd->nhwc", dy, kernel[0, 0])
+    return dx, dw.reshape(kernel.shape).astype(kernel.dtype)
+
+
+pointwise_matmul.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
+def _depthwise_sum(
     x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[int, int]
 ) -> jax.Array:
-    """A depthwise conv as k² shifted, strided multiply-adds."""
     k = kernel.shape[0]
     out = None
     for (i, j), view in _shifted_windows(x, k, stride, padding):
         term = view * kernel[i, j, 0]
         out = term if out is None else out + term
     return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_shifted(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[int, int]
+) -> jax.Array:
+    """A depthwise conv as k² shifted, strided multiply-adds.
+
+    The backward keeps only `x`. Under plain autodiff XLA writes out all k² shifted views of
+    `x` to feed the kernel-gradient reductions: k² activation-sized buffers per layer and
+    most of the layer's backward time on a memory-bound CPU.
+    """
+    return _depthwise_sum(x, kernel, stride, padding)
+
+
+def _depthwise_fwd(x, kernel, stride, padding):
+    return _depthwise_sum(x, kernel, stride, padding), (x, kernel)
+
+
+def _depthwise_bwd(stride, padding, residuals, dy):
+    x, kernel = residuals
+    _, pullback = jax.vjp(lambda a: _depthwise_sum(a, kernel, stride, padding), x)
+    (dx,) = pullback(dy)
+    return dx, depthwise_kernel_grad(x, dy, kernel.shape[0], stride, padding).astype(kernel.dtype)
+
+
+depthwise_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+_CHUNK_BYTES = 2 << 20  # a chunk of samples that stays in cache while its k² taps are summed
+
+
+def depthwise_kernel_grad(
+    x: jax.Array, dy: jax.Array, kernel_size: int, stride: int, padding: tuple[int, int]
+) -> jax.Array:
+    """d(loss)/d(kernel) of a depthwise conv: Σ over samples and positions of view_ij · dy.
+
+    A scan over cache-sized chunks of the batch pads each chunk and reduces its k² shifted
+    products there, so every activation is read from memory once (float32 accumulation).
+    """
+    n, c = x.shape[0], x.shape[-1]
+    per_sample = x[0].size * x.dtype.itemsize
+    chunk = max(
+        d for d in range(1, n + 1) if n % d == 0 and d * per_sample <= max(_CHUNK_BYTES, per_sample)
+    )
+    xs = x.reshape(n // chunk, chunk, *x.shape[1:])
+    dys = dy.reshape(n // chunk, chunk, *dy.shape[1:])
+
+    def accumulate(total, pair):
+        xb, dyb = pair
+        taps = [
+            jnp.sum(view * dyb, axis=(0, 1, 2), dtype=jnp.float32)
+            for _, view in _shifted_windows(xb, kernel_size, stride, padding)
+        ]
+        return total + jnp.stack(taps), None
+
+    total, _ = lax.scan(accumulate, jnp.zeros((kernel_size**2, c), jnp.float32), (xs, dys))
+    return total.reshape(kernel_size, kernel_size, 1, c)
 
 
 def conv_im2col(

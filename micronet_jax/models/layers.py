@@ -86,7 +86,12 @@ def _ghost_bwd(epsilon, residuals, cotangents):
     xhat = (g - mean) * inv
     sum_dy = jnp.sum(dy, axis=_GHOST_AXES, keepdims=True)
     sum_dy_xhat = jnp.sum(dy * xhat, axis=_GHOST_AXES, keepdims=True)
-    dg = (scale * inv) * (dy - (sum_dy + xhat * sum_dy_xhat) / count)
+    # dg = k·(dy − (Σdy + x̂·Σdy·x̂)/count), k = scale·inv, expanded so that every coefficient
+    # is a per-(ghost batch, channel) vector: a full-size constant would be materialised.
+    k = scale * inv
+    slope = -k * inv * sum_dy_xhat / count
+    offset = -k * sum_dy / count - slope * mean
+    dg = k * dy + slope * g + offset
     reduce = tuple(range(g.ndim - 1))
     dscale = jnp.sum(sum_dy_xhat, axis=reduce)
     dbias = jnp.sum(sum_dy, axis=reduce)
