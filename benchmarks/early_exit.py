@@ -26,6 +26,7 @@ from micronet_jax.data.augment import eval_transform
 from micronet_jax.inference import exit_predict_exact, exit_predict_fast
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.efficientnet import MicroNet, init_variables
+from micronet_jax.models.microbatch import default_micro_batch, map_micro_batches
 from micronet_jax.scoring import count_micronet
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -54,8 +55,12 @@ def load_images(n: int) -> np.ndarray:
 @functools.partial(jax.jit, static_argnums=0)
 def _full(model: MicroNet, variables: dict, images: jax.Array) -> jax.Array:
     """The main network alone, every sample: what inference costs without early exit."""
-    features = model.apply(variables, eval_transform(images), method=MicroNet.trunk)
-    return model.apply(variables, features, method=MicroNet.tail).argmax(-1)
+
+    def forward(batch):
+        features = model.apply(variables, eval_transform(batch), method=MicroNet.trunk)
+        return model.apply(variables, features, method=MicroNet.tail)
+
+    return map_micro_batches(forward, images, default_micro_batch()).argmax(-1)
 
 
 def time_full(model, variables, images, batch) -> float:

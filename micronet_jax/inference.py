@@ -20,6 +20,7 @@ import numpy as np
 from micronet_jax.data.augment import eval_transform
 from micronet_jax.errors import ConfigError
 from micronet_jax.models.efficientnet import MicroNet
+from micronet_jax.models.microbatch import default_micro_batch, map_micro_batches
 
 
 def check_threshold(threshold: float) -> float:
@@ -100,19 +101,28 @@ def _exit_then_tail(
     Returns (predictions, exited, number continuing). Predictions are right for every sample
     when the number continuing is at most `capacity`.
     """
-    features = model.apply(variables, eval_transform(images), method=MicroNet.trunk)
-    exit_logits = model.apply(variables, features, method=MicroNet.exit)
+    micro = default_micro_batch()
+
+    def trunk_and_exit(batch):
+        features = model.apply(variables, eval_transform(batch), method=MicroNet.trunk)
+        return features, model.apply(variables, features, method=MicroNet.exit)
+
+    def tail(features):
+        return model.apply(variables, features, method=MicroNet.tail)
+
+    features, exit_logits = map_micro_batches(trunk_and_exit, images, micro)
     exited = jax.nn.softmax(exit_logits, axis=-1).max(-1) > threshold
     index = jnp.argsort(exited, stable=True)[:capacity]  # continuing samples first
-    tail_logits = model.apply(variables, features[index], method=MicroNet.tail)
+    tail_logits = map_micro_batches(tail, features[index], micro)
     predictions = exit_logits.argmax(-1)
     chosen = jnp.where(exited[index], predictions[index], tail_logits.argmax(-1))
     return predictions.at[index].set(chosen), exited, jnp.sum(~exited)
 
 
 def bucket_sizes(batch_size: int, buckets: int = 16) -> tuple[int, ...]:
-    """Capacities for the tail batch: multiples of batch_size/buckets (rounded up to 8)."""
-    step = max(8, -(-batch_size // buckets + 7) // 8 * 8)
+    """Capacities for the tail batch: multiples of batch_size/buckets (rounded up to 16, so
+    that CPU micro-batches divide them)."""
+    step = max(16, -(-batch_size // buckets + 15) // 16 * 16)
     sizes = list(range(step, batch_size, step)) + [batch_size]
     return tuple(sorted(set(sizes)))
 
@@ -134,7 +144,8 @@ def exit_predict_fast(
     """Run the tail only on samples that did not exit, in one program per batch.
 
     The tail's capacity is a bucket sized from the previous batch's count of continuing
-    samples (a few compiled sizes); a batch that overflows it is run again with enough room,
+    samples (a few compiled sizes; the whole batch for the first, as rerunning a batch costs
+    more than a roomy tail); a batch that overflows it is run again with enough room,
     so predictions always equal `exit_predict_exact`'s.
     """
     if model.arch.exit_head is None:
@@ -143,7 +154,7 @@ def exit_predict_fast(
     n = images.shape[0]
     batch_size = min(batch_size, n)
     sizes = tuple(sorted(buckets)) if buckets else bucket_sizes(batch_size)
-    capacity = sizes[len(sizes) // 2]  # a guess; an overflowing batch runs again
+    capacity = sizes[-1]  # the first batch has no count to go by: room for every sample
     predictions, exited_all = [], []
     for start in range(0, n, batch_size):
         chunk = np.asarray(images[start : start + batch_size])
