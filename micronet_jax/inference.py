@@ -3,8 +3,8 @@
 Two implementations with identical predictions:
 - `exit_predict_exact` computes both heads for every sample and selects (for evaluation);
 - `exit_predict_fast` runs the tail only on the samples that did not exit, gathered into a
-  fixed-capacity bucket (a few compiled sizes) and scattered back — the compute saving the
-  MicroNet count promises, under jit's static shapes.
+  bucket of the smallest of a few compiled sizes that holds them and scattered back — the
+  compute saving the MicroNet count promises, under jit's static shapes.
 """
 
 from __future__ import annotations
@@ -92,45 +92,51 @@ def exit_predict_exact(
     return select_predictions(main, exits, threshold)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _exit_then_tail(
-    model: MicroNet, variables: dict, images: jax.Array, threshold: jax.Array, capacity: int
-):
-    """One program: trunk, exit head, then the tail on `capacity` samples, continuing ones first.
+@functools.partial(jax.jit, static_argnums=0)
+def _trunk_and_exit(model: MicroNet, variables: dict, images: jax.Array, threshold: jax.Array):
+    """Trunk and exit head on every sample: (features, exit predictions, exited, order, count).
 
-    Returns (predictions, exited, number continuing). Predictions are right for every sample
-    when the number continuing is at most `capacity`.
+    `order` lists the continuing samples first; `count` is how many continue.
     """
-    micro = default_micro_batch()
 
     def trunk_and_exit(batch):
         features = model.apply(variables, eval_transform(batch), method=MicroNet.trunk)
         return features, model.apply(variables, features, method=MicroNet.exit)
 
-    def tail(features):
-        return model.apply(variables, features, method=MicroNet.tail)
-
-    features, exit_logits = map_micro_batches(trunk_and_exit, images, micro)
+    features, exit_logits = map_micro_batches(trunk_and_exit, images, default_micro_batch())
     exited = jax.nn.softmax(exit_logits, axis=-1).max(-1) > threshold
-    index = jnp.argsort(exited, stable=True)[:capacity]  # continuing samples first
-    tail_logits = map_micro_batches(tail, features[index], micro)
-    predictions = exit_logits.argmax(-1)
-    chosen = jnp.where(exited[index], predictions[index], tail_logits.argmax(-1))
-    return predictions.at[index].set(chosen), exited, jnp.sum(~exited)
+    order = jnp.argsort(exited, stable=True)
+    return features, exit_logits.argmax(-1), exited, order, jnp.sum(~exited)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _tail_on_continuing(
+    model: MicroNet,
+    variables: dict,
+    features: jax.Array,
+    exit_predictions: jax.Array,
+    exited: jax.Array,
+    order: jax.Array,
+    capacity: int,
+) -> jax.Array:
+    """The tail on the first `capacity` samples of `order`, scattered into the predictions."""
+    index = order[:capacity]
+    logits = map_micro_batches(
+        lambda f: model.apply(variables, f, method=MicroNet.tail),
+        features[index],
+        default_micro_batch(),
+    )
+    chosen = jnp.where(exited[index], exit_predictions[index], logits.argmax(-1))
+    return exit_predictions.at[index].set(chosen)
 
 
 def bucket_sizes(batch_size: int, buckets: int = 16) -> tuple[int, ...]:
     """Capacities for the tail batch: multiples of batch_size/buckets (rounded up to 16, so
     that CPU micro-batches divide them)."""
-    step = max(16, -(-batch_size // buckets + 15) // 16 * 16)
+    per_bucket = -(-batch_size // buckets)
+    step = max(16, -(-per_bucket // 16) * 16)
     sizes = list(range(step, batch_size, step)) + [batch_size]
     return tuple(sorted(set(sizes)))
-
-
-def _capacity_for(expected: float, sizes: Sequence[int]) -> int:
-    """The smallest bucket above `expected` plus one binomial standard deviation."""
-    need = expected + np.sqrt(max(expected, 1.0))
-    return next((s for s in sizes if s >= need), sizes[-1])
 
 
 def exit_predict_fast(
@@ -141,12 +147,11 @@ def exit_predict_fast(
     batch_size: int = 512,
     buckets: Sequence[int] | None = None,
 ) -> ExitResult:
-    """Run the tail only on samples that did not exit, in one program per batch.
+    """Run the tail only on samples that did not exit.
 
-    The tail's capacity is a bucket sized from the previous batch's count of continuing
-    samples (a few compiled sizes; the whole batch for the first, as rerunning a batch costs
-    more than a roomy tail); a batch that overflows it is run again with enough room,
-    so predictions always equal `exit_predict_exact`'s.
+    Per batch, one program runs the trunk and exit head and counts the continuing samples;
+    a second runs the tail on them, gathered into the smallest bucket that holds them (a few
+    compiled sizes) and scattered back. Predictions equal `exit_predict_exact`'s.
     """
     if model.arch.exit_head is None:
         raise ConfigError("the model has no exit head")
@@ -154,7 +159,6 @@ def exit_predict_fast(
     n = images.shape[0]
     batch_size = min(batch_size, n)
     sizes = tuple(sorted(buckets)) if buckets else bucket_sizes(batch_size)
-    capacity = sizes[-1]  # the first batch has no count to go by: room for every sample
     predictions, exited_all = [], []
     for start in range(0, n, batch_size):
         chunk = np.asarray(images[start : start + batch_size])
@@ -162,13 +166,13 @@ def exit_predict_fast(
         if valid < batch_size:
             pad = np.zeros((batch_size - valid, *chunk.shape[1:]), chunk.dtype)
             chunk = np.concatenate([chunk, pad])
-        chunk = jnp.asarray(chunk)
-        pred, exited, continuing = _exit_then_tail(model, variables, chunk, threshold, capacity)
+        features, pred, exited, order, continuing = _trunk_and_exit(
+            model, variables, jnp.asarray(chunk), threshold
+        )
         continuing = int(continuing)
-        if continuing > capacity:
+        if continuing:
             capacity = next(s for s in sizes if s >= continuing)
-            pred, exited, _ = _exit_then_tail(model, variables, chunk, threshold, capacity)
+            pred = _tail_on_continuing(model, variables, features, pred, exited, order, capacity)
         predictions.append(np.asarray(pred)[:valid])
         exited_all.append(np.asarray(exited)[:valid])
-        capacity = _capacity_for(continuing, sizes)
     return ExitResult(np.concatenate(predictions), np.concatenate(exited_all))

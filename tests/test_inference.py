@@ -47,8 +47,9 @@ def test_threshold_out_of_range(threshold):
 
 def test_bucket_sizes_cover_the_batch():
     sizes = bucket_sizes(512)
-    assert sizes[-1] == 512 and all(s % 8 == 0 for s in sizes)
-    assert list(sizes) == sorted(set(sizes))
+    assert sizes == tuple(range(32, 513, 32))
+    small = bucket_sizes(100)
+    assert small[-1] == 100 and all(s % 16 == 0 for s in small[:-1]) and len(small) <= 16
 
 
 def _tiny_model():
@@ -73,9 +74,13 @@ def test_fast_equals_exact_on_a_random_model():
     np.testing.assert_array_equal(fast.exited, exact.exited)
     np.testing.assert_array_equal(fast.predictions, exact.predictions)
     assert exact_all.predictions.shape == (100,)
-    # a tiny first bucket makes later batches overflow and run again with more room
-    small = exit_predict_fast(model, variables, images, threshold, batch_size=32, buckets=(8, 32))
-    np.testing.assert_array_equal(small.predictions, exact.predictions)
+    # coarse buckets: the tail also runs on slots of samples that exited, which must not leak
+    coarse = exit_predict_fast(model, variables, images, threshold, batch_size=32, buckets=(8, 32))
+    np.testing.assert_array_equal(coarse.predictions, exact.predictions)
+    # every sample exits: no tail at all
+    everyone = exit_predict_fast(model, variables, images, 1e-6, batch_size=64)
+    assert everyone.exit_ratio == 1.0
+    np.testing.assert_array_equal(everyone.predictions, np.asarray(exit_logits).argmax(-1))
 
 
 def _cifar10_test_images(archive, n):
