@@ -15,8 +15,6 @@ reference bit for bit.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import shutil
 import signal
@@ -31,29 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from archives import make_cifar10_python_archive  # noqa: E402
+from tiny_run import main_command, main_env, pipeline_outcome, tiny_config  # noqa: E402
 
 from micronet_jax.train import metrics as metrics_io  # noqa: E402
-
-TINY = REPO / "tests" / "configs" / "tiny.py"
-VOLATILE = {"images_per_sec", "wall_time"}
-
-
-def command(workdir: Path, archive: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "micronet_jax.main",
-        f"--config={TINY}:pipeline",
-        f"--workdir={workdir}",
-        f"--config.data.dir={archive}",
-    ]
-
-
-def environment(cache: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["MICRONET_CACHE_DIR"] = str(cache)
-    return env
 
 
 def run(workdir: Path, archive: Path, cache: Path, kill_at: tuple[int, float] | None = None):
@@ -61,8 +39,8 @@ def run(workdir: Path, archive: Path, cache: Path, kill_at: tuple[int, float] | 
     `seconds` after the workdir shows `events` (see `events_of`); timing-independent, so
     kills land everywhere from start-up to the report however loaded the machine is."""
     proc = subprocess.Popen(
-        command(workdir, archive),
-        env=environment(cache),
+        main_command(workdir, archive),
+        env=main_env(cache),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -101,16 +79,7 @@ def stage_starts(reference: Path) -> list[int]:
 def stages_of() -> list[str]:
     from micronet_jax.pipeline import plan_stages
 
-    return [s.name for s in plan_stages(tiny_config())]
-
-
-def tiny_config():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("pipeline")
+    return [s.name for s in plan_stages(tiny_config("pipeline"))]
 
 
 def where(workdir: Path) -> str:
@@ -130,30 +99,6 @@ def where(workdir: Path) -> str:
             f"{', unfinished ' + str(tmp) if tmp else ''}{final}"
         )
     return "all stages done" + ("" if (workdir / "report.json").exists() else ", no report")
-
-
-def outcome(workdir: Path) -> dict:
-    from micronet_jax import builders
-    from micronet_jax.pipeline import Context, load_final, plan_stages
-
-    config = tiny_config()
-    stages = plan_stages(config)
-    result = {}
-    for stage in stages:
-        records = metrics_io.read_records(workdir / stage.name / "metrics.jsonl")
-        result[stage.name] = [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
-        done = json.loads((workdir / stage.name / "done.json").read_text())
-        done["final"] = {k: v for k, v in done["final"].items() if k not in VOLATILE}
-        result[stage.name + "/done"] = done
-    result["report"] = json.loads((workdir / "report.json").read_text())["metrics"]
-    ctx = Context(config, None, None, None, builders.model_from_config(config), None)
-    exit_arch = builders.architecture_from_config(config, with_exit=True)
-    ctx.exit_model = builders.model_from_config(config, exit_arch)
-    import jax
-
-    variables, masks = load_final(ctx, stages[-1], workdir / stages[-1].name)
-    result["leaves"] = [np.asarray(x) for x in jax.tree.leaves((variables, masks))]
-    return result
 
 
 def differences(got: dict, want: dict) -> list[str]:
@@ -197,7 +142,7 @@ def main() -> int:
         if result != "killed":
             break
     print(f"\nfinal rerun: {run(workdir, archive, cache)}")
-    diffs = differences(outcome(workdir), outcome(args.root / "reference"))
+    diffs = differences(pipeline_outcome(workdir), pipeline_outcome(args.root / "reference"))
     print("bit-identical to the uninterrupted run" if not diffs else f"DIFFERENT: {diffs}")
     return 1 if diffs else 0
 

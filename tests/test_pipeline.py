@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from archives import make_cifar10_python_archive
+from tiny_run import tiny_config
 
 from micronet_jax import pruning
 from micronet_jax.errors import ConfigError
 from micronet_jax.pipeline import plan_stages, run_pipeline
 from micronet_jax.runtime import enable_compilation_cache
-
-TINY = Path(__file__).resolve().parent / "configs" / "tiny.py"
-
-
-def tiny_config(variant: str = "pipeline"):
-    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +22,7 @@ def finished(tmp_path_factory):
     enable_compilation_cache(root / "cache")
     archive = root / "cifar-10-python.tar.gz"
     make_cifar10_python_archive(archive, n_train=160, n_test=32)
-    config = tiny_config()
+    config = tiny_config("pipeline")
     config.data.dir = str(archive)
     report = run_pipeline(config, root / "run")
     return config, root / "run", report
@@ -50,7 +40,7 @@ def test_plan_follows_the_recipe():
 
 
 def test_plan_rejects_bad_targets():
-    config = tiny_config()
+    config = tiny_config("pipeline")
     config.pipeline.prune_targets = (30.0, 20.0)
     with pytest.raises(ConfigError, match="increase"):
         plan_stages(config)

@@ -13,7 +13,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import optax
 import pytest
 from archives import make_cifar10_python_archive
+from tiny_run import main_command, main_env, pipeline_outcome, stable, tiny_config
 
 from micronet_jax.errors import CheckpointError, ConfigError
 from micronet_jax.train import loop
@@ -32,14 +32,7 @@ from micronet_jax.train.guard import Interrupted, NonFiniteError
 from micronet_jax.train.state import create_train_state
 from micronet_jax.validate import check_resume, record_config
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs" / "tiny.py"
-VOLATILE = {"images_per_sec", "wall_time"}
 EPOCHS, BATCH, N = 4, 8, 40  # 5 steps per epoch
-
-
-def stable(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
 
 
 # --- a toy model: fit's behaviour does not depend on the network ------------------------
@@ -242,15 +235,6 @@ def test_metrics_reader_skips_a_torn_last_line(tmp_path):
 # --- config changes on resume -----------------------------------------------------------
 
 
-def tiny_config(variant: str = ""):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
 def test_resume_with_another_recipe_is_refused(tmp_path):
     workdir = tmp_path / "run"
     record_config(tiny_config(), workdir)
@@ -285,28 +269,10 @@ def test_force_restart_moves_the_old_run_aside(tmp_path):
 # --- the whole pipeline, SIGKILLed anywhere ---------------------------------------------
 
 
-def pipeline_command(workdir: Path, archive: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "micronet_jax.main",
-        f"--config={TINY}:pipeline",
-        f"--workdir={workdir}",
-        f"--config.data.dir={archive}",
-    ]
-
-
-def pipeline_env(cache: Path) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["MICRONET_CACHE_DIR"] = str(cache)
-    return env
-
-
 def finish(workdir: Path, archive: Path, cache: Path) -> None:
     done = subprocess.run(
-        pipeline_command(workdir, archive),
-        env=pipeline_env(cache),
+        main_command(workdir, archive),
+        env=main_env(cache),
         capture_output=True,
         text=True,
         timeout=900,
@@ -317,8 +283,8 @@ def finish(workdir: Path, archive: Path, cache: Path) -> None:
 def run_killed_at(workdir: Path, archive: Path, cache: Path, seconds: float) -> bool:
     """Start the pipeline, SIGKILL it after `seconds`; False when it finished first."""
     proc = subprocess.Popen(
-        pipeline_command(workdir, archive),
-        env=pipeline_env(cache),
+        main_command(workdir, archive),
+        env=main_env(cache),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -329,31 +295,6 @@ def run_killed_at(workdir: Path, archive: Path, cache: Path, seconds: float) -> 
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         return True
-
-
-def outcome(workdir: Path) -> dict:
-    """Everything a run produces that must not depend on kills: metrics, summaries, the
-    report's metrics, and the final stage's params and masks."""
-    from micronet_jax.pipeline import Context, load_final, plan_stages
-
-    config = tiny_config("pipeline")
-    stages = plan_stages(config)
-    result = {}
-    for stage in stages:
-        records = metrics_io.read_records(workdir / stage.name / "metrics.jsonl")
-        result[f"{stage.name}/metrics"] = stable(records)
-        done = json.loads((workdir / stage.name / "done.json").read_text())
-        done["final"] = stable([done["final"]])[0]
-        result[f"{stage.name}/done"] = done
-    result["report"] = json.loads((workdir / "report.json").read_text())["metrics"]
-    from micronet_jax import builders
-
-    exit_arch = builders.architecture_from_config(config, with_exit=True)
-    ctx = Context(config, None, None, None, builders.model_from_config(config), None)
-    ctx.exit_model = builders.model_from_config(config, exit_arch)
-    variables, masks = load_final(ctx, stages[-1], workdir / stages[-1].name)
-    result["leaves"] = [np.asarray(x) for x in jax.tree.leaves((variables, masks))]
-    return result
 
 
 def assert_same_outcome(got: dict, want: dict) -> None:
@@ -391,7 +332,7 @@ def test_pipeline_killed_anywhere_resumes_exactly(pipeline_reference):
         kills += run_killed_at(workdir, archive, cache, duration * percent / 100)
     assert kills >= 3, "the run finished before it could be killed three times"
     finish(workdir, archive, cache)
-    assert_same_outcome(outcome(workdir), outcome(root / "reference"))
+    assert_same_outcome(pipeline_outcome(workdir), pipeline_outcome(root / "reference"))
 
 
 @pytest.mark.slow
@@ -406,8 +347,8 @@ def test_cli_reports_when_every_checkpoint_is_damaged(pipeline_reference, tmp_pa
     for step_dir in (workdir / "stage_a" / "checkpoints").iterdir():
         _damage(step_dir, "garbage")
     done = subprocess.run(
-        pipeline_command(workdir, archive),
-        env=pipeline_env(cache),
+        main_command(workdir, archive),
+        env=main_env(cache),
         capture_output=True,
         text=True,
         timeout=600,

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from archives import make_cifar10_python_archive
+from tiny_run import TINY, main_command, main_env, stable
 
 from micronet_jax.train import metrics as metrics_io
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs" / "tiny.py"
-VOLATILE = {"images_per_sec", "wall_time"}
-
-
-def _stable(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
 
 
 @pytest.fixture(scope="module")
@@ -30,29 +21,10 @@ def tiny_archive(tmp_path_factory) -> Path:
     return path
 
 
-def _command(workdir: Path, archive: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "micronet_jax.main",
-        f"--config={TINY}",
-        f"--workdir={workdir}",
-        f"--config.data.dir={archive}",
-        *overrides,
-    ]
-
-
-def _env(cache: Path) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["MICRONET_CACHE_DIR"] = str(cache)
-    return env
-
-
 def _run(workdir: Path, archive: Path, cache: Path, *overrides: str) -> None:
     done = subprocess.run(
-        _command(workdir, archive, *overrides),
-        env=_env(cache),
+        main_command(workdir, archive, *overrides, config=str(TINY)),
+        env=main_env(cache),
         capture_output=True,
         text=True,
         timeout=600,
@@ -94,16 +66,16 @@ def test_run_writes_metrics_and_checkpoints(reference_run):
 def test_same_seed_same_metrics(reference_run, tmp_path, tiny_archive):
     workdir, cache = reference_run
     _run(tmp_path / "again", tiny_archive, cache)
-    first = _stable(metrics_io.read_records(workdir / "metrics.jsonl"))
-    second = _stable(metrics_io.read_records(tmp_path / "again" / "metrics.jsonl"))
+    first = stable(metrics_io.read_records(workdir / "metrics.jsonl"))
+    second = stable(metrics_io.read_records(tmp_path / "again" / "metrics.jsonl"))
     assert first == second
 
 
 def test_other_seed_other_metrics(reference_run, tmp_path, tiny_archive):
     workdir, cache = reference_run
     _run(tmp_path / "other", tiny_archive, cache, "--config.seed=1")
-    first = _stable(metrics_io.read_records(workdir / "metrics.jsonl"))
-    other = _stable(metrics_io.read_records(tmp_path / "other" / "metrics.jsonl"))
+    first = stable(metrics_io.read_records(workdir / "metrics.jsonl"))
+    other = stable(metrics_io.read_records(tmp_path / "other" / "metrics.jsonl"))
     assert first[0]["train_loss"] != other[0]["train_loss"]
 
 
@@ -112,8 +84,8 @@ def test_sigkill_mid_epoch_then_resume_matches(reference_run, tmp_path, tiny_arc
     workdir, cache = reference_run
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        _command(killed, tiny_archive),
-        env=_env(cache),
+        main_command(killed, tiny_archive, config=str(TINY)),
+        env=main_env(cache),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -128,5 +100,5 @@ def test_sigkill_mid_epoch_then_resume_matches(reference_run, tmp_path, tiny_arc
     interrupted = metrics_io.read_records(killed / "metrics.jsonl")
     assert len(interrupted) < 4
     _run(killed, tiny_archive, cache)
-    expected = _stable(metrics_io.read_records(workdir / "metrics.jsonl"))
-    assert _stable(metrics_io.read_records(killed / "metrics.jsonl")) == expected
+    expected = stable(metrics_io.read_records(workdir / "metrics.jsonl"))
+    assert stable(metrics_io.read_records(killed / "metrics.jsonl")) == expected

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import collections
-import importlib.util
 import io
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -23,20 +21,11 @@ from archives import (
     make_cifar100_python_archive,
     write_tar_gz,
 )
+from tiny_run import main_command, main_env, tiny_config
 
 from micronet_jax.errors import CheckpointError, ConfigError, DataError, MicronetError
 from micronet_jax.main import run
 from micronet_jax.validate import check_batch_sizes
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs" / "tiny.py"
-
-
-def tiny_config(variant: str = ""):
-    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
 
 
 @pytest.fixture(scope="module")
@@ -259,19 +248,13 @@ def test_pth_that_is_not_a_checkpoint(config, tmp_path):
 
 
 def cli(tmp_path: Path, archive: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["MICRONET_CACHE_DIR"] = str(tmp_path / "cache")
-    command = [
-        sys.executable,
-        "-m",
-        "micronet_jax.main",
-        f"--config={TINY}:pipeline",
-        f"--workdir={tmp_path / 'w'}",
-        f"--config.data.dir={archive}",
-        *overrides,
-    ]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        main_command(tmp_path / "w", archive, *overrides),
+        env=main_env(tmp_path / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize(

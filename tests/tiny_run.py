@@ -1,0 +1,82 @@
+"""The tiny test network run the way a user runs it: its config, the command line
+(`python -m micronet_jax.main` in a subprocess) and what a finished run leaves behind.
+Shared by the tests of the loop, the pipeline and the command line, and by the kill/resume
+benchmark."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tiny.py"
+VOLATILE = {"images_per_sec", "wall_time"}  # metrics that depend on the machine's speed
+
+
+def tiny_config(variant: str = "") -> Any:
+    """`tests/configs/tiny.py`'s config ('' or 'pipeline')."""
+    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def stable(records: list[dict]) -> list[dict]:
+    """Metric records without the fields that depend on the machine's speed."""
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
+def main_command(
+    workdir: Path, archive: Path, *overrides: str, config: str = f"{TINY}:pipeline"
+) -> list[str]:
+    """The command line for `config` (default: the tiny pipeline) on `archive`."""
+    return [
+        sys.executable,
+        "-m",
+        "micronet_jax.main",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        f"--config.data.dir={archive}",
+        *overrides,
+    ]
+
+
+def main_env(cache: Path) -> dict[str, str]:
+    """This checkout importable, and its own compilation cache under `cache`."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["MICRONET_CACHE_DIR"] = str(cache)
+    return env
+
+
+def pipeline_outcome(workdir: Path) -> dict:
+    """Everything a tiny pipeline run produces that must not depend on interruptions: each
+    stage's metrics and summary, the report's metrics, the final stage's params and masks."""
+    import jax
+
+    from micronet_jax import builders
+    from micronet_jax.pipeline import Context, load_final, plan_stages
+    from micronet_jax.train import metrics as metrics_io
+
+    config = tiny_config("pipeline")
+    stages = plan_stages(config)
+    result = {}
+    for stage in stages:
+        records = metrics_io.read_records(workdir / stage.name / "metrics.jsonl")
+        result[f"{stage.name}/metrics"] = stable(records)
+        done = json.loads((workdir / stage.name / "done.json").read_text())
+        done["final"] = stable([done["final"]])[0]
+        result[f"{stage.name}/done"] = done
+    result["report"] = json.loads((workdir / "report.json").read_text())["metrics"]
+    exit_arch = builders.architecture_from_config(config, with_exit=True)
+    ctx = Context(config, None, None, None, builders.model_from_config(config), None)
+    ctx.exit_model = builders.model_from_config(config, exit_arch)
+    variables, masks = load_final(ctx, stages[-1], workdir / stages[-1].name)
+    result["leaves"] = [np.asarray(x) for x in jax.tree.leaves((variables, masks))]
+    return result
