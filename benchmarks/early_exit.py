@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from micronet_jax.data.augment import eval_transform
-from micronet_jax.inference import exit_predict_exact, exit_predict_fast
+from micronet_jax.inference import exit_confidence, exit_predict_exact, exit_predict_fast
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.efficientnet import MicroNet, init_variables
 from micronet_jax.models.microbatch import default_micro_batch, map_micro_batches
@@ -90,7 +90,7 @@ def main() -> None:
     for start in range(0, len(images), args.batch):
         chunk = jnp.asarray(images[start : start + args.batch])
         _, logits = model.apply(variables, eval_transform(chunk))
-        confidences.append(np.asarray(jax.nn.softmax(logits).max(-1)))
+        confidences.append(np.asarray(exit_confidence(logits)))
     confidence = np.concatenate(confidences)
     threshold = float(np.quantile(confidence, 1.0 - args.ratio))
     ratio = float(np.mean(confidence > threshold))

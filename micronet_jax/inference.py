@@ -43,9 +43,14 @@ class ExitResult:
         return float(np.mean(self.exited))
 
 
+def exit_confidence(exit_logits: jax.Array) -> jax.Array:
+    """The exit head's confidence in each sample: its max softmax probability."""
+    return jax.nn.softmax(exit_logits, axis=-1).max(-1)
+
+
 def exit_decision(exit_logits: np.ndarray, threshold: float) -> np.ndarray:
     """True where max softmax > threshold (strict)."""
-    return np.asarray(jax.nn.softmax(jnp.asarray(exit_logits), axis=-1).max(-1) > threshold)
+    return np.asarray(exit_confidence(jnp.asarray(exit_logits)) > threshold)
 
 
 def select_predictions(
@@ -104,7 +109,7 @@ def _trunk_and_exit(model: MicroNet, variables: dict, images: jax.Array, thresho
         return features, model.apply(variables, features, method=MicroNet.exit)
 
     features, exit_logits = map_micro_batches(trunk_and_exit, images, default_micro_batch())
-    exited = jax.nn.softmax(exit_logits, axis=-1).max(-1) > threshold
+    exited = exit_confidence(exit_logits) > threshold
     order = jnp.argsort(exited, stable=True)
     return features, exit_logits.argmax(-1), exited, order, jnp.sum(~exited)
 
