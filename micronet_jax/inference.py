@@ -21,6 +21,7 @@ from micronet_jax.data.augment import eval_transform
 from micronet_jax.errors import ConfigError
 from micronet_jax.models.efficientnet import MicroNet
 from micronet_jax.models.microbatch import default_micro_batch, map_micro_batches
+from micronet_jax.train.steps import fixed_size_batches, predict
 
 
 def check_threshold(threshold: float) -> float:
@@ -89,8 +90,6 @@ def exit_predict_exact(
     batch_size: int = 500,
 ) -> ExitResult:
     """Both heads on every sample, then the threshold rule."""
-    from micronet_jax.train.steps import predict
-
     if model.arch.exit_head is None:
         raise ConfigError("the model has no exit head")
     main, exits = predict(model.apply, variables, images, batch_size)
@@ -161,16 +160,10 @@ def exit_predict_fast(
     if model.arch.exit_head is None:
         raise ConfigError("the model has no exit head")
     threshold = jnp.float32(check_threshold(threshold))
-    n = images.shape[0]
-    batch_size = min(batch_size, n)
+    batch_size = min(batch_size, images.shape[0])
     sizes = tuple(sorted(buckets)) if buckets else bucket_sizes(batch_size)
     predictions, exited_all = [], []
-    for start in range(0, n, batch_size):
-        chunk = np.asarray(images[start : start + batch_size])
-        valid = chunk.shape[0]
-        if valid < batch_size:
-            pad = np.zeros((batch_size - valid, *chunk.shape[1:]), chunk.dtype)
-            chunk = np.concatenate([chunk, pad])
+    for chunk, valid in fixed_size_batches(images, batch_size):
         features, pred, exited, order, continuing = _trunk_and_exit(
             model, variables, jnp.asarray(chunk), threshold
         )

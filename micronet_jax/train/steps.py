@@ -138,6 +138,19 @@ def predict_step(apply_fn: Callable, variables: dict, images: jax.Array):
 _predict_jit = jax.jit(predict_step, static_argnums=0)
 
 
+def fixed_size_batches(images: np.ndarray | jax.Array, batch_size: int):
+    """Yield (batch, number of real images): consecutive batches of `min(batch_size, n)`,
+    the last one zero-padded, so that a jitted function sees one shape only."""
+    n = images.shape[0]
+    batch_size = min(batch_size, n)
+    for start in range(0, n, batch_size):
+        chunk = images[start : start + batch_size]
+        valid = chunk.shape[0]
+        if valid < batch_size:
+            chunk = jnp.pad(chunk, [(0, batch_size - valid)] + [(0, 0)] * (chunk.ndim - 1))
+        yield chunk, valid
+
+
 def predict(
     apply_fn: Callable,
     variables: dict,
@@ -145,15 +158,8 @@ def predict(
     batch_size: int = 500,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits of every image; the last partial batch is padded, so one shape compiles once."""
-    n = images.shape[0]
-    batch_size = min(batch_size, n)
     mains, exits = [], []
-    for start in range(0, n, batch_size):
-        chunk = images[start : start + batch_size]
-        valid = chunk.shape[0]
-        if valid < batch_size:
-            pad = [(0, batch_size - valid)] + [(0, 0)] * (chunk.ndim - 1)
-            chunk = jnp.pad(chunk, pad)
+    for chunk, valid in fixed_size_batches(images, batch_size):
         main, exit_logits = _predict_jit(apply_fn, variables, chunk)
         mains.append(main[:valid])
         if exit_logits is not None:
