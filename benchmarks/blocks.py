@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 
+from benchmarks.train_step import timed
 from micronet_jax.models.architecture import build_architecture, conv_padding
 
 
@@ -73,10 +73,8 @@ def main() -> None:
             torch_step()
         jax_times, torch_times = [], []
         for _ in range(args.repeats):
-            for fn, times in ((jax_step, jax_times), (torch_step, torch_times)):
-                tic = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - tic)
+            jax_times.append(timed(jax_step))
+            torch_times.append(timed(torch_step))
         j, t = statistics.median(jax_times) * 1e3, statistics.median(torch_times) * 1e3
         total_jax, total_torch = total_jax + j, total_torch + t
         print(
