@@ -2,20 +2,20 @@
 
 Two implementations with identical predictions:
 - `exit_predict_exact` computes both heads for every sample and selects (for evaluation);
-- `exit_predict_fast` runs the tail only on the samples that did not exit, gathered into a
-  bucket of the smallest of a few compiled sizes that holds them and scattered back — the
-  compute saving the MicroNet count promises, under jit's static shapes.
+- `exit_predict_fast` runs the tail only on the samples that did not exit, a fixed-size
+  chunk at a time in a loop whose trip count the device computes — the compute saving the
+  MicroNet count promises, under jit's static shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from micronet_jax.data.augment import eval_transform
 from micronet_jax.errors import ConfigError
@@ -96,11 +96,16 @@ def exit_predict_exact(
     return select_predictions(main, exits, threshold)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _trunk_and_exit(model: MicroNet, variables: dict, images: jax.Array, threshold: jax.Array):
-    """Trunk and exit head on every sample: (features, exit predictions, exited, order, count).
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _fast_exit(
+    model: MicroNet, variables: dict, images: jax.Array, threshold: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """(predictions, exited) of one batch, running the tail only on samples that continue.
 
-    `order` lists the continuing samples first; `count` is how many continue.
+    The trunk and exit head run on every sample; the continuing samples are ordered first
+    and the tail runs on them `chunk` at a time, in a loop whose trip count is computed on
+    the device: one program for any exit ratio, no host round trip, and at most `chunk - 1`
+    samples of wasted tail work.
     """
 
     def trunk_and_exit(batch):
@@ -109,38 +114,25 @@ def _trunk_and_exit(model: MicroNet, variables: dict, images: jax.Array, thresho
 
     features, exit_logits = map_micro_batches(trunk_and_exit, images, default_micro_batch())
     exited = exit_confidence(exit_logits) > threshold
-    order = jnp.argsort(exited, stable=True)
-    return features, exit_logits.argmax(-1), exited, order, jnp.sum(~exited)
+    order = jnp.argsort(exited, stable=True)  # continuing samples first
+
+    def tail_on_chunk(i, predictions):
+        # the last chunk's start is clamped back into the batch: it may repeat continuing
+        # samples (same result) and include exited ones (their prediction is kept)
+        index = lax.dynamic_slice_in_dim(order, i * chunk, chunk)
+        logits = model.apply(variables, features[index], method=MicroNet.tail)
+        chosen = jnp.where(exited[index], predictions[index], logits.argmax(-1))
+        return predictions.at[index].set(chosen)
+
+    chunks = (jnp.sum(~exited) + chunk - 1) // chunk
+    predictions = lax.fori_loop(0, chunks, tail_on_chunk, exit_logits.argmax(-1))
+    return predictions, exited
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _tail_on_continuing(
-    model: MicroNet,
-    variables: dict,
-    features: jax.Array,
-    exit_predictions: jax.Array,
-    exited: jax.Array,
-    order: jax.Array,
-    capacity: int,
-) -> jax.Array:
-    """The tail on the first `capacity` samples of `order`, scattered into the predictions."""
-    index = order[:capacity]
-    logits = map_micro_batches(
-        lambda f: model.apply(variables, f, method=MicroNet.tail),
-        features[index],
-        default_micro_batch(),
-    )
-    chosen = jnp.where(exited[index], exit_predictions[index], logits.argmax(-1))
-    return exit_predictions.at[index].set(chosen)
-
-
-def bucket_sizes(batch_size: int, buckets: int = 16) -> tuple[int, ...]:
-    """Capacities for the tail batch: multiples of batch_size/buckets (rounded up to 16, so
-    that CPU micro-batches divide them)."""
-    per_bucket = -(-batch_size // buckets)
-    step = max(16, -(-per_bucket // 16) * 16)
-    sizes = list(range(step, batch_size, step)) + [batch_size]
-    return tuple(sorted(set(sizes)))
+def tail_chunk_size(batch_size: int) -> int:
+    """Samples per tail run: the CPU micro-batch (activations stay in cache), else an eighth
+    of the batch (accelerators want wide batches; the waste is then under 1/8 of the tail)."""
+    return min(batch_size, default_micro_batch() or max(1, -(-batch_size // 8)))
 
 
 def exit_predict_fast(
@@ -149,28 +141,22 @@ def exit_predict_fast(
     images: np.ndarray,
     threshold: float,
     batch_size: int = 512,
-    buckets: Sequence[int] | None = None,
+    chunk: int | None = None,
 ) -> ExitResult:
-    """Run the tail only on samples that did not exit.
+    """Run the tail only on samples that did not exit; predictions equal `exit_predict_exact`'s.
 
-    Per batch, one program runs the trunk and exit head and counts the continuing samples;
-    a second runs the tail on them, gathered into the smallest bucket that holds them (a few
-    compiled sizes) and scattered back. Predictions equal `exit_predict_exact`'s.
+    One program per batch (`_fast_exit`): trunk and exit head on every sample, then the tail
+    on the continuing ones, `chunk` samples at a time (default `tail_chunk_size`).
     """
     if model.arch.exit_head is None:
         raise ConfigError("the model has no exit head")
     threshold = jnp.float32(check_threshold(threshold))
     batch_size = min(batch_size, images.shape[0])
-    sizes = tuple(sorted(buckets)) if buckets else bucket_sizes(batch_size)
-    predictions, exited_all = [], []
-    for chunk, valid in fixed_size_batches(images, batch_size):
-        features, pred, exited, order, continuing = _trunk_and_exit(
-            model, variables, jnp.asarray(chunk), threshold
-        )
-        continuing = int(continuing)
-        if continuing:
-            capacity = next(s for s in sizes if s >= continuing)
-            pred = _tail_on_continuing(model, variables, features, pred, exited, order, capacity)
-        predictions.append(np.asarray(pred)[:valid])
-        exited_all.append(np.asarray(exited)[:valid])
-    return ExitResult(np.concatenate(predictions), np.concatenate(exited_all))
+    chunk = min(chunk or tail_chunk_size(batch_size), batch_size)
+    outputs = [
+        (_fast_exit(model, variables, jnp.asarray(batch), threshold, chunk), valid)
+        for batch, valid in fixed_size_batches(images, batch_size)
+    ]  # all batches dispatched before the first result is read back
+    predictions = np.concatenate([np.asarray(pred)[:valid] for (pred, _), valid in outputs])
+    exited = np.concatenate([np.asarray(ex)[:valid] for (_, ex), valid in outputs])
+    return ExitResult(predictions, exited)

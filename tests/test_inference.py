@@ -1,4 +1,5 @@
-"""Early-exit inference: the fast (bucketed tail) path predicts exactly what the exact one does."""
+"""Early-exit inference: the fast (tail on continuing samples only) path predicts exactly
+what the exact one does."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import pytest
 
 from micronet_jax.errors import ConfigError
 from micronet_jax.inference import (
-    bucket_sizes,
     exit_metrics,
     exit_predict_exact,
     exit_predict_fast,
     select_predictions,
+    tail_chunk_size,
 )
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.efficientnet import MicroNet, init_variables
@@ -45,11 +46,10 @@ def test_threshold_out_of_range(threshold):
         select_predictions(np.zeros((1, 2)), np.zeros((1, 2)), threshold)
 
 
-def test_bucket_sizes_cover_the_batch():
-    sizes = bucket_sizes(512)
-    assert sizes == tuple(range(32, 513, 32))
-    small = bucket_sizes(100)
-    assert small[-1] == 100 and all(s % 16 == 0 for s in small[:-1]) and len(small) <= 16
+def test_tail_chunk_fits_the_batch():
+    # a single CPU device here: the tail runs in cache-sized micro-batches
+    assert tail_chunk_size(512) == 16
+    assert tail_chunk_size(10) == 10
 
 
 def _tiny_model():
@@ -74,9 +74,11 @@ def test_fast_equals_exact_on_a_random_model():
     np.testing.assert_array_equal(fast.exited, exact.exited)
     np.testing.assert_array_equal(fast.predictions, exact.predictions)
     assert exact_all.predictions.shape == (100,)
-    # coarse buckets: the tail also runs on slots of samples that exited, which must not leak
-    coarse = exit_predict_fast(model, variables, images, threshold, batch_size=32, buckets=(8, 32))
-    np.testing.assert_array_equal(coarse.predictions, exact.predictions)
+    # chunks that do not divide the batch: the last one is clamped back and covers exited
+    # samples and repeats continuing ones, which must not change any prediction
+    for chunk in (1, 24, 64):
+        odd = exit_predict_fast(model, variables, images, threshold, batch_size=64, chunk=chunk)
+        np.testing.assert_array_equal(odd.predictions, exact.predictions)
     # every sample exits: no tail at all
     everyone = exit_predict_fast(model, variables, images, 1e-6, batch_size=64)
     assert everyone.exit_ratio == 1.0

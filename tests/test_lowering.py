@@ -36,6 +36,7 @@ CASES = {
     "depthwise_s1": ((8, 9, 9, 16), (3, 3, 1, 16), 1, (1, 1), 16),
     "depthwise_s2": ((8, 9, 9, 16), (3, 3, 1, 16), 2, (0, 1), 16),
     "depthwise_k5": ((4, 11, 11, 8), (5, 5, 1, 8), 2, (1, 2), 8),
+    "depthwise_s1_k5_uneven": ((4, 11, 13, 8), (5, 5, 1, 8), 1, (1, 3), 8),
     "stem_im2col": ((8, 15, 15, 3), (3, 3, 3, 16), 2, (0, 1), 1),
 }
 
@@ -55,6 +56,18 @@ def test_conv_kinds_agree(name):
     assert rel_err(vf, vr) < TOL
     for a, b in zip(gf, gr, strict=True):
         assert rel_err(a, b) < TOL
+
+
+@pytest.mark.parametrize("kernel,padding", [(3, (1, 1)), (3, (0, 1)), (5, (2, 1))])
+def test_inference_depthwise_is_the_training_one_bit_for_bit(kernel, padding):
+    # eval mode reads every stride-1 tap from the padded, row-flattened input; the training
+    # forward reads shifted 2-D windows; same products, same summation order
+    x = jax.random.normal(jax.random.key(0), (3, 9, 12, 8))
+    k = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 8))
+    flat = jax.jit(conv._depthwise_sum_flat, static_argnums=(2, 3))(x, k, 1, padding)
+    windows = jax.jit(conv._depthwise_sum, static_argnums=(2, 3))(x, k, 1, padding)
+    assert flat.shape == windows.shape
+    np.testing.assert_array_equal(np.asarray(flat), np.asarray(windows))
 
 
 @pytest.mark.parametrize("stride,padding", [(1, (1, 1)), (2, (0, 1))])

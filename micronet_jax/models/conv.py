@@ -108,6 +108,34 @@ def _depthwise_sum(
     return out
 
 
+def _depthwise_sum_flat(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[int, int]
+) -> jax.Array:
+    """`_depthwise_sum` (bit for bit) with every stride-1 tap read from the padded input.
+
+    Each tap is a window of the row-flattened padded input, so the output grid carries the
+    padded width and its extra columns are dropped at the end. In `_depthwise_sum` the centre
+    tap is exactly the unpadded input, which XLA then reads directly: the input's producer
+    (BN + swish) gains a second consumer and is split into extra passes over the activation.
+    """
+    if stride != 1:
+        return _depthwise_sum(x, kernel, stride, padding)
+    k = kernel.shape[0]
+    n, h, w, c = x.shape
+    before, after = padding
+    xp = jnp.pad(x, ((0, 0), (before, after + 1), (before, after), (0, 0)))  # +1 row: last tap
+    wp = xp.shape[2]
+    ho, wo = _output_size(h, k, 1, padding), _output_size(w, k, 1, padding)
+    flat = xp.reshape(n, -1, c)
+    out = None
+    for i in range(k):
+        for j in range(k):
+            start = i * wp + j
+            term = lax.slice(flat, (0, start, 0), (n, start + ho * wp, c)) * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out.reshape(n, ho, wp, c)[:, :, :wo]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def depthwise_shifted(
     x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[int, int]
@@ -116,9 +144,10 @@ def depthwise_shifted(
 
     The backward keeps only `x`. Under plain autodiff XLA writes out all k² shifted views of
     `x` to feed the kernel-gradient reductions: k² activation-sized buffers per layer and
-    most of the layer's backward time on a memory-bound CPU.
+    most of the layer's backward time on a memory-bound CPU. Without differentiation
+    (inference) the forward is `_depthwise_sum_flat`, which fuses better there.
     """
-    return _depthwise_sum(x, kernel, stride, padding)
+    return _depthwise_sum_flat(x, kernel, stride, padding)
 
 
 def _depthwise_fwd(x, kernel, stride, padding):
