@@ -73,7 +73,7 @@ def use_cheap_swish() -> None:
         module.swish = lambda x: x * jnp.clip(0.5 + 0.2 * x, 0.0, 1.0)
 
 
-def run_full(model: MicroNet, variables: dict, batch: np.ndarray, threshold: float) -> None:
+def run_full(model: MicroNet, variables: dict, batch: np.ndarray) -> None:
     np.asarray(_full(model, variables, jnp.asarray(batch)))
 
 
@@ -132,7 +132,7 @@ def main() -> None:
 
     batches = [images[start : start + args.batch] for start in range(0, len(images), args.batch)]
     runners = {
-        "full": functools.partial(run_full, model, variables, threshold=threshold),
+        "full": functools.partial(run_full, model, variables),
         "fast": functools.partial(run_fast, model, variables, threshold=threshold),
         # every sample exits: the trunk and exit head alone, the fast path's floor
         "floor": functools.partial(run_fast, model, variables, threshold=1e-9),
