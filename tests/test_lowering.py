@@ -84,8 +84,10 @@ def test_depthwise_kernel_gradient_over_several_chunks(monkeypatch, stride, padd
 
 
 def _model_loss(impl, arch, x):
+    """Loss and gradients, compiled as training runs them (op by op, the full model's
+    shifted-slice lowering takes minutes)."""
     model = MicroNet(arch=arch, conv_impl=impl)
-    variables = init_variables(model, jax.random.key(0))
+    variables = jax.jit(lambda key: init_variables(model, key))(jax.random.key(0))
 
     def loss(params):
         (logits, _), _ = model.apply(
@@ -97,7 +99,7 @@ def _model_loss(impl, arch, x):
         )
         return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
 
-    return jax.value_and_grad(loss)(variables["params"])
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
 
 @pytest.mark.parametrize("size", ["tiny", "full"])

@@ -27,12 +27,14 @@ def tiny_arch():
     return build_architecture(TINY, width=1.0, resolution=1.0, head_filters=32, num_classes=10)
 
 
-def loss_and_grads(dtype, variables, x, labels):
+@functools.cache
+def compiled_loss_and_grads(dtype):
+    """Loss and gradients under jit, compiled once per dtype (op by op, bf16 on a CPU is slow)."""
     model = MicroNet(arch=tiny_arch(), dtype=dtype)
 
-    def loss_fn(params):
+    def loss_fn(params, batch_stats, x, labels):
         (logits, _), updates = model.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
+            {"params": params, "batch_stats": batch_stats},
             x,
             train=True,
             rngs={"dropout": jax.random.key(1)},
@@ -40,7 +42,11 @@ def loss_and_grads(dtype, variables, x, labels):
         )
         return mixup_loss(logits, labels, labels[::-1], 0.7, 0.3), (logits, updates)
 
-    return jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+
+
+def loss_and_grads(dtype, variables, x, labels):
+    return compiled_loss_and_grads(dtype)(variables["params"], variables["batch_stats"], x, labels)
 
 
 @pytest.fixture(scope="module")

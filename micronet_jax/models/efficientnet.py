@@ -148,7 +148,11 @@ def create_model(arch: Architecture, **kwargs: Any) -> MicroNet:
 
 
 def init_variables(model: MicroNet, key: jax.Array, batch_size: int = 4) -> dict:
-    """Initialise params and batch_stats for a (batch_size, 32, 32, 3) input."""
+    """Initialise params and batch_stats for a (batch_size, 32, 32, 3) input.
+
+    Compiled: op by op, the CPU lowering's many small slices make the full model's init take
+    tens of seconds; the values are the same (the random draws do not depend on jit).
+    """
     size = model.arch.input_size
     x = jnp.zeros((batch_size, size, size, 3), jnp.float32)
-    return dict(model.init({"params": key}, x, train=False))
+    return dict(jax.jit(lambda k: model.init({"params": k}, x, train=False))(key))
