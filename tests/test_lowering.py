@@ -87,7 +87,7 @@ def _model_loss(impl, arch, x):
     """Loss and gradients, compiled as training runs them (op by op, the full model's
     shifted-slice lowering takes minutes)."""
     model = MicroNet(arch=arch, conv_impl=impl)
-    variables = jax.jit(lambda key: init_variables(model, key))(jax.random.key(0))
+    variables = init_variables(model, jax.random.key(0))
 
     def loss(params):
         (logits, _), _ = model.apply(

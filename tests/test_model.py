@@ -69,7 +69,7 @@ def init_key(seed: int) -> jax.Array:
 def tiny():
     """A tiny model with an exit head after block 0, its variables and an input batch."""
     model = create_model(tiny_arch(), conv_impl="fast")
-    variables = jax.jit(lambda k: init_variables(model, k))(init_key(0))
+    variables = init_variables(model, init_key(0))
     x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
     return model, variables, x
 
