@@ -1,7 +1,7 @@
 """Wall-clock gain of fast early-exit inference vs the full network on every sample.
 
     python benchmarks/early_exit.py [--batch 512] [--images 2048] [--ratio 0.32] [--repeats 5]
-                                    [--cheap-swish]
+                                    [--cpu-devices 0] [--cheap-swish]
 
 Uses the original's first-submission checkpoint when ../shared is present (else a randomly
 initialised model with the same architecture) on real CIFAR-10 test images, picks the threshold
@@ -29,7 +29,12 @@ from micronet_jax.data.augment import eval_transform
 from micronet_jax.inference import exit_confidence, exit_predict_fast, select_predictions
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.efficientnet import MicroNet, init_variables
-from micronet_jax.models.microbatch import default_micro_batch, map_micro_batches
+from micronet_jax.models.microbatch import (
+    default_micro_batch,
+    map_eval_batch,
+    map_micro_batches,
+)
+from micronet_jax.runtime import use_cpu_cores
 from micronet_jax.scoring import count_micronet
 from micronet_jax.train.steps import predict
 
@@ -64,6 +69,18 @@ def _full(model: MicroNet, variables: dict, images: jax.Array) -> jax.Array:
         features = model.apply(variables, eval_transform(batch), method=MicroNet.trunk)
         return model.apply(variables, features, method=MicroNet.tail)
 
+    return map_eval_batch(forward, images).argmax(-1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _full_one_device(model: MicroNet, variables: dict, images: jax.Array) -> jax.Array:
+    """`_full` without splitting the batch over CPU devices: one device, every core on each
+    operation (what `--cpu-devices 1` runs)."""
+
+    def forward(batch):
+        features = model.apply(variables, eval_transform(batch), method=MicroNet.trunk)
+        return model.apply(variables, features, method=MicroNet.tail)
+
     return map_micro_batches(forward, images, default_micro_batch()).argmax(-1)
 
 
@@ -75,7 +92,7 @@ def _trunk(model: MicroNet, variables: dict, images: jax.Array) -> jax.Array:
         features = model.apply(variables, eval_transform(batch), method=MicroNet.trunk)
         return features.mean(axis=(1, 2))
 
-    return map_micro_batches(forward, images, default_micro_batch())
+    return map_eval_batch(forward, images)
 
 
 def use_cheap_swish() -> None:
@@ -89,6 +106,10 @@ def use_cheap_swish() -> None:
 
 def run_full(model: MicroNet, variables: dict, batch: np.ndarray) -> None:
     np.asarray(_full(model, variables, jnp.asarray(batch)))
+
+
+def run_full_one_device(model: MicroNet, variables: dict, batch: np.ndarray) -> None:
+    np.asarray(_full_one_device(model, variables, jax.device_put(batch, jax.devices()[0])))
 
 
 def run_trunk(model: MicroNet, variables: dict, batch: np.ndarray) -> None:
@@ -129,7 +150,15 @@ def main() -> None:
         help="diagnostic: hard swish instead of swish (no exponential; other predictions, "
         "same shapes) to show how much of the trunk's excess time the exponential is",
     )
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=0,
+        help="CPU devices to split each batch over, one per core (0: all cores; 1: one "
+        "device whose operations use every core)",
+    )
     args = parser.parse_args()
+    cpu_devices = use_cpu_cores(args.cpu_devices or None)
     if args.cheap_swish:
         use_cheap_swish()
 
@@ -152,6 +181,9 @@ def main() -> None:
         "floor": functools.partial(run_fast, model, variables, threshold=1e-9),
         "trunk": functools.partial(run_trunk, model, variables),
     }
+    split = jax.default_backend() == "cpu" and jax.device_count() > 1
+    if split:
+        runners["one device"] = functools.partial(run_full_one_device, model, variables)
     for run in runners.values():  # compile
         run(batches[0])
     times = interleaved_times(runners, batches, args.repeats)
@@ -174,13 +206,21 @@ def main() -> None:
     attainable = ratio * (1.0 - trunk_share) - head_share
     predicted = 1.0 - exit_ops / full_ops
     print(
-        f"model: {source}; device: {jax.devices()[0].device_kind}; batch {args.batch}; "
+        f"model: {source}; device: {jax.devices()[0].device_kind} "
+        f"({cpu_devices if jax.default_backend() == 'cpu' else jax.device_count()} devices); "
+        f"batch {args.batch}; "
         f"{len(images)} images; threshold {threshold:.4f} -> exit ratio {ratio:.4f}"
     )
     print(
         f"full network, every sample : {len(images) / full_s:9.1f} images/s "
         f"(median of {args.repeats} interleaved passes)"
     )
+    if split:
+        one_s = statistics.median(times["one device"])
+        print(
+            f"  the same on one CPU device : {len(images) / one_s:9.1f} images/s "
+            f"(the split over {jax.device_count()} is {one_s / full_s:.2f}x as fast)"
+        )
     print(f"fast early exit            : {len(images) / fast_s:9.1f} images/s")
     print(
         f"time saved: measured {measured:.1%} (median over passes), predicted by op count "

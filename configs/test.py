@@ -10,4 +10,7 @@ from micronet_jax.defaults import default_config
 def get_config():
     config = default_config()
     config.mode = "test"
+    config.cpu_devices = 0  # on a CPU, each core evaluates its own share of every batch
+    # a multiple of bn_splits x devices (the batch check) for up to 128 cores
+    config.train.eval_batch_size = 512
     return config

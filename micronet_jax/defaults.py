@@ -15,6 +15,9 @@ def default_config() -> ConfigDict:
     config.seed = 0
     config.distributed = False  # multi-host: call jax.distributed.initialize() first
     config.compilation_cache = ""  # empty: ~/.cache/micronet_jax/xla; "none": off
+    # On a CPU, N > 1 gives the process N CPU devices (0: one per core) and eval splits its
+    # batches over them; train.data_parallel then splits training batches over them too.
+    config.cpu_devices = 1
     # A workdir remembers its config (config.json); a rerun with a different recipe is refused
     # unless force_restart, which moves the old contents to workdir/.old-<timestamp>/.
     config.force_restart = False

@@ -20,7 +20,11 @@ from jax import lax
 from micronet_jax.data.augment import eval_transform
 from micronet_jax.errors import ConfigError
 from micronet_jax.models.efficientnet import MicroNet
-from micronet_jax.models.microbatch import default_micro_batch, map_micro_batches
+from micronet_jax.models.microbatch import (
+    default_micro_batch,
+    map_micro_batches,
+    split_over_cpu_devices,
+)
 from micronet_jax.train.steps import fixed_size_batches, predict
 
 
@@ -105,28 +109,34 @@ def _fast_exit(
     The trunk and exit head run on every sample; the continuing samples are ordered first
     and the tail runs on them `chunk` at a time, in a loop whose trip count is computed on
     the device: one program for any exit ratio, no host round trip, and at most `chunk - 1`
-    samples of wasted tail work.
+    samples of wasted tail work. With one CPU device per core, each core does all of this
+    for its own share of the batch.
     """
 
-    def trunk_and_exit(batch):
-        features = model.apply(variables, eval_transform(batch), method=MicroNet.trunk)
-        return features, model.apply(variables, features, method=MicroNet.exit)
+    def one_device(images):
+        size = min(chunk, images.shape[0])
 
-    features, exit_logits = map_micro_batches(trunk_and_exit, images, default_micro_batch())
-    exited = exit_confidence(exit_logits) > threshold
-    order = jnp.argsort(exited, stable=True)  # continuing samples first
+        def trunk_and_exit(batch):
+            features = model.apply(variables, eval_transform(batch), method=MicroNet.trunk)
+            return features, model.apply(variables, features, method=MicroNet.exit)
 
-    def tail_on_chunk(i, predictions):
-        # the last chunk's start is clamped back into the batch: it may repeat continuing
-        # samples (same result) and include exited ones (their prediction is kept)
-        index = lax.dynamic_slice_in_dim(order, i * chunk, chunk)
-        logits = model.apply(variables, features[index], method=MicroNet.tail)
-        chosen = jnp.where(exited[index], predictions[index], logits.argmax(-1))
-        return predictions.at[index].set(chosen)
+        features, exit_logits = map_micro_batches(trunk_and_exit, images, default_micro_batch())
+        exited = exit_confidence(exit_logits) > threshold
+        order = jnp.argsort(exited, stable=True)  # continuing samples first
 
-    chunks = (jnp.sum(~exited) + chunk - 1) // chunk
-    predictions = lax.fori_loop(0, chunks, tail_on_chunk, exit_logits.argmax(-1))
-    return predictions, exited
+        def tail_on_chunk(i, predictions):
+            # the last chunk's start is clamped back into the batch: it may repeat continuing
+            # samples (same result) and include exited ones (their prediction is kept)
+            index = lax.dynamic_slice_in_dim(order, i * size, size)
+            logits = model.apply(variables, features[index], method=MicroNet.tail)
+            chosen = jnp.where(exited[index], predictions[index], logits.argmax(-1))
+            return predictions.at[index].set(chosen)
+
+        chunks = (jnp.sum(~exited) + size - 1) // size
+        predictions = lax.fori_loop(0, chunks, tail_on_chunk, exit_logits.argmax(-1))
+        return predictions, exited
+
+    return split_over_cpu_devices(one_device, images)
 
 
 def tail_chunk_size(batch_size: int) -> int:

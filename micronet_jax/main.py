@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from micronet_jax.errors import MicronetError
-from micronet_jax.runtime import enable_compilation_cache
+from micronet_jax.runtime import enable_compilation_cache, use_cpu_cores
 from micronet_jax.train.guard import Interrupted
 from micronet_jax.train.sharding import initialize_distributed
 from micronet_jax.validate import check_resume, validate_config
@@ -53,6 +53,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config is required, e.g. --config=configs/reproduce.py")
     logging.set_verbosity(logging.WARNING)
     try:
+        if _CONFIG.value.cpu_devices != 1:
+            use_cpu_cores(_CONFIG.value.cpu_devices or None)
         enable_compilation_cache(_CONFIG.value.compilation_cache)
         initialize_distributed(_CONFIG.value.distributed)
         run(_CONFIG.value, _WORKDIR.value)

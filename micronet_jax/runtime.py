@@ -7,6 +7,8 @@ from pathlib import Path
 
 import jax
 
+from micronet_jax.errors import ConfigError
+
 
 def default_cache_dir() -> Path:
     """`$MICRONET_CACHE_DIR`, else `~/.cache/micronet_jax/xla`."""
@@ -27,3 +29,20 @@ def enable_compilation_cache(path: str | Path | None = None) -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
+
+
+def use_cpu_cores(count: int | None = None) -> int:
+    """Give the CPU backend one device per core (`count`, default all of this process's cores)
+    so that eval splits its batches over them (`models.microbatch.split_over_cpu_devices`).
+
+    Must run before JAX first touches a backend. Accelerator runs are unaffected: their
+    devices stay the default. Returns the number of CPU devices asked for.
+    """
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        raise ConfigError(f"cpu_devices must be an int >= 0 (0: one per core), got {count!r}")
+    count = count or len(os.sched_getaffinity(0))
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError as exc:  # a backend is already up: too late to change its devices
+        raise ConfigError(f"use_cpu_cores must run before JAX's first operation: {exc}") from None
+    return count

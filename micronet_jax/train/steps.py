@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from micronet_jax.data.augment import eval_transform, mixup, train_transform
-from micronet_jax.models.microbatch import default_micro_batch, map_micro_batches
+from micronet_jax.models.microbatch import map_eval_batch
 from micronet_jax.train.losses import mixup_loss, soft_smoothing_loss
 from micronet_jax.train.state import (
     ExitTrainState,
@@ -128,10 +128,8 @@ def step_function(cfg: StepConfig, exit_head: bool = False) -> Callable:
 
 def predict_step(apply_fn: Callable, variables: dict, images: jax.Array):
     """Eval-mode (main logits, exit logits or None) of a uint8 batch."""
-    return map_micro_batches(
-        lambda batch: apply_fn(variables, eval_transform(batch), train=False),
-        images,
-        default_micro_batch(),
+    return map_eval_batch(
+        lambda batch: apply_fn(variables, eval_transform(batch), train=False), images
     )
 
 
