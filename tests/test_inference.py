@@ -20,6 +20,7 @@ from micronet_jax.inference import (
 )
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.efficientnet import MicroNet, init_variables
+from micronet_jax.models.microbatch import CPU_MICRO_BATCH
 
 TINY_BLOCKS = (
     "r1_k3_s1_e1_i8_o8_se0.25",
@@ -48,8 +49,8 @@ def test_threshold_out_of_range(threshold):
 
 def test_tail_chunk_fits_the_batch():
     # a single CPU device here: the tail runs in cache-sized micro-batches
-    assert tail_chunk_size(512) == 16
-    assert tail_chunk_size(10) == 10
+    assert tail_chunk_size(512) == CPU_MICRO_BATCH
+    assert tail_chunk_size(5) == 5  # a batch smaller than a micro-batch is one chunk
 
 
 def _tiny_model():

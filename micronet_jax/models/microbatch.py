@@ -3,11 +3,12 @@ micro-batches.
 
 On a CPU the forward pass of a large batch is memory-bound: every activation of a 512-image
 batch at 31x31 is hundreds of megabytes and makes a round trip to memory between layers. A
-`lax.map` over micro-batches of 16 keeps each layer's activations in cache, which makes
-inference of the full network about 1.7x faster on a 2-core CPU (benchmarks/early_exit.py).
-The layers of a 16-image micro-batch are too small to keep several cores busy, so when the
-process has one CPU device per core (`runtime.use_cpu_cores`), `split_over_cpu_devices` gives
-each core its own share of the batch to run alone: about 1.5x faster again on 2 cores.
+`lax.map` over micro-batches of 8 keeps each layer's activations in cache, which makes
+inference of the full network about 1.7x faster on a 2-core CPU (benchmarks/early_exit.py;
+8 and 16 take the same time there, and 8 is 7% faster than 16 with one device per core).
+The layers of a micro-batch are too small to keep several cores busy, so when the process
+has one CPU device per core (`runtime.use_cpu_cores`), `split_over_cpu_devices` gives each
+core its own share of the batch to run alone: 1.15-1.25x faster again on 2 cores.
 Accelerators want the whole batch at once, so there nothing is split. Eval mode only:
 training's ghost batch norm needs the whole batch.
 """
@@ -23,14 +24,14 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-CPU_MICRO_BATCH = 16
+CPU_MICRO_BATCH = 8
 
 
 CORES_AXIS = "cores"
 
 
 def default_micro_batch() -> int | None:
-    """16 per CPU device; None (no splitting) on accelerators."""
+    """`CPU_MICRO_BATCH` per CPU device; None (no splitting) on accelerators."""
     return CPU_MICRO_BATCH if jax.default_backend() == "cpu" else None
 
 
