@@ -91,3 +91,21 @@ def test_cpu_devices_must_be_a_count():
 
     with pytest.raises(ConfigError, match="cpu_devices"):
         use_cpu_cores(-1)
+
+
+def test_main_reads_cpu_devices():
+    """The command line hands config.cpu_devices to use_cpu_cores before anything runs."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "micronet_jax.main",
+            "--config=configs/test.py",
+            "--config.cpu_devices=-1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert "cpu_devices must be an int >= 0" in proc.stderr
