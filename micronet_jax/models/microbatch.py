@@ -8,7 +8,7 @@ inference of the full network about 1.7x faster on a 2-core CPU (benchmarks/earl
 8 and 16 take the same time there, and 8 is 7% faster than 16 with one device per core).
 The layers of a micro-batch are too small to keep several cores busy, so when the process
 has one CPU device per core (`runtime.use_cpu_cores`), `split_over_cpu_devices` gives each
-core its own share of the batch to run alone: 1.15-1.25x faster again on 2 cores.
+core its own share of the batch to run alone: 1.1-1.3x faster again on 2 cores.
 Accelerators want the whole batch at once, so there nothing is split. Eval mode only:
 training's ghost batch norm needs the whole batch.
 """
@@ -25,9 +25,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 CPU_MICRO_BATCH = 8
-
-
-CORES_AXIS = "cores"
+CORES_AXIS = "cores"  # the mesh axis of `split_over_cpu_devices`
 
 
 def default_micro_batch() -> int | None:
