@@ -16,7 +16,8 @@ def default_config() -> ConfigDict:
     config.distributed = False  # multi-host: call jax.distributed.initialize() first
     config.compilation_cache = ""  # empty: ~/.cache/micronet_jax/xla; "none": off
     # On a CPU, N > 1 gives the process N CPU devices (0: one per core) and eval splits its
-    # batches over them; train.data_parallel then splits training batches over them too.
+    # batches over them. Training is slower split that way: train/pipeline runs need
+    # train.data_parallel=False with it (validate.py says so).
     config.cpu_devices = 1
     # A workdir remembers its config (config.json); a rerun with a different recipe is refused
     # unless force_restart, which moves the old contents to workdir/.old-<timestamp>/.

@@ -142,6 +142,19 @@ def _check_pipeline(config: Any) -> None:
     check_threshold(p.threshold)
 
 
+def _check_cpu_devices(config: Any) -> None:
+    """One CPU device per core speeds eval up but slows training down: refuse splitting
+    training batches over them (benchmarks/RESULTS.md, Early exit)."""
+    _at_least("cpu_devices", config.cpu_devices, 0)
+    splits_training = config.mode != "test" and config.train.data_parallel
+    if config.cpu_devices != 1 and splits_training and jax.default_backend() == "cpu":
+        raise ConfigError(
+            "cpu_devices would split training batches over the CPU cores, which trains slower "
+            "than one device (1.65x on 2 cores); add --config.train.data_parallel=False to "
+            "train on one device and evaluate on every core"
+        )
+
+
 def validate_config(config: Any, workdir: str | None = None) -> None:
     """Raise ConfigError on the first value that cannot work; touches no file."""
     _choice("config.mode", config.mode, MODES)
@@ -150,6 +163,7 @@ def validate_config(config: Any, workdir: str | None = None) -> None:
     _check_data(config)
     _check_model(config, with_exit=config.mode != "train")
     _check_train(config)
+    _check_cpu_devices(config)
     check_batch_sizes(config)
     if config.mode != "train":
         _check_pipeline(config)

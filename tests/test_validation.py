@@ -59,6 +59,24 @@ def test_eval_batch_not_divisible_by_ghost_splits(config, tmp_path):
     assert_refused(config, tmp_path / "w", ConfigError, r"train.eval_batch_size=10 .*multiple")
 
 
+def test_cpu_devices_may_not_split_training(config, tmp_path):
+    """One device per core is for eval: splitting training over them is refused (it is slower)."""
+    config.cpu_devices = 2
+    assert_refused(config, tmp_path / "w", ConfigError, r"train.data_parallel=False")
+    config.cpu_devices = -1
+    assert_refused(config, tmp_path / "w", ConfigError, r"cpu_devices must be >= 0")
+
+
+def test_cpu_devices_for_eval_only_passes_validation(config, tmp_path):
+    from micronet_jax.validate import validate_config
+
+    config.cpu_devices = 0
+    config.train.data_parallel = False
+    validate_config(config, str(tmp_path / "w"))  # raises on refusal
+    config.mode, config.train.data_parallel = "test", True  # test mode trains nothing
+    validate_config(config, str(tmp_path / "w"))
+
+
 def test_batch_must_divide_over_devices(config):
     config.train.batch_size = 36  # 9 per split: fine on one device, not on two
     check_batch_sizes(config, devices=1)
