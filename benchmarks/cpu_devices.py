@@ -1,0 +1,130 @@
+"""One CPU device per core against one device, for eval and for training, in one process.
+
+    python benchmarks/cpu_devices.py [--devices 0] [--eval-images 2048] [--train-images 640]
+                                     [--repeats 4]
+
+The process gets `--devices` CPU devices (0: one per core). Eval: the full model's eval pass
+(`steps.predict_step`) over batches of 512 real CIFAR-10 test images, split over the devices
+(`map_eval_batch`) against the same micro-batched pass on device 0 alone. Training: full-model
+epochs of `loop.run_epoch` (AutoAugment, batch 128) with the batch split over a data mesh of
+the devices against one device. Both sides of each pair run alternately; medians are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from micronet_jax.runtime import use_cpu_cores  # noqa: E402
+
+
+def eval_rates(images, repeats: int) -> dict[str, float]:
+    import jax.numpy as jnp
+    import numpy as np
+
+    from micronet_jax.data.augment import eval_transform
+    from micronet_jax.models.architecture import build_architecture
+    from micronet_jax.models.efficientnet import MicroNet, init_variables
+    from micronet_jax.models.microbatch import default_micro_batch, map_micro_batches
+    from micronet_jax.train.steps import _predict_jit
+
+    model = MicroNet(build_architecture())
+    variables = init_variables(model, jax.random.key(0))
+
+    @jax.jit
+    def one_device(x):
+        def forward(batch):
+            return model.apply(variables, eval_transform(batch))
+
+        return map_micro_batches(forward, x, default_micro_batch())
+
+    runners = {
+        "split": lambda b: np.asarray(_predict_jit(model.apply, variables, jnp.asarray(b))[0]),
+        "one device": lambda b: np.asarray(one_device(jax.device_put(b, jax.devices()[0]))[0]),
+    }
+    batches = [images[i : i + 512] for i in range(0, len(images), 512)]
+    for run in runners.values():
+        run(batches[0])  # compile
+    seconds = {name: [] for name in runners}
+    for rep in range(repeats):
+        order = list(runners) if rep % 2 == 0 else list(runners)[::-1]
+        for name in order:
+            tic = time.perf_counter()
+            for batch in batches:
+                runners[name](batch)
+            seconds[name].append(time.perf_counter() - tic)
+    return {name: len(images) / statistics.median(s) for name, s in seconds.items()}
+
+
+def train_rates(images, repeats: int) -> dict[str, float]:
+    import numpy as np
+
+    from micronet_jax.models.architecture import build_architecture
+    from micronet_jax.models.efficientnet import MicroNet, init_variables
+    from micronet_jax.train import sharding
+    from micronet_jax.train.loop import DeviceData, Schedule, run_epoch
+    from micronet_jax.train.optim import make_optimizer
+    from micronet_jax.train.state import create_train_state
+    from micronet_jax.train.steps import StepConfig, train_step
+
+    model = MicroNet(build_architecture())
+    labels = np.random.default_rng(0).integers(0, 100, len(images)).astype(np.int32)
+    schedule = Schedule(epochs=repeats + 1, batch_size=128, num_examples=len(images))
+    step = functools.partial(train_step, cfg=StepConfig(autoaugment=True))
+    variables = init_variables(model, jax.random.key(0))
+    tx = make_optimizer(0.13, repeats + 1, schedule.steps_per_epoch)
+    setups = {}
+    for name, mesh in (("split", sharding.make_mesh()), ("one device", None)):
+        # a copy each: the epoch donates its state
+        state = create_train_state(model.apply, jax.tree.map(np.array, variables), tx, seed=0)
+        setups[name] = [
+            sharding.place_state(state, mesh),
+            DeviceData.from_numpy(images, labels, mesh),
+        ]
+    seconds = {name: [] for name in setups}
+    for rep in range(repeats + 1):  # the first epoch of each compiles
+        order = list(setups) if rep % 2 == 0 else list(setups)[::-1]
+        for name in order:
+            state, data = setups[name]
+            tic = time.perf_counter()
+            state, _ = run_epoch(state, step, data, schedule, epoch=rep + 1)
+            jax.block_until_ready(state)
+            if rep:
+                seconds[name].append(time.perf_counter() - tic)
+            setups[name][0] = state
+    return {name: len(images) / statistics.median(s) for name, s in seconds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=0, help="CPU devices (0: one per core)")
+    parser.add_argument("--eval-images", type=int, default=2048)
+    parser.add_argument("--train-images", type=int, default=640)
+    parser.add_argument("--repeats", type=int, default=4)
+    args = parser.parse_args()
+    devices = use_cpu_cores(args.devices or None)
+    from early_exit import load_images
+
+    print(f"{devices} CPU devices; full model")
+    rates = eval_rates(load_images(args.eval_images), args.repeats)
+    print(
+        f"eval, batch 512   : split {rates['split']:7.1f} images/s, one device "
+        f"{rates['one device']:7.1f} -> {rates['split'] / rates['one device']:.2f}x"
+    )
+    rates = train_rates(load_images(args.train_images), args.repeats)
+    print(
+        f"training, batch 128: split {rates['split']:7.1f} images/s, one device "
+        f"{rates['one device']:7.1f} -> {rates['split'] / rates['one device']:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
