@@ -4,10 +4,11 @@
                                      [--repeats 4]
 
 The process gets `--devices` CPU devices (0: one per core). Eval: the full model's eval pass
-(`steps.predict_step`) over batches of 512 real CIFAR-10 test images, split over the devices
-(`map_eval_batch`) against the same micro-batched pass on device 0 alone. Training: full-model
-epochs of `loop.run_epoch` (AutoAugment, batch 128) with the batch split over a data mesh of
-the devices against one device. Both sides of each pair run alternately; medians are printed.
+(`map_eval_batch`, as `steps.predict_step` runs it) over batches of 512 real CIFAR-10 test
+images, split over the devices against the same micro-batched pass on device 0 alone.
+Training: full-model epochs of `loop.run_epoch` (AutoAugment, batch 128) with the batch split
+over a data mesh of the devices against one device. Both sides of each pair run alternately;
+medians are printed.
 """
 
 from __future__ import annotations
@@ -33,22 +34,23 @@ def eval_rates(images, repeats: int) -> dict[str, float]:
     from micronet_jax.data.augment import eval_transform
     from micronet_jax.models.architecture import build_architecture
     from micronet_jax.models.efficientnet import MicroNet, init_variables
-    from micronet_jax.models.microbatch import default_micro_batch, map_micro_batches
-    from micronet_jax.train.steps import _predict_jit
+    from micronet_jax.models.microbatch import map_eval_batch
 
     model = MicroNet(build_architecture())
     variables = init_variables(model, jax.random.key(0))
 
-    @jax.jit
-    def one_device(x):
+    @functools.partial(jax.jit, static_argnums=2)
+    def eval_pass(variables, x, split):
         def forward(batch):
-            return model.apply(variables, eval_transform(batch))
+            return model.apply(variables, eval_transform(batch))[0]
 
-        return map_micro_batches(forward, x, default_micro_batch())
+        return map_eval_batch(forward, x, split)
 
     runners = {
-        "split": lambda b: np.asarray(_predict_jit(model.apply, variables, jnp.asarray(b))[0]),
-        "one device": lambda b: np.asarray(one_device(jax.device_put(b, jax.devices()[0]))[0]),
+        "split": lambda b: np.asarray(eval_pass(variables, jnp.asarray(b), True)),
+        "one device": lambda b: np.asarray(
+            eval_pass(variables, jax.device_put(b, jax.devices()[0]), False)
+        ),
     }
     batches = [images[i : i + 512] for i in range(0, len(images), 512)]
     for run in runners.values():

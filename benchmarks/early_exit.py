@@ -29,11 +29,7 @@ from micronet_jax.data.augment import eval_transform
 from micronet_jax.inference import exit_confidence, exit_predict_fast, select_predictions
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.efficientnet import MicroNet, init_variables
-from micronet_jax.models.microbatch import (
-    default_micro_batch,
-    map_eval_batch,
-    map_micro_batches,
-)
+from micronet_jax.models.microbatch import map_eval_batch
 from micronet_jax.runtime import use_cpu_cores
 from micronet_jax.scoring import count_micronet
 from micronet_jax.train.steps import predict
@@ -61,27 +57,17 @@ def load_images(n: int) -> np.ndarray:
     return batch[b"data"][:n].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _full(model: MicroNet, variables: dict, images: jax.Array) -> jax.Array:
-    """The main network alone, every sample: what inference costs without early exit."""
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _full(model: MicroNet, variables: dict, images: jax.Array, split: bool) -> jax.Array:
+    """The main network alone, every sample: what inference costs without early exit. With
+    `split` False the batch stays on one device, every core on each operation (what
+    `--cpu-devices 1` runs)."""
 
     def forward(batch):
         features = model.apply(variables, eval_transform(batch), method=MicroNet.trunk)
         return model.apply(variables, features, method=MicroNet.tail)
 
-    return map_eval_batch(forward, images).argmax(-1)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _full_one_device(model: MicroNet, variables: dict, images: jax.Array) -> jax.Array:
-    """`_full` without splitting the batch over CPU devices: one device, every core on each
-    operation (what `--cpu-devices 1` runs)."""
-
-    def forward(batch):
-        features = model.apply(variables, eval_transform(batch), method=MicroNet.trunk)
-        return model.apply(variables, features, method=MicroNet.tail)
-
-    return map_micro_batches(forward, images, default_micro_batch()).argmax(-1)
+    return map_eval_batch(forward, images, split).argmax(-1)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -104,12 +90,9 @@ def use_cheap_swish() -> None:
         module.swish = lambda x: x * jnp.clip(0.5 + 0.2 * x, 0.0, 1.0)
 
 
-def run_full(model: MicroNet, variables: dict, batch: np.ndarray) -> None:
-    np.asarray(_full(model, variables, jnp.asarray(batch)))
-
-
-def run_full_one_device(model: MicroNet, variables: dict, batch: np.ndarray) -> None:
-    np.asarray(_full_one_device(model, variables, jax.device_put(batch, jax.devices()[0])))
+def run_full(model: MicroNet, variables: dict, batch: np.ndarray, split: bool = True) -> None:
+    images = jnp.asarray(batch) if split else jax.device_put(batch, jax.devices()[0])
+    np.asarray(_full(model, variables, images, split))
 
 
 def run_trunk(model: MicroNet, variables: dict, batch: np.ndarray) -> None:
@@ -183,7 +166,7 @@ def main() -> None:
     }
     split = jax.default_backend() == "cpu" and jax.device_count() > 1
     if split:
-        runners["one device"] = functools.partial(run_full_one_device, model, variables)
+        runners["one device"] = functools.partial(run_full, model, variables, split=False)
     for run in runners.values():  # compile
         run(batches[0])
     times = interleaved_times(runners, batches, args.repeats)

@@ -64,9 +64,12 @@ def map_micro_batches(fn: Callable[[jax.Array], Any], x: jax.Array, size: int | 
     return jax.tree.map(lambda a: a.reshape(padded, *a.shape[2:])[:n], out)
 
 
-def map_eval_batch(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
-    """`fn(x)` the way eval runs fastest here: on a CPU, shared out over the CPU devices and
-    in micro-batches on each; elsewhere in one pass."""
-    return split_over_cpu_devices(
-        lambda share: map_micro_batches(fn, share, default_micro_batch()), x
-    )
+def map_eval_batch(fn: Callable[[jax.Array], Any], x: jax.Array, split: bool = True) -> Any:
+    """`fn(x)` the way eval runs fastest here: on a CPU, shared out over the CPU devices
+    (unless `split` is False: one device, every core on each operation) and in micro-batches
+    on each; elsewhere in one pass."""
+
+    def micro_batched(share: jax.Array) -> Any:
+        return map_micro_batches(fn, share, default_micro_batch())
+
+    return split_over_cpu_devices(micro_batched, x) if split else micro_batched(x)
