@@ -8,7 +8,9 @@ initialised model with the same architecture) on real CIFAR-10 test images, pick
 that makes about `--ratio` of them exit, and compares the measured time saving with the saving
 the MicroNet operation count predicts for that exit ratio. It also times the trunk alone, to
 split the fast path's floor (trunk + exit head) and print the saving attainable at the measured
-costs: what any implementation that skips the tail exactly for the exiting samples could get.
+costs: what any implementation that skips the tail exactly for the exiting samples could get;
+and the ceiling at the trunk's measured share, with an exit head no dearer than its operation
+count and no work of the fast path's own.
 """
 
 from __future__ import annotations
@@ -222,6 +224,13 @@ def main() -> None:
     print(
         f"attainable with this floor (the tail skipped for every exiting sample at no cost): "
         f"{attainable:.1%} saved -> {attainable / predicted:.0%} of the predicted gain; {reached}"
+    )
+    # the trunk's share alone: even an exit head no dearer than its operation count and a
+    # fast path with no work of its own could not save more than this
+    ceiling = ratio * (1.0 - trunk_share) - head_ops / full_ops
+    print(
+        f"ceiling at this trunk share (exit head at its operation share, no fixed work): "
+        f"{ceiling:.1%} saved -> {ceiling / predicted:.0%} of the predicted gain"
     )
 
 
