@@ -32,3 +32,32 @@ def cifar10_archive() -> Path:
 def original_checkpoints() -> Path:
     """The original's released checkpoints in ../shared/reference/osi_ai."""
     return _shared_path("reference", "osi_ai")
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory) -> Path:
+    """One persistent compilation cache for every run of the tiny network in this session, in
+    this process and on the command line: each of its programs is compiled once."""
+    return tmp_path_factory.mktemp("xla")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, compile_cache):
+    """A finished run of `tests/configs/tiny.py:pipeline` on a generated archive:
+    (config, workdir, report). The pipeline and report tests share it; they read it, add
+    plots beside it, or rerun it (which changes no stage)."""
+    from archives import make_cifar10_python_archive
+    from tiny_run import tiny_config
+
+    from micronet_jax.pipeline import run_pipeline
+    from micronet_jax.runtime import enable_compilation_cache
+
+    root = tmp_path_factory.mktemp("pipeline")
+    enable_compilation_cache(compile_cache)
+    archive = root / "cifar-10-python.tar.gz"
+    make_cifar10_python_archive(archive, n_train=160, n_test=32)
+    config = tiny_config("pipeline")
+    config.data.dir = str(archive)
+    config.compilation_cache = str(compile_cache)
+    report = run_pipeline(config, root / "run")
+    return config, root / "run", report

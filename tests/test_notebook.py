@@ -35,7 +35,7 @@ def outputs(nb, output_type: str) -> list:
 
 
 @pytest.mark.slow
-def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
+def test_notebook_runs_end_to_end(tmp_path, monkeypatch, compile_cache):
     archive = tmp_path / "cifar-100-python.tar.gz"
     make_cifar100_python_archive(archive, n_train=96, n_test=32)
     workdir = tmp_path / "run"
@@ -45,7 +45,7 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
         "MICRONET_NOTEBOOK_WORKDIR": str(workdir),
         "MICRONET_NOTEBOOK_TINY": "1",
         "MICRONET_NOTEBOOK_CHECKPOINT": str(ORIGINAL) if ORIGINAL.exists() else "",
-        "MICRONET_CACHE_DIR": str(tmp_path / "xla"),
+        "MICRONET_CACHE_DIR": str(compile_cache),
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -7,25 +7,16 @@ import json
 import jax
 import numpy as np
 import pytest
-from archives import make_cifar10_python_archive
 from tiny_run import tiny_config
 
 from micronet_jax import pruning
 from micronet_jax.errors import ConfigError
 from micronet_jax.pipeline import plan_stages, run_pipeline
-from micronet_jax.runtime import enable_compilation_cache
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    enable_compilation_cache(root / "cache")
-    archive = root / "cifar-10-python.tar.gz"
-    make_cifar10_python_archive(archive, n_train=160, n_test=32)
-    config = tiny_config("pipeline")
-    config.data.dir = str(archive)
-    report = run_pipeline(config, root / "run")
-    return config, root / "run", report
+@pytest.fixture
+def finished(tiny_pipeline):
+    return tiny_pipeline
 
 
 def test_plan_follows_the_recipe():

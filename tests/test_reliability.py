@@ -308,11 +308,11 @@ def assert_same_outcome(got: dict, want: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline_reference(tmp_path_factory):
+def pipeline_reference(tmp_path_factory, compile_cache):
     root = tmp_path_factory.mktemp("pipeline")
     archive = root / "cifar-10-python.tar.gz"
     make_cifar10_python_archive(archive, n_train=160, n_test=32)
-    cache = root / "cache"
+    cache = compile_cache
     tic = time.time()
     finish(root / "reference", archive, cache)
     return root, archive, cache, time.time() - tic

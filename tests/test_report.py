@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,18 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from archives import make_cifar10_python_archive
 
 from micronet_jax import builders, plots
-from micronet_jax.pipeline import run_pipeline
 from micronet_jax.report import load_run_config, main, stage_dirs
-from micronet_jax.runtime import enable_compilation_cache
 from micronet_jax.scoring import count_micronet
 
 pytest.importorskip("matplotlib")
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs" / "tiny.py"
 PLOTS = {
     "training_curves": ("stage", "epoch", "train_loss", "test_accuracy"),
     "accuracy_vs_sparsity": ("stage", "target", "sparsity", "test_accuracy"),
@@ -37,31 +32,20 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("report")
-    enable_compilation_cache(root / "xla")
-    archive = root / "cifar-10-python.tar.gz"
-    make_cifar10_python_archive(archive, n_train=160, n_test=32)
-    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("pipeline")
-    config.data.dir = str(archive)
-    config.compilation_cache = str(root / "xla")
-    run_pipeline(config, root / "run")
-    return root / "run"
+@pytest.fixture
+def run_dir(tiny_pipeline) -> Path:
+    return tiny_pipeline[1]
 
 
 @pytest.mark.slow
-def test_cli_writes_every_plot_and_its_data(run_dir):
+def test_cli_writes_every_plot_and_its_data(run_dir, compile_cache):
     out = subprocess.run(
         [sys.executable, "-m", "micronet_jax.report", f"--workdir={run_dir}"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "MICRONET_CACHE_DIR": str(run_dir.parent / "xla")},
+        env={**os.environ, "MICRONET_CACHE_DIR": str(compile_cache)},
     )
     assert out.returncode == 0, out.stderr
     plot_dir = run_dir / "plots"

@@ -33,11 +33,10 @@ def _run(workdir: Path, archive: Path, cache: Path, *overrides: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, tiny_archive) -> tuple[Path, Path]:
+def reference_run(tmp_path_factory, tiny_archive, compile_cache) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("reference")
-    cache = root / "cache"
-    _run(root / "run", tiny_archive, cache)
-    return root / "run", cache
+    _run(root / "run", tiny_archive, compile_cache)
+    return root / "run", compile_cache
 
 
 def test_run_writes_metrics_and_checkpoints(reference_run):
