@@ -42,22 +42,28 @@ def compile_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory, compile_cache):
-    """A finished run of `tests/configs/tiny.py:pipeline` on a generated archive:
+def tiny_archive(tmp_path_factory) -> Path:
+    """A generated CIFAR-10 archive in the standard layout, sized for the tiny network's runs
+    (160 training and 32 test images). Runs only read it."""
+    from archives import make_cifar10_python_archive
+
+    path = tmp_path_factory.mktemp("data") / "cifar-10-python.tar.gz"
+    make_cifar10_python_archive(path, n_train=160, n_test=32)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, tiny_archive, compile_cache):
+    """A finished run of `tests/configs/tiny.py:pipeline` on `tiny_archive`:
     (config, workdir, report). The pipeline and report tests share it; they read it, add
     plots beside it, or rerun it (which changes no stage)."""
-    from archives import make_cifar10_python_archive
     from tiny_run import tiny_config
 
     from micronet_jax.pipeline import run_pipeline
     from micronet_jax.runtime import enable_compilation_cache
 
-    root = tmp_path_factory.mktemp("pipeline")
     enable_compilation_cache(compile_cache)
-    archive = root / "cifar-10-python.tar.gz"
-    make_cifar10_python_archive(archive, n_train=160, n_test=32)
     config = tiny_config("pipeline")
-    config.data.dir = str(archive)
-    config.compilation_cache = str(compile_cache)
-    report = run_pipeline(config, root / "run")
-    return config, root / "run", report
+    config.data.dir = str(tiny_archive)
+    workdir = tmp_path_factory.mktemp("pipeline") / "run"
+    return config, workdir, run_pipeline(config, workdir)

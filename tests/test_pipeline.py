@@ -14,11 +14,6 @@ from micronet_jax.errors import ConfigError
 from micronet_jax.pipeline import plan_stages, run_pipeline
 
 
-@pytest.fixture
-def finished(tiny_pipeline):
-    return tiny_pipeline
-
-
 def test_plan_follows_the_recipe():
     from micronet_jax.defaults import default_config
 
@@ -40,8 +35,8 @@ def test_plan_rejects_bad_targets():
         plan_stages(config)
 
 
-def test_every_stage_finishes_with_its_sparsity(finished):
-    _, workdir, _ = finished
+def test_every_stage_finishes_with_its_sparsity(tiny_pipeline):
+    _, workdir, _ = tiny_pipeline
     names = ["stage_a", "prune_01", "prune_02", "exit", "exit_prune_01"]
     for name in names:
         assert (workdir / name / "done.json").exists(), name
@@ -55,8 +50,8 @@ def test_every_stage_finishes_with_its_sparsity(finished):
     assert summaries["exit_prune_01"]["sparsity"] == summaries["prune_02"]["sparsity"]
 
 
-def test_report_is_written_and_consistent(finished):
-    _, workdir, report = finished
+def test_report_is_written_and_consistent(tiny_pipeline):
+    _, workdir, report = tiny_pipeline
     on_disk = json.loads((workdir / "report.json").read_text())
     assert on_disk["metrics"] == report["metrics"]
     assert "MicroNet score" in (workdir / "report.md").read_text()
@@ -69,8 +64,8 @@ def test_report_is_written_and_consistent(finished):
     assert honest["score"] > 0 and published["score"] > 0
 
 
-def test_rerun_skips_finished_stages(finished):
-    config, workdir, report = finished
+def test_rerun_skips_finished_stages(tiny_pipeline):
+    config, workdir, report = tiny_pipeline
     before = {p: p.stat().st_mtime_ns for p in workdir.rglob("metrics.jsonl")}
     again = run_pipeline(config, workdir)
     after = {p: p.stat().st_mtime_ns for p in workdir.rglob("metrics.jsonl")}
@@ -78,8 +73,8 @@ def test_rerun_skips_finished_stages(finished):
     assert again["metrics"] == report["metrics"]
 
 
-def test_pruned_weights_are_zero_in_final_variables(finished):
-    config, workdir, _ = finished
+def test_pruned_weights_are_zero_in_final_variables(tiny_pipeline):
+    config, workdir, _ = tiny_pipeline
     from micronet_jax.pipeline import Context, load_final, plan_stages
 
     stage = plan_stages(config)[-1]

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from archives import make_cifar10_python_archive
 from tiny_run import main_command, main_env, pipeline_outcome, stable, tiny_config
 
 from micronet_jax.errors import CheckpointError, ConfigError
@@ -308,14 +307,11 @@ def assert_same_outcome(got: dict, want: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline_reference(tmp_path_factory, compile_cache):
+def pipeline_reference(tmp_path_factory, tiny_archive, compile_cache):
     root = tmp_path_factory.mktemp("pipeline")
-    archive = root / "cifar-10-python.tar.gz"
-    make_cifar10_python_archive(archive, n_train=160, n_test=32)
-    cache = compile_cache
     tic = time.time()
-    finish(root / "reference", archive, cache)
-    return root, archive, cache, time.time() - tic
+    finish(root / "reference", tiny_archive, compile_cache)
+    return root, tiny_archive, compile_cache, time.time() - tic
 
 
 @pytest.mark.slow

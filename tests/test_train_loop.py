@@ -8,17 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-from archives import make_cifar10_python_archive
 from tiny_run import TINY, main_command, main_env, stable
 
 from micronet_jax.train import metrics as metrics_io
-
-
-@pytest.fixture(scope="module")
-def tiny_archive(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "cifar-10-python.tar.gz"
-    make_cifar10_python_archive(path, n_train=160, n_test=32)
-    return path
 
 
 def _run(workdir: Path, archive: Path, cache: Path, *overrides: str) -> None:

@@ -17,7 +17,6 @@ import pytest
 from archives import (
     cifar10_python_members,
     fake_cifar,
-    make_cifar10_python_archive,
     make_cifar100_python_archive,
     write_tar_gz,
 )
@@ -28,13 +27,6 @@ from micronet_jax.main import run
 from micronet_jax.validate import check_batch_sizes
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "cifar-10-python.tar.gz"
-    make_cifar10_python_archive(path, n_train=160, n_test=32)
-    return path
-
-
 def assert_refused(config, workdir: Path, error: type, pattern: str) -> None:
     """The run raises `error` matching `pattern`, and the workdir stays absent or empty."""
     with pytest.raises(error, match=pattern):
@@ -43,9 +35,9 @@ def assert_refused(config, workdir: Path, error: type, pattern: str) -> None:
 
 
 @pytest.fixture
-def config(archive):
+def config(tiny_archive):
     config = tiny_config("pipeline")
-    config.data.dir = str(archive)
+    config.data.dir = str(tiny_archive)
     return config
 
 
@@ -169,9 +161,9 @@ def test_data_dir_holds_the_wrong_archive(config, tmp_path):
     assert_refused(config, tmp_path / "w", DataError, "cifar-100|CIFAR-100|cifar10")
 
 
-def test_truncated_archive(config, tmp_path, archive):
+def test_truncated_archive(config, tmp_path, tiny_archive):
     cut = tmp_path / "cifar-10-python.tar.gz"
-    data = archive.read_bytes()
+    data = tiny_archive.read_bytes()
     cut.write_bytes(data[: len(data) // 2])
     config.data.dir = str(cut)
     assert_refused(config, tmp_path / "w", DataError, str(cut))
@@ -285,8 +277,8 @@ def cli(tmp_path: Path, archive: Path, *overrides: str) -> subprocess.CompletedP
         ("--config.data.name=svhn", 1, "unknown data set 'svhn'"),
     ],
 )
-def test_cli_refuses_with_one_message(tmp_path, archive, override, status, message):
-    done = cli(tmp_path, archive, override)
+def test_cli_refuses_with_one_message(tmp_path, tiny_archive, override, status, message):
+    done = cli(tmp_path, tiny_archive, override)
     assert done.returncode == status, done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
