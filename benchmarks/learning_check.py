@@ -42,7 +42,7 @@ def recipe_config(args: argparse.Namespace):
 
 
 def run_jax(args: argparse.Namespace) -> dict:
-    from micronet_jax.train.loop import train_and_evaluate
+    from micronet_jax.pipeline import train_and_evaluate
 
     config = recipe_config(args)
     with tempfile.TemporaryDirectory() as workdir:

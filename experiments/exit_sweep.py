@@ -123,18 +123,12 @@ def load_workdir(workdir: Path) -> tuple[Architecture, dict]:
     """The last finished exit stage of a pipeline run, rebuilt from its config.json."""
     from ml_collections import ConfigDict
 
-    from micronet_jax import builders
-    from micronet_jax.errors import CheckpointError
-    from micronet_jax.pipeline import Context, load_final, plan_stages
+    from micronet_jax import builders, stages
 
     config = ConfigDict(json.loads((workdir / "config.json").read_text()))
-    finished = [s for s in plan_stages(config) if (workdir / s.name / "done.json").exists()]
-    if not finished or finished[-1].kind not in ("exit", "exit_prune"):
-        raise CheckpointError(f"{workdir} holds no finished exit stage")
+    stage = stages.last_exit_stage(config, workdir)
     arch = builders.architecture_from_config(config, with_exit=True)
-    exit_model = builders.model_from_config(config, arch)
-    ctx = Context(config, None, None, None, builders.model_from_config(config), exit_model)
-    variables, _ = load_final(ctx, finished[-1], workdir / finished[-1].name)
+    variables, _ = stages.load_final(config, stage, workdir / stage.name)
     return arch, variables
 
 

@@ -70,6 +70,7 @@ def _subset(split: CifarSplit, n: int) -> CifarSplit:
         coarse_labels=None if split.coarse_labels is None else split.coarse_labels[idx],
         class_names=split.class_names,
         coarse_class_names=split.coarse_class_names,
+        source=split.source,
     )
 
 

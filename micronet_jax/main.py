@@ -9,6 +9,7 @@ SIGINT/SIGTERM (after saving a checkpoint to resume from) with 128 + the signal 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -17,7 +18,8 @@ from micronet_jax.errors import MicronetError
 from micronet_jax.runtime import enable_compilation_cache, use_cpu_cores
 from micronet_jax.train.guard import Interrupted
 from micronet_jax.train.sharding import initialize_distributed
-from micronet_jax.validate import check_resume, validate_config
+from micronet_jax.validate import validate_config
+from micronet_jax.workdir import check_resume
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file.", lock_config=True
@@ -31,7 +33,7 @@ def run(config, workdir: str | None) -> None:
     check_resume(config, workdir)
     mode = config.mode
     if mode == "train":
-        from micronet_jax.train.loop import train_and_evaluate
+        from micronet_jax.pipeline import train_and_evaluate
 
         train_and_evaluate(config, workdir)
     elif mode == "pipeline":
@@ -46,18 +48,31 @@ def run(config, workdir: str | None) -> None:
         raise MicronetError(f"config.mode must be train, pipeline or test, got {mode!r}")
 
 
+def _loaded_config():
+    """The parsed config; a config file that failed to load (a syntax error, an unknown
+    variant) is one line and exit status 2, like any other bad flag."""
+    try:
+        return _CONFIG.value
+    except OSError as exc:  # ml_collections defers the loading error to the first access
+        cause = exc.__cause__ or exc.__context__ or exc
+        reason = str(cause).strip().splitlines()[-1].strip()
+        print(f"error: --config could not be loaded: {reason}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
+    config = _loaded_config()
+    if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/reproduce.py")
     logging.set_verbosity(logging.WARNING)
     try:
-        if _CONFIG.value.cpu_devices != 1:
-            use_cpu_cores(_CONFIG.value.cpu_devices or None)
-        enable_compilation_cache(_CONFIG.value.compilation_cache)
-        initialize_distributed(_CONFIG.value.distributed)
-        run(_CONFIG.value, _WORKDIR.value)
+        if config.cpu_devices != 1:
+            use_cpu_cores(config.cpu_devices or None)
+        enable_compilation_cache(config.compilation_cache)
+        initialize_distributed(config.distributed)
+        run(config, _WORKDIR.value)
     except Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -79,11 +94,50 @@ def _flag_message(exc: Exception, argv: list[str]) -> str:
         named = [a.split("=")[0] for a in argv[1:] if f".{text}" in a.split("=")[0]]
         where = f" (in {named[0]})" if named else ""
         return f"unknown config key {text!r}{where}"
-    return text.splitlines()[0] if text else text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "Error whilst parsing config file:" + why
+        return f"{lines[0]} {lines[-1]}"
+    return lines[0] if lines else text
+
+
+def config_path_of(argv: list[str]) -> str | None:
+    """The file named by --config (without its ':variant'), if given."""
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        else:
+            continue
+        return value.split(":", 1)[0]
+    return None
+
+
+def existing_configs(path: str) -> list[str]:
+    """Config files a user may have meant: beside `path`, else in ./configs or the package's."""
+    folders = [Path(path).parent, Path("configs"), Path(__file__).resolve().parents[1] / "configs"]
+    for folder in folders:
+        found = sorted(str(f) for f in folder.glob("*.py") if f.name != "__init__.py")
+        if found and folder.is_dir():
+            return found
+    return []
+
+
+def check_config_file(argv: list[str]) -> None:
+    """A missing config file is one line naming it and the configs that exist; exit 2."""
+    path = config_path_of(argv)
+    if path is None or Path(path).is_file():
+        return
+    known = existing_configs(path)
+    hint = f"; configs: {', '.join(known)}" if known else ""
+    print(f"error: --config: no config file {path}{hint}", file=sys.stderr)
+    sys.exit(2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, but a bad override (unknown key, wrong type) is one line, no traceback."""
+    """absl's parsing, but a bad override (unknown key, wrong type) or a missing config file is
+    one line, no traceback."""
+    check_config_file(argv)
     try:
         return flags.FLAGS(argv)
     except Exception as exc:  # noqa: BLE001 - ml_collections raises Key/Attribute/Type errors

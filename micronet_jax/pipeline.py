@@ -1,32 +1,49 @@
 """The recipe as a list of stages: baseline -> pruning rounds -> exit head [-> exit pruning].
 
 Each stage trains under `workdir/<stage>/` (its own checkpoints and metrics.jsonl) and, when
-finished, saves its final variables and masks to `workdir/<stage>/final` plus `done.json`.
-A rerun skips finished stages and resumes the unfinished one from its latest checkpoint.
+finished, saves its final variables and masks to `workdir/<stage>/final` plus `done.json`
+(`stages.py` knows that layout). A rerun skips finished stages and resumes the unfinished
+one from its latest checkpoint. `train_and_evaluate` runs stage A alone (mode=train) and
+`run_test` evaluates and scores a checkpoint (mode=test).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
-import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from micronet_jax import builders, pruning
+from micronet_jax import builders, describe, pruning
 from micronet_jax.errors import CheckpointError, ConfigError
-from micronet_jax.inference import check_threshold, exit_metrics, exit_predict_exact
+from micronet_jax.inference import exit_metrics, exit_predict_exact
 from micronet_jax.models.efficientnet import MicroNet, init_variables
-from micronet_jax.report import build_report, report_markdown, write_report
+from micronet_jax.scorecard import build_report, report_markdown, write_report
+from micronet_jax.stages import (
+    StageSpec,
+    is_done,
+    last_exit_stage,
+    load_final,
+    plan_stages,
+    read_summary,
+    save_final,
+)
 from micronet_jax.train import sharding
-from micronet_jax.train.checkpoint import Checkpointer
-from micronet_jax.train.loop import DeviceData, Schedule, fit, guard_options, step_config_from
+from micronet_jax.train.loop import (
+    DeviceData,
+    Schedule,
+    fit,
+    guard_options,
+    is_primary,
+    resolve_steps_per_dispatch,
+    step_config_from,
+)
 from micronet_jax.train.optim import lr_at_epoch, make_optimizer
+from micronet_jax.train.progress import StageBar, format_duration
 from micronet_jax.train.state import (
     create_exit_state,
     create_train_state,
@@ -34,44 +51,8 @@ from micronet_jax.train.state import (
     ones_masks,
     variables_of,
 )
-from micronet_jax.train.steps import evaluate, step_function
-from micronet_jax.validate import check_resume, record_config
-
-
-@dataclasses.dataclass(frozen=True)
-class StageSpec:
-    name: str  # stage_a, prune_01, ..., exit, exit_prune_01, ...
-    kind: str  # baseline | prune | exit | exit_prune
-    epochs: int
-    target: float | None = None  # cumulative sparsity (percent) of a pruning round
-
-
-def scaled_epochs(epochs: int, scale: float) -> int:
-    return max(1, round(epochs * scale))
-
-
-def plan_stages(config: Any) -> list[StageSpec]:
-    """The stages `config.pipeline` asks for, in order."""
-    p = config.pipeline
-    if p.epoch_scale <= 0:
-        raise ConfigError(f"pipeline.epoch_scale must be positive, got {p.epoch_scale}")
-    prune_targets = pruning.validate_targets(p.prune_targets)
-    exit_targets = pruning.validate_targets(p.exit_prune_targets)
-    check_threshold(p.threshold)
-    s = p.epoch_scale
-    stages = [StageSpec("stage_a", "baseline", scaled_epochs(p.baseline_epochs, s))]
-    for i, target in enumerate(prune_targets, 1):
-        stages.append(
-            StageSpec(f"prune_{i:02d}", "prune", scaled_epochs(p.prune_epochs, s), target)
-        )
-    stages.append(StageSpec("exit", "exit", scaled_epochs(p.exit_epochs, s)))
-    for i, target in enumerate(exit_targets, 1):
-        stages.append(
-            StageSpec(
-                f"exit_prune_{i:02d}", "exit_prune", scaled_epochs(p.exit_prune_epochs, s), target
-            )
-        )
-    return stages
+from micronet_jax.train.steps import as_variables, evaluate, step_function
+from micronet_jax.workdir import check_resume, record_config
 
 
 @dataclasses.dataclass
@@ -85,6 +66,7 @@ class Context:
     model: MicroNet  # main network only
     exit_model: MicroNet  # with the exit head
     mesh: Any = None  # a 'data' mesh when training data-parallel over several devices
+    data_line: str = ""  # what was loaded, from where (for the banner)
 
     @classmethod
     def from_config(cls, config: Any) -> Context:
@@ -100,6 +82,7 @@ class Context:
             model=builders.model_from_config(config, arch),
             exit_model=builders.model_from_config(config, exit_arch),
             mesh=mesh,
+            data_line=describe.data_line(config.data.name, train, test),
         )
 
     def schedule(self, epochs: int) -> Schedule:
@@ -114,6 +97,24 @@ class Context:
             checkpoint_every=t.checkpoint_every,
         )
 
+    @property
+    def steps_per_dispatch(self) -> int:
+        return resolve_steps_per_dispatch(self.config.train.steps_per_dispatch)
+
+    def announce(self, stages: list[StageSpec], workdir: Path) -> None:
+        """The banner: devices, data, model, plan and what is resumed (first process only)."""
+        if not is_primary():
+            return
+        spe = self.schedule(1).steps_per_epoch
+        lines = [
+            describe.device_line(),
+            self.data_line,
+            describe.model_line(self.exit_model.arch),
+            describe.plan_line(stages, spe, self.config.train.batch_size, self.steps_per_dispatch),
+            describe.workdir_line(workdir, stages, spe),
+        ]
+        print("\n".join(lines), flush=True)
+
 
 def _stage_seed(config: Any, index: int) -> int:
     return int(config.seed) * 1000 + index
@@ -124,16 +125,20 @@ def _initial_variables(ctx: Context, model: MicroNet) -> dict:
 
 
 def _train(
-    ctx: Context, stage: StageSpec, index: int, variables: dict, masks: Any, workdir: Path
+    ctx: Context,
+    stage: StageSpec,
+    seed: int,
+    variables: dict,
+    masks: Any,
+    workdir: Path,
+    bar: StageBar,
 ) -> tuple[dict, Any, list[dict]]:
     """Train one stage from (variables, masks); return the final (variables, masks, metrics)."""
     config, t = ctx.config, ctx.config.train
     schedule = ctx.schedule(stage.epochs)
     spe = schedule.steps_per_epoch
     tx = make_optimizer(t.lr, stage.epochs, spe, t.momentum, t.weight_decay)
-    seed = _stage_seed(config, index)
-    is_exit = stage.kind in ("exit", "exit_prune")
-    if is_exit:
+    if stage.has_exit_head:
         overrides = dict(
             mixup_alpha=config.data.mixup_alpha if config.pipeline.exit_mixup else 0.0,
             autoaugment=config.pipeline.exit_autoaugment,
@@ -146,21 +151,26 @@ def _train(
         state = create_train_state(model.apply, variables, tx, seed, masks)
     state = sharding.place_state(state, ctx.mesh)
     step_cfg = step_config_from(config, stage.epochs, spe, **overrides)
-    evaluate_fn = functools.partial(_evaluate, ctx, model, is_exit)
+    params = sharding.local_copy(variables["params"])
+    constants = {"sparsity": pruning.global_sparsity(params, pruning.main_network)}
+    if stage.has_exit_head:
+        constants["exit_sparsity"] = pruning.global_sparsity(params, pruning.exit_head)
     state, records = fit(
         state,
-        step_function(step_cfg, exit_head=is_exit),
+        step_function(step_cfg, exit_head=stage.has_exit_head),
         ctx.train,
         schedule,
         workdir,
-        evaluate_fn=evaluate_fn,
+        evaluate_fn=functools.partial(_evaluate, ctx, model, stage.has_exit_head),
         lr_of_epoch=lambda e: lr_at_epoch(t.lr, stage.epochs, e),
         keep_checkpoints=t.keep_checkpoints,
-        progress=t.progress,
+        progress=bar,
         desc=stage.name,
+        steps_per_dispatch=ctx.steps_per_dispatch,
+        constants=constants,
         **guard_options(t),
     )
-    if is_exit:
+    if stage.has_exit_head:
         final_masks = dict(masks)
         final_masks["exit_head"] = state.masks
         return full_variables(state), final_masks, records
@@ -168,9 +178,8 @@ def _train(
 
 
 def _evaluate(ctx: Context, model: MicroNet, is_exit: bool, state: Any) -> dict[str, float]:
-    from micronet_jax.train.steps import as_variables
-
-    variables = as_variables(state)
+    """Test metrics on this process's devices (every process of a multi-host job the same)."""
+    variables = sharding.local_copy(as_variables(state))
     batch = ctx.config.train.eval_batch_size
     if not is_exit:
         return evaluate(variables, model.apply, ctx.test_images, ctx.test_labels, batch)
@@ -187,6 +196,7 @@ def _prepare(
     if stage.kind == "baseline":
         variables = _initial_variables(ctx, ctx.model)
         return variables, ones_masks(variables["params"])
+    variables = sharding.local_copy(variables)
     if stage.kind == "prune":
         masks = pruning.prune_masks(variables["params"], stage.target, masks, pruning.main_network)
         masks = jax.tree_util.tree_map(np.asarray, masks)
@@ -207,33 +217,36 @@ def _prepare(
     return variables, jax.tree_util.tree_map(np.asarray, masks)
 
 
-def _final_template(ctx: Context, stage: StageSpec) -> dict:
-    model = ctx.exit_model if stage.kind in ("exit", "exit_prune") else ctx.model
-    variables = jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))
-    return {**variables, "masks": variables["params"]}
+def _summary(stage: StageSpec, variables: dict, records: list[dict], seconds: float) -> dict:
+    params = sharding.local_copy(variables["params"])
+    return {
+        "stage": stage.name,
+        "epochs": stage.epochs,
+        "target": stage.target,
+        "final": records[-1] if records else {},
+        "sparsity": pruning.global_sparsity(params, pruning.main_network),
+        "exit_sparsity": pruning.global_sparsity(params, pruning.exit_head)
+        if "exit_head" in params
+        else None,
+        "layer_sparsity": pruning.sparsity_by_layer(params),
+        "seconds": seconds,
+    }
 
 
-def _save_final(workdir: Path, variables: dict, masks: Any, summary: dict) -> None:
-    """`final` then done.json; a `final` left by a run killed before done.json is redone."""
-    if (workdir / "final").exists():
-        shutil.rmtree(workdir / "final")
-    ckpt = Checkpointer(workdir / "final", keep=1)
-    ckpt.save(0, {**variables, "masks": masks}, summary)
-    ckpt.close()
-    tmp = workdir / "done.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-    os.replace(tmp, workdir / "done.json")
-
-
-def load_final(ctx: Context, stage: StageSpec, workdir: Path) -> tuple[dict, Any]:
-    """A finished stage's final variables and masks."""
-    ckpt = Checkpointer(workdir / "final", keep=1)
-    try:
-        tree, _, _ = ckpt.restore(_final_template(ctx, stage))
-    finally:
-        ckpt.close()
-    masks = tree.pop("masks")
-    return tree, masks
+def _stage_bar(ctx: Context, stages: list[StageSpec], index: int, workdir: Path) -> StageBar:
+    """'stage i/n name', with the steps of the stages still to come for the overall estimate."""
+    stage = stages[index]
+    spe = ctx.schedule(stage.epochs).steps_per_epoch
+    step = describe.latest_checkpoint_step(workdir / stage.name) or 0
+    later = sum(s.epochs for s in stages[index + 1 :]) * spe
+    return StageBar(
+        f"stage {index + 1}/{len(stages)} {stage.name}",
+        stage.epochs * spe,
+        initial=step,
+        later_steps=later,
+        enabled=ctx.config.train.progress,
+        quiet=not is_primary(),
+    )
 
 
 def run_pipeline(config: Any, workdir: str | Path) -> dict[str, Any]:
@@ -242,39 +255,81 @@ def run_pipeline(config: Any, workdir: str | Path) -> dict[str, Any]:
     check_resume(config, workdir)
     ctx = Context.from_config(config)
     workdir = Path(workdir)
-    record_config(config, workdir)
+    ctx.announce(stages, workdir)
+    if is_primary():
+        record_config(config, workdir)
     variables, masks = None, None
     for index, stage in enumerate(stages):
+        position = f"stage {index + 1}/{len(stages)}"
         stage_dir = workdir / stage.name
-        if (stage_dir / "done.json").exists():
-            variables, masks = load_final(ctx, stage, stage_dir)
+        if is_done(workdir, stage):
+            variables, masks = load_final(config, stage, stage_dir)
+            if is_primary():
+                print(describe.finished_stage_line(position, stage, workdir), flush=True)
             continue
+        tic = time.perf_counter()
+        bar = _stage_bar(ctx, stages, index, workdir)
         variables, masks = _prepare(ctx, stage, variables, masks)
-        variables, masks, records = _train(ctx, stage, index, variables, masks, stage_dir)
-        params = variables["params"]
-        summary = {
-            "stage": stage.name,
-            "epochs": stage.epochs,
-            "target": stage.target,
-            "final": records[-1] if records else {},
-            "sparsity": pruning.global_sparsity(params),
-            "exit_sparsity": pruning.global_sparsity(params, pruning.exit_head)
-            if "exit_head" in params
-            else None,
-            "layer_sparsity": pruning.sparsity_by_layer(params),
-        }
-        _save_final(stage_dir, variables, masks, summary)
+        seed = _stage_seed(config, index)
+        variables, masks, records = _train(ctx, stage, seed, variables, masks, stage_dir, bar)
+        summary = _summary(stage, variables, records, time.perf_counter() - tic)
+        save_final(stage_dir, variables, masks, summary, write_summary=is_primary())
+        bar.note(
+            f"{position} {stage.name} done in {format_duration(summary['seconds'])}: "
+            + describe.stage_result(summary)
+        )
     report = build_report(
         ctx.exit_model,
-        variables,
+        sharding.local_copy(variables),
         np.asarray(ctx.test_images),
         ctx.test_labels,
         config.pipeline.threshold,
         config.train.eval_batch_size,
-        stages=[json.loads((workdir / s.name / "done.json").read_text()) for s in stages],
+        stages=[read_summary(workdir, s) for s in stages],
     )
-    write_report(workdir, report)
+    if is_primary():
+        write_report(workdir, report)
     return report
+
+
+def train_and_evaluate(config: Any, workdir: str | Path) -> tuple[Any, list[dict[str, Any]]]:
+    """Stage A of the recipe alone (mode=train): the dense network from scratch, for
+    `config.train.epochs` epochs, its files directly under `workdir`."""
+    check_resume(config, workdir)
+    ctx = Context.from_config(config)
+    workdir = Path(workdir)
+    stage = StageSpec("baseline", "baseline", config.train.epochs)
+    if is_primary():
+        print("\n".join(_train_banner(ctx, stage, workdir)), flush=True)
+        record_config(config, workdir)
+    spe = ctx.schedule(stage.epochs).steps_per_epoch
+    bar = StageBar(
+        "baseline",
+        stage.epochs * spe,
+        initial=describe.latest_checkpoint_step(workdir) or 0,
+        enabled=config.train.progress,
+        quiet=not is_primary(),
+    )
+    variables, masks = _prepare(ctx, stage, None, None)
+    tic = time.perf_counter()
+    variables, _, records = _train(ctx, stage, int(config.seed), variables, masks, workdir, bar)
+    summary = _summary(stage, variables, records, time.perf_counter() - tic)
+    took = format_duration(summary["seconds"])
+    bar.note(f"baseline done in {took}: " + describe.stage_result(summary))
+    return variables, records
+
+
+def _train_banner(ctx: Context, stage: StageSpec, workdir: Path) -> list[str]:
+    spe = ctx.schedule(stage.epochs).steps_per_epoch
+    step = describe.latest_checkpoint_step(workdir)
+    resumed = f"resumes at step {step:,}" if step is not None else "new run"
+    return [
+        describe.device_line(),
+        ctx.data_line,
+        describe.model_line(ctx.model.arch),
+        describe.plan_line([stage], spe, ctx.config.train.batch_size, ctx.steps_per_dispatch),
+        f"workdir: {workdir} ({resumed})",
+    ]
 
 
 def run_test(config: Any, workdir: str | Path | None) -> dict[str, Any]:
@@ -289,26 +344,22 @@ def run_test(config: Any, workdir: str | Path | None) -> dict[str, Any]:
 
         converted = load_original(path)
         model, variables = converted.model, converted.variables
-        expected = converted.arch.num_classes
     else:
-        ctx_config = config
-        stages = plan_stages(ctx_config)
-        finished = [s for s in stages if (path / s.name / "done.json").exists()]
-        if not finished or finished[-1].kind not in ("exit", "exit_prune"):
-            raise CheckpointError(
-                f"{path} holds no finished exit stage (found: {[s.name for s in finished]})"
-            )
-        exit_arch = builders.architecture_from_config(config, with_exit=True)
-        model = builders.model_from_config(config, exit_arch)
-        ctx = Context(config, None, None, None, builders.model_from_config(config), model)
-        variables, _ = load_final(ctx, finished[-1], path / finished[-1].name)
-        expected = exit_arch.num_classes
+        stage = last_exit_stage(config, path)
+        model = builders.model_from_config(
+            config, builders.architecture_from_config(config, with_exit=True)
+        )
+        variables, _ = load_final(config, stage, path / stage.name)
     _, test = builders.load_data(config)
+    expected = model.arch.num_classes
     if test.num_classes != expected:
         raise ConfigError(
             f"the checkpoint has {expected} classes but data set {config.data.name!r} has "
             f"{test.num_classes}"
         )
+    if is_primary():
+        lines = [describe.device_line(), describe.data_line(config.data.name, None, test)]
+        print("\n".join([*lines, describe.model_line(model.arch), f"checkpoint: {path}"]))
     report = build_report(
         model,
         variables,

@@ -1,24 +1,19 @@
-"""Checks of a config and its workdir before any data is loaded or anything compiles.
+"""Checks of a config before any data is loaded or anything compiles.
 
 A mistake found after minutes of compilation (or hours of training) wastes the run, so
 `validate_config` looks at every value it can judge cheaply and raises one ConfigError
-naming it. `check_resume` refuses to continue a workdir that was started with a different
-recipe; `record_config` writes `workdir/config.json` once the data has loaded.
+naming it. (Whether a workdir may be resumed with a config is `workdir.check_resume`.)
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import jax
 
 from micronet_jax import builders, pruning
-from micronet_jax.data.policy import Policy
+from micronet_jax.data.policy import Policy, load_policy
 from micronet_jax.errors import ConfigError
 from micronet_jax.inference import check_threshold
 from micronet_jax.models.conv import CONV_IMPLS
@@ -26,31 +21,6 @@ from micronet_jax.train.guard import NAN_POLICIES
 
 MODES = ("train", "pipeline", "test")
 SOURCES = ("auto", "archive", "tfds")
-CONFIG_FILE = "config.json"
-
-# Keys whose change makes a workdir's checkpoints mean something else. Not listed (free to
-# change on resume): progress bars, eval/checkpoint frequency, kept checkpoints, eval batch
-# size, cache and data paths, download, nan checking and fault injection, force_restart.
-RECIPE_KEYS = (
-    "mode",
-    "seed",
-    "model.*",
-    "data.name",
-    "data.num_train",
-    "data.num_test",
-    "data.autoaugment",
-    "data.policy",
-    "data.mixup_alpha",
-    "train.epochs",
-    "train.batch_size",
-    "train.lr",
-    "train.momentum",
-    "train.weight_decay",
-    "train.label_smoothing",
-    "train.drop_last",
-    "train.nan_policy",
-    "pipeline.*",
-)
 
 
 def _positive(name: str, value: Any) -> None:
@@ -94,8 +64,6 @@ def check_policy_file(path: str) -> None:
     """A policy file must read as JSON and every row must name known ops and valid values."""
     if not path:
         return
-    from micronet_jax.train.loop import load_policy
-
     Policy.from_rows(load_policy(path))
 
 
@@ -106,6 +74,7 @@ def _check_train(config: Any) -> None:
     _positive("train.nan_check_every", t.nan_check_every)
     _at_least("train.weight_decay", t.weight_decay, 0)
     _at_least("train.min_free_mb", t.min_free_mb, 0)
+    _at_least("train.steps_per_dispatch", t.steps_per_dispatch, 0)
     _fraction("train.momentum", t.momentum)
     _fraction("train.label_smoothing", t.label_smoothing)
     _choice("train.nan_policy", t.nan_policy, NAN_POLICIES)
@@ -167,100 +136,3 @@ def validate_config(config: Any, workdir: str | None = None) -> None:
     check_batch_sizes(config)
     if config.mode != "train":
         _check_pipeline(config)
-
-
-def recipe_of(config: Any) -> dict[str, Any]:
-    """The flattened values of RECIPE_KEYS (JSON types, so they compare with config.json)."""
-    return recipe_of_json(json.loads(config.to_json()))
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """'key: old -> new' for every recipe key that differs."""
-    keys = sorted(set(old) | set(new))
-    return [
-        f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
-        for k in keys
-        if old.get(k, "<absent>") != new.get(k, "<absent>")
-    ]
-
-
-def _saved_recipe(workdir: Path) -> dict[str, Any] | None:
-    path = workdir / CONFIG_FILE
-    if not path.exists():
-        return None
-    try:
-        return recipe_of_json(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(
-            f"{path} is unreadable ({exc}); pass --config.force_restart=True to start over"
-        ) from None
-
-
-def recipe_of_json(saved: dict[str, Any]) -> dict[str, Any]:
-    """The RECIPE_KEYS entries of a config read back from JSON, flattened."""
-    flat = flatten(saved)
-    return {
-        k: v
-        for k, v in flat.items()
-        if any(k == p or (p.endswith(".*") and k.startswith(p[:-1])) for p in RECIPE_KEYS)
-    }
-
-
-def check_resume(config: Any, workdir: str | Path | None) -> None:
-    """Refuse a workdir started with another recipe (unless force_restart); read-only."""
-    if not workdir or config.mode == "test" or config.force_restart:
-        return
-    old = _saved_recipe(Path(workdir))
-    if old is None:
-        return
-    diffs = config_differences(old, recipe_of(config))
-    if diffs:
-        raise ConfigError(
-            f"{workdir} was started with another config; differing keys (old -> new): "
-            + "; ".join(diffs)
-            + ". Use the old values, another --workdir, or --config.force_restart=True "
-            "(moves the old contents to .old-<timestamp>/)"
-        )
-
-
-def move_aside(workdir: Path) -> Path | None:
-    """Move everything in `workdir` (but earlier .old-* folders) to workdir/.old-<time>/."""
-    entries = [p for p in workdir.iterdir() if not p.name.startswith(".old-")]
-    if not entries:
-        return None
-    target = workdir / time.strftime(".old-%Y%m%d-%H%M%S")
-    suffix = 0
-    while target.exists():
-        suffix += 1
-        target = workdir / (time.strftime(".old-%Y%m%d-%H%M%S") + f"-{suffix}")
-    target.mkdir()
-    for entry in entries:
-        shutil.move(str(entry), target / entry.name)
-    return target
-
-
-def record_config(config: Any, workdir: str | Path) -> None:
-    """After the data loaded: on force_restart move old contents aside, then write
-    config.json (first run) so that later runs can be compared with it."""
-    workdir = Path(workdir)
-    if config.force_restart and workdir.exists():
-        moved = move_aside(workdir)
-        if moved is not None:
-            print(f"force_restart: moved the old contents of {workdir} to {moved}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / CONFIG_FILE
-    if path.exists() and not config.force_restart:
-        return
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(config.to_json(indent=2, sort_keys=True))
-    tmp.replace(path)

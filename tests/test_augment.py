@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from micronet_jax.data import augment
-from micronet_jax.models.architecture import CIFAR100_MEAN, CIFAR100_STD
+from micronet_jax.data.augment import CIFAR100_MEAN, CIFAR100_STD
 
 
 @pytest.fixture(scope="module")

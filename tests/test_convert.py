@@ -26,8 +26,9 @@ from micronet_jax.convert import (
     load_original,
     validate_state_dict,
 )
+from micronet_jax.data.augment import CIFAR100_MEAN, CIFAR100_STD
 from micronet_jax.errors import CheckpointError
-from micronet_jax.models.architecture import CIFAR100_MEAN, CIFAR100_STD, build_architecture
+from micronet_jax.models.architecture import build_architecture
 from micronet_jax.torch_pickle import load_state_dict, load_torch_file
 
 pytestmark = pytest.mark.shared

@@ -12,10 +12,9 @@ import pytest
 from archives import make_cifar10_python_archive
 
 from experiments import architecture_search, autoaugment_search, exit_sweep, scaling_search
-from micronet_jax.data.policy import Policy
+from micronet_jax.data.policy import Policy, load_policy
 from micronet_jax.models.architecture import BASE_BLOCK_STRINGS, build_architecture
 from micronet_jax.scoring import count_micronet, measured_sparsity
-from micronet_jax.train.loop import load_policy
 from micronet_jax.validate import check_policy_file
 
 pytest.importorskip("optuna")

@@ -11,7 +11,8 @@ from tiny_run import tiny_config
 
 from micronet_jax import pruning
 from micronet_jax.errors import ConfigError
-from micronet_jax.pipeline import plan_stages, run_pipeline
+from micronet_jax.pipeline import run_pipeline
+from micronet_jax.stages import plan_stages
 
 
 def test_plan_follows_the_recipe():
@@ -75,17 +76,10 @@ def test_rerun_skips_finished_stages(tiny_pipeline):
 
 def test_pruned_weights_are_zero_in_final_variables(tiny_pipeline):
     config, workdir, _ = tiny_pipeline
-    from micronet_jax.pipeline import Context, load_final, plan_stages
+    from micronet_jax.stages import load_final, plan_stages
 
     stage = plan_stages(config)[-1]
-    ctx = Context(config, None, None, None, None, None)
-    from micronet_jax import builders
-
-    ctx.model = builders.model_from_config(config)
-    ctx.exit_model = builders.model_from_config(
-        config, builders.architecture_from_config(config, with_exit=True)
-    )
-    variables, masks = load_final(ctx, stage, workdir / stage.name)
+    variables, masks = load_final(config, stage, workdir / stage.name)
     for w, m in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(masks), strict=True):
         w, m = np.asarray(w), np.asarray(m)
         assert np.all(w[m == 0] == 0)

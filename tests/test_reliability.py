@@ -29,7 +29,7 @@ from micronet_jax.train import metrics as metrics_io
 from micronet_jax.train.checkpoint import Checkpointer
 from micronet_jax.train.guard import Interrupted, NonFiniteError
 from micronet_jax.train.state import create_train_state
-from micronet_jax.validate import check_resume, record_config
+from micronet_jax.workdir import check_resume, record_config
 
 EPOCHS, BATCH, N = 4, 8, 40  # 5 steps per epoch
 

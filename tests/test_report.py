@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from micronet_jax import builders, plots
-from micronet_jax.report import load_run_config, main, stage_dirs
+from micronet_jax.report import load_run_config, main
 from micronet_jax.scoring import count_micronet
+from micronet_jax.stages import stage_dirs
 
 pytest.importorskip("matplotlib")
 

@@ -60,8 +60,7 @@ def pipeline_outcome(workdir: Path) -> dict:
     stage's metrics and summary, the report's metrics, the final stage's params and masks."""
     import jax
 
-    from micronet_jax import builders
-    from micronet_jax.pipeline import Context, load_final, plan_stages
+    from micronet_jax.stages import load_final, plan_stages
     from micronet_jax.train import metrics as metrics_io
 
     config = tiny_config("pipeline")
@@ -74,9 +73,6 @@ def pipeline_outcome(workdir: Path) -> dict:
         done["final"] = stable([done["final"]])[0]
         result[f"{stage.name}/done"] = done
     result["report"] = json.loads((workdir / "report.json").read_text())["metrics"]
-    exit_arch = builders.architecture_from_config(config, with_exit=True)
-    ctx = Context(config, None, None, None, builders.model_from_config(config), None)
-    ctx.exit_model = builders.model_from_config(config, exit_arch)
-    variables, masks = load_final(ctx, stages[-1], workdir / stages[-1].name)
+    variables, masks = load_final(config, stages[-1], workdir / stages[-1].name)
     result["leaves"] = [np.asarray(x) for x in jax.tree.leaves((variables, masks))]
     return result

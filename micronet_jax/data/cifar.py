@@ -14,6 +14,7 @@ Layouts read (given as the archive file, a directory holding it, or the extracte
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import os
@@ -88,6 +89,7 @@ class CifarSplit:
     coarse_labels: np.ndarray | None = field(default=None, repr=False)
     class_names: tuple[str, ...] | None = field(default=None, repr=False)
     coarse_class_names: tuple[str, ...] | None = field(default=None, repr=False)
+    source: str | None = field(default=None, repr=False)  # the file, folder or TFDS it came from
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -190,12 +192,12 @@ def _load(
     for split in splits:
         _check_choice("split", split, SPLITS)
     if source == "tfds":
-        return [_load_tfds(name, split, data_dir) for split in splits]
+        return [_from(_load_tfds(name, split, data_dir), "TFDS") for split in splits]
     root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
     path = _find_local(name, root)
     if path is None and source == "auto" and _tfds_installed():
         try:
-            return [_load_tfds(name, split, None) for split in splits]
+            return [_from(_load_tfds(name, split, None), "TFDS") for split in splits]
         except DataError:
             pass  # not prepared there: carry on with the archive
     if path is None:
@@ -204,7 +206,11 @@ def _load(
         path = _download(name, root, url, md5)
     elif verify_checksum:
         _verify_local(path, md5)
-    return _read_splits(name, path, splits)
+    return [_from(split, str(path)) for split in _read_splits(name, path, splits)]
+
+
+def _from(split: CifarSplit, source: str) -> CifarSplit:
+    return dataclasses.replace(split, source=source)
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
@@ -254,7 +260,8 @@ def _missing_message(name: str, root: Path, *, downloaded: bool) -> str:
     fix = "put it" if downloaded else "download it with download=True, or put it"
     return (
         f"No {official.title} data in {root}. {_expected_text(name)}: {fix} in {root}, "
-        f"or pass its path as data_dir."
+        f"or pass its path: --config.data.dir=PATH on the command line (data_dir=PATH in "
+        "Python)."
     )
 
 

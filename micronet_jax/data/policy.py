@@ -10,8 +10,10 @@ from one `jax.random` key and applies each stage to the whole batch at once
 from __future__ import annotations
 
 import dataclasses
+import json
 import numbers
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -159,6 +161,18 @@ class Policy:
 
 
 CIFAR100_POLICY = Policy.from_rows(CIFAR100_ROWS)
+
+
+def load_policy(path: str) -> tuple[Row, ...] | None:
+    """None (the CIFAR-100 policy) for an empty path, else the rows of a JSON policy file as
+    a hashable tuple (a jitted step closes over it)."""
+    if not path:
+        return None
+    try:
+        rows = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"data.policy {path!r} is not a readable JSON policy: {exc}") from None
+    return tuple(tuple(row) for row in rows)
 
 
 class Decisions(NamedTuple):

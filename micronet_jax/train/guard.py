@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from micronet_jax.errors import MicronetError
 
@@ -119,53 +120,69 @@ class StopSignals:
 class EpochProgress:
     """Running sums of one epoch, so a checkpoint taken mid-epoch resumes its averages exactly.
 
-    `pending` holds the device `ok` flags not yet read on the host, with their global steps.
+    Steps are dispatched one at a time or K at a time (`add(..., steps=K)` with metrics
+    stacked along a leading axis of K). Their metrics stay on the device in `pending` until
+    `flush` reads them in one transfer and folds the finite steps, in step order, into
+    float64 sums weighted by batch size; so the averages do not depend on how the steps were
+    grouped, nor on where a run was interrupted.
     """
 
     epoch: int
     first_step: int  # global step of the epoch's first batch
-    index: int = 0  # batches of the epoch done
-    sums: dict[str, Any] = dataclasses.field(default_factory=dict)
-    weight: Any = 0
+    index: int = 0  # batches of the epoch dispatched
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    weight: float = 0.0
     skipped: int = 0
-    pending: list[tuple[int, jax.Array]] = dataclasses.field(default_factory=list)
+    # (global step of the first, batch size, number of steps, metrics on the device)
+    pending: list[tuple[int, int, int, dict[str, Any]]] = dataclasses.field(default_factory=list)
+    latest: dict[str, float] = dataclasses.field(default_factory=dict)  # last finite step read
 
-    def add(self, metrics: dict[str, jax.Array], size: int) -> None:
-        """Accumulate one step's metrics (weighted by batch size) without a device sync."""
-        metrics = dict(metrics)
-        ok = metrics.pop("ok", None)
-        for name, value in metrics.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value * size
-        if ok is None:
-            self.weight = self.weight + size
-        else:
-            self.weight = self.weight + jnp.where(ok, size, 0).astype(jnp.float32)
-            self.pending.append((self.first_step + self.index, ok))
-        self.index += 1
+    def add(self, metrics: dict[str, jax.Array], size: int, steps: int = 1) -> None:
+        """Record `steps` dispatched steps of batch `size` (no device sync)."""
+        self.pending.append((self.first_step + self.index, size, steps, metrics))
+        self.index += steps
 
-    def bad_steps(self) -> list[int]:
-        """Read the pending flags (one host transfer); the global steps that were not finite."""
-        if not self.pending:
+    @property
+    def pending_steps(self) -> int:
+        return sum(steps for _, _, steps, _ in self.pending)
+
+    def flush(self, lag: int = 0) -> list[int]:
+        """Read the pending metrics but the newest `lag` dispatches (one host transfer); fold
+        the finite steps into the sums; return the global steps that were not finite."""
+        ready = self.pending[: len(self.pending) - lag] if lag else list(self.pending)
+        if not ready:
             return []
-        flags = jax.device_get([ok for _, ok in self.pending])
-        bad = [step for (step, _), ok in zip(self.pending, flags, strict=True) if not ok]
-        self.pending.clear()
+        values = jax.device_get([metrics for *_, metrics in ready])
+        bad = []
+        for (first, size, steps, _), metrics in zip(ready, values, strict=True):
+            rows = {name: np.asarray(v).reshape(steps) for name, v in metrics.items()}
+            ok = rows.pop("ok", np.ones(steps, bool))
+            for j in range(steps):
+                if not ok[j]:
+                    bad.append(first + j)
+                    continue
+                for name, column in rows.items():
+                    self.sums[name] = self.sums.get(name, 0.0) + float(column[j]) * size
+                self.weight += size
+                self.latest = {name: float(column[j]) for name, column in rows.items()}
+        del self.pending[: len(ready)]
         return bad
 
     def averages(self) -> dict[str, float]:
-        weight = float(self.weight)
-        if weight == 0:
+        if self.pending:
+            raise RuntimeError("flush the pending metrics before averaging")
+        if self.weight == 0:
             return {name: float("nan") for name in self.sums}
-        return {name: float(value) / weight for name, value in self.sums.items()}
+        return {name: value / self.weight for name, value in self.sums.items()}
 
     def to_json(self) -> dict[str, Any]:
         if self.pending:
-            raise RuntimeError("read the pending flags (bad_steps) before saving")
+            raise RuntimeError("flush the pending metrics before saving")
         return {
             "epoch": self.epoch,
             "index": self.index,
-            "sums": {name: float(value) for name, value in self.sums.items()},
-            "weight": float(self.weight),
+            "sums": dict(self.sums),
+            "weight": self.weight,
             "skipped": self.skipped,
         }
 
@@ -183,8 +200,9 @@ class EpochProgress:
 
 @dataclasses.dataclass
 class Watch:
-    """Polled by the loop at every step boundary: reads the finiteness flags every
-    `check_every` steps (and whenever asked to flush) and notices stop signals."""
+    """Polled by the loop at every dispatch boundary: reads the metrics and finiteness flags
+    once `check_every` steps are pending (leaving the newest dispatch in flight, so the
+    device never waits for the host) and notices stop signals."""
 
     policy: str
     check_every: int
@@ -192,9 +210,9 @@ class Watch:
     stage: str
     steps_per_epoch: int
 
-    def check(self, progress: EpochProgress) -> None:
-        """Raise NonFiniteError ('stop') or count skipped steps ('skip')."""
-        bad = progress.bad_steps()
+    def check(self, progress: EpochProgress, lag: int = 0) -> None:
+        """Read pending flags; raise NonFiniteError ('stop') or count skipped steps ('skip')."""
+        bad = progress.flush(lag)
         if not bad:
             return
         first = bad[0]
@@ -212,8 +230,11 @@ class Watch:
         progress.skipped += len(bad)
         log.warning("skipped %d non-finite step(s), the first in %s", len(bad), where)
 
+    def due(self, progress: EpochProgress) -> bool:
+        return progress.pending_steps >= self.check_every and len(progress.pending) > 1
+
     def __call__(self, progress: EpochProgress) -> bool:
-        """True when the loop should stop at this step boundary (a signal arrived)."""
-        if len(progress.pending) >= self.check_every:
-            self.check(progress)
+        """True when the loop should stop at this boundary (a signal arrived)."""
+        if self.due(progress):
+            self.check(progress, lag=1)
         return self.signals.requested

@@ -19,9 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from micronet_jax.data.policy import load_policy
+from micronet_jax.errors import CheckpointError
 from micronet_jax.train import metrics as metrics_io
 from micronet_jax.train.checkpoint import Checkpointer
-from micronet_jax.train.guard import EpochProgress, GuardedStep, StopSignals, Watch
+from micronet_jax.train.guard import EpochProgress, GuardedStep, Interrupted, StopSignals, Watch
+from micronet_jax.train.metrics import ScalarWriter
+from micronet_jax.train.progress import StageBar
 from micronet_jax.train.state import SHUFFLE_STREAM, STEP_STREAM, stream_key
 
 log = logging.getLogger(__name__)
@@ -78,13 +82,21 @@ class Schedule:
 
 StepFn = Callable[[Any, dict, jax.Array], tuple[Any, dict]]
 
+# Train steps per dispatch on accelerators when `train.steps_per_dispatch` is 0 (auto): long
+# enough that the host's dispatch cost vanishes beside the device's work, short enough that
+# signals and NaN checks are still answered within a fraction of a second.
+ACCELERATOR_STEPS_PER_DISPATCH = 16
 
-@functools.partial(
-    jax.jit, static_argnames=("step_fn", "batch_size", "batch_sharding"), donate_argnums=(0,)
-)
-def _run_batch(
-    state, images, labels, perm, start, *, step_fn: StepFn, batch_size: int, batch_sharding=None
-):
+
+def resolve_steps_per_dispatch(value: int) -> int:
+    """`value`, or for 0 (auto): 1 on CPU (a step there takes far longer than its dispatch),
+    `ACCELERATOR_STEPS_PER_DISPATCH` on a GPU or TPU."""
+    if value:
+        return int(value)
+    return 1 if jax.default_backend() == "cpu" else ACCELERATOR_STEPS_PER_DISPATCH
+
+
+def _one_step(state, images, labels, perm, start, step_fn, batch_size, batch_sharding):
     """Gather one shuffled batch on the device and run the step on it."""
     idx = lax.dynamic_slice(perm, (start,), (batch_size,))
     batch = {"image": images[idx], "label": labels[idx]}
@@ -94,9 +106,65 @@ def _run_batch(
     return step_fn(state, batch, key)
 
 
+@functools.partial(
+    jax.jit, static_argnames=("step_fn", "batch_size", "batch_sharding"), donate_argnums=(0,)
+)
+def _run_batch(
+    state, images, labels, perm, start, *, step_fn: StepFn, batch_size: int, batch_sharding=None
+):
+    """One train step on the batch at `start` of the epoch's permutation."""
+    return _one_step(state, images, labels, perm, start, step_fn, batch_size, batch_sharding)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("step_fn", "batch_size", "steps", "batch_sharding"),
+    donate_argnums=(0,),
+)
+def _run_steps(
+    state,
+    images,
+    labels,
+    perm,
+    start,
+    *,
+    step_fn: StepFn,
+    batch_size: int,
+    steps: int,
+    batch_sharding=None,
+):
+    """`steps` train steps in one program (a `lax.scan`): batch j starts at start + j·batch_size.
+
+    Every step draws its key from the state's step counter, exactly as `_run_batch` does, so
+    the result is the same as `steps` calls of it; the metrics come back stacked.
+    """
+
+    def body(state, j):
+        offset = start + j * batch_size
+        return _one_step(state, images, labels, perm, offset, step_fn, batch_size, batch_sharding)
+
+    return lax.scan(body, state, jnp.arange(steps))
+
+
 @jax.jit
 def _permutation(rng: jax.Array, epoch: jax.Array, n_holder: jax.Array) -> jax.Array:
     return jax.random.permutation(stream_key(rng, SHUFFLE_STREAM, epoch), n_holder.shape[0])
+
+
+def dispatch_groups(sizes: tuple[int, ...], first: int, steps_per_dispatch: int):
+    """Yield (start index, batch size, steps) covering `sizes[first:]`: runs of
+    `steps_per_dispatch` equal batches in one program each; the rest (an epoch's tail that does
+    not fill a group, a last partial batch) one step at a time, so only two programs exist."""
+    i = first
+    k = max(1, steps_per_dispatch)
+    while i < len(sizes):
+        size = sizes[i]
+        run = 1
+        while run < k and i + run < len(sizes) and sizes[i + run] == size:
+            run += 1
+        steps = k if run == k else 1
+        yield i, size, steps
+        i += steps
 
 
 def run_epoch(
@@ -105,47 +173,42 @@ def run_epoch(
     data: DeviceData,
     schedule: Schedule,
     epoch: int,
-    progress: Any = None,
+    progress: StageBar | None = None,
     partial: EpochProgress | None = None,
     stop: Callable[[EpochProgress], bool] | None = None,
-) -> tuple[Any, dict[str, float]]:
-    """One epoch (1-based `epoch`): on-device shuffle, then every step; metrics averaged.
+    steps_per_dispatch: int = 1,
+) -> tuple[Any, EpochProgress]:
+    """One epoch (1-based `epoch`): on-device shuffle, then every step.
 
     `partial` resumes an epoch mid-way (the permutation depends only on (rng, epoch), so it
     is regenerated) and is updated in place; `stop(partial)` returning True ends the epoch
-    early at a step boundary (then `partial.index` < steps_per_epoch).
+    early at a dispatch boundary (then `partial.index` < steps_per_epoch). Steps run
+    `steps_per_dispatch` at a time where they can; the results do not depend on it. Returns
+    the state and the epoch's (not yet flushed) `EpochProgress`.
     """
     sizes = schedule.batch_sizes
     if partial is None:
         partial = EpochProgress(epoch=epoch, first_step=(epoch - 1) * len(sizes))
     perm = _permutation(state.rng, jnp.asarray(epoch), data.labels)
-    start = sum(sizes[: partial.index])
-    for size in sizes[partial.index :]:
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    for index, size, steps in dispatch_groups(sizes, partial.index, steps_per_dispatch):
         if stop is not None and stop(partial):
             break
-        state, step_metrics = _run_batch(
-            state,
-            data.images,
-            data.labels,
-            perm,
-            start,
-            step_fn=step_fn,
-            batch_size=size,
-            batch_sharding=data.batch_sharding,
-        )
-        partial.add(step_metrics, size)
-        start += size
+        common = dict(step_fn=step_fn, batch_size=size, batch_sharding=data.batch_sharding)
+        args = (state, data.images, data.labels, perm, offsets[index])
+        if steps == 1:
+            state, step_metrics = _run_batch(*args, **common)
+        else:
+            state, step_metrics = _run_steps(*args, steps=steps, **common)
+        partial.add(step_metrics, size, steps)
         if progress is not None:
-            progress.update(1)
-    return state, partial.averages()
+            progress.advance(steps, size * steps)
+    return state, partial
 
 
-def _make_progress(enabled: bool, total: int, initial: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+def is_primary() -> bool:
+    """Whether this process writes the run's files (the first process of a multi-host job)."""
+    return jax.process_index() == 0
 
 
 def fit(
@@ -157,26 +220,33 @@ def fit(
     evaluate_fn: Callable[[Any], dict[str, float]] | None = None,
     lr_of_epoch: Callable[[int], float] | None = None,
     keep_checkpoints: int = 3,
-    progress: bool = True,
+    progress: bool | StageBar = True,
     desc: str = "train",
     nan_policy: str = "stop",
     nan_check_every: int = 10,
     poison_step: int = -1,
     min_free_mb: float = 50,
+    steps_per_dispatch: int = 1,
+    constants: dict[str, float] | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Train `state` for the schedule's epochs under `workdir`, resuming from its checkpoints.
 
-    Writes `workdir/metrics.jsonl` (one record per epoch) and orbax checkpoints under
-    `workdir/checkpoints` (every `checkpoint_every` epochs and at the end) plus the best
+    Writes `workdir/metrics.jsonl` (one record per epoch, plus `constants` such as the
+    stage's sparsity), TensorBoard scalars of the same records, orbax checkpoints under
+    `workdir/checkpoints` (every `checkpoint_every` epochs and at the end) and the best
     evaluated one under `workdir/best`. Returns the final state and the metric records.
+    In a multi-host job every process trains and checkpoints; only the first writes files.
 
     A step with a non-finite loss or parameters is never applied (see `guard.GuardedStep`);
     `nan_policy` 'stop' raises NonFiniteError, 'skip' counts it in `skipped_steps`. SIGINT
-    or SIGTERM saves a checkpoint at the next step boundary and raises `guard.Interrupted`;
-    the rerun resumes mid-epoch from it.
+    or SIGTERM saves a checkpoint at the next dispatch boundary and raises
+    `guard.Interrupted`; the rerun resumes mid-epoch from it. `progress` is a `StageBar`, or
+    True/False for a plain bar named `desc` / lines only.
     """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    primary = is_primary()
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
     metrics_path = workdir / "metrics.jsonl"
     ckpt = Checkpointer(workdir / "checkpoints", keep=keep_checkpoints, min_free_mb=min_free_mb)
     best = Checkpointer(workdir / "best", keep=1, min_free_mb=min_free_mb)
@@ -195,24 +265,45 @@ def fit(
         partial = _resumed_partial(meta, int(state.step), spe, ckpt.directory)
         log.info("resumed %s at epoch %d", workdir, int(state.step) // spe)
     done_epochs = int(state.step) // spe
-    metrics_io.truncate_after(metrics_path, "epoch", done_epochs)
+    if primary:
+        metrics_io.truncate_after(metrics_path, "epoch", done_epochs)
 
-    bar = _make_progress(progress, schedule.epochs * spe, int(state.step), desc)
+    bar = progress if isinstance(progress, StageBar) else None
+    if bar is None:
+        bar = StageBar(desc, schedule.epochs * spe, int(state.step), enabled=bool(progress))
+    bar.quiet = bar.quiet or not primary
+    scalars = ScalarWriter(workdir, done_epochs) if primary else None
     wall_start = time.time()
     signals = StopSignals()
     watch = Watch(nan_policy, max(1, nan_check_every), signals, desc, spe)
+
+    def at_boundary(partial: EpochProgress) -> bool:
+        stop = watch(partial)
+        if partial.latest:
+            bar.observe(partial.latest)
+        return stop
+
     try:
         signals.__enter__()
         for epoch in range(done_epochs + 1, schedule.epochs + 1):
             tic = time.perf_counter()
             partial = partial or EpochProgress(epoch=epoch, first_step=(epoch - 1) * spe)
-            state, train_metrics = run_epoch(
-                state, step_fn, train_data, schedule, epoch, bar, partial, watch
+            state, partial = run_epoch(
+                state,
+                step_fn,
+                train_data,
+                schedule,
+                epoch,
+                bar,
+                partial,
+                at_boundary,
+                steps_per_dispatch,
             )
             watch.check(partial)  # before anything is saved: the flags of the last steps
+            bar.observe(partial.latest)
             if partial.index < spe:
                 _save_interrupted(ckpt, state, partial, best_accuracy, signals.signum)
-            skipped, partial = partial.skipped, None
+            train_metrics, skipped, partial = partial.averages(), partial.skipped, None
             seconds = time.perf_counter() - tic
             record: dict[str, Any] = {
                 "epoch": epoch,
@@ -223,18 +314,16 @@ def fit(
                 "images_per_sec": sum(schedule.batch_sizes) / seconds,
                 "wall_time": time.time() - wall_start,
                 "skipped_steps": skipped,
+                **(constants or {}),
             }
             last = epoch == schedule.epochs
             if evaluate_fn is not None and (last or epoch % schedule.eval_every == 0):
                 test = evaluate_fn(state)
                 record.update({f"test_{k}": v for k, v in test.items()})
-            if bar is not None:
-                bar.set_postfix(
-                    epoch=epoch,
-                    loss=f"{record['train_loss']:.3f}",
-                    test=f"{record.get('test_accuracy', float('nan')):.3f}",
-                )
-            metrics_io.append_record(metrics_path, record)
+                bar.note(evaluation_line(desc, epoch, schedule.epochs, test))
+            if primary:
+                metrics_io.append_record(metrics_path, record)
+                scalars.write(record, epoch)
             accuracy = record.get("test_accuracy")
             improved = accuracy is not None and accuracy > best_accuracy
             if improved:
@@ -246,11 +335,21 @@ def fit(
                 best.save(int(state.step), state, meta)
     finally:
         signals.__exit__()
-        if bar is not None:
-            bar.close()
+        bar.close()
+        if scalars is not None:
+            scalars.close()
         ckpt.close()
         best.close()
     return state, metrics_io.read_records(metrics_path)
+
+
+def evaluation_line(desc: str, epoch: int, epochs: int, test: dict[str, float]) -> str:
+    """'prune_02 epoch 10/600: test loss 1.2345, accuracy 0.5612, exit ratio 0.3100'."""
+    parts = [f"test loss {test['loss']:.4f}" if "loss" in test else None]
+    parts.append(f"accuracy {test['accuracy']:.4f}" if "accuracy" in test else None)
+    if "exit_ratio" in test:
+        parts.append(f"exit ratio {test['exit_ratio']:.4f}")
+    return f"{desc} epoch {epoch}/{epochs}: " + ", ".join(p for p in parts if p)
 
 
 def _resumed_partial(
@@ -262,8 +361,6 @@ def _resumed_partial(
         return None
     saved = meta.get("partial")
     if not saved or int(saved.get("index", -1)) != index:
-        from micronet_jax.errors import CheckpointError
-
         raise CheckpointError(
             f"checkpoint {directory}/{step} stops mid-epoch (batch {index} of "
             f"{steps_per_epoch}) but holds no matching epoch sums; was the batch size changed?"
@@ -274,9 +371,7 @@ def _resumed_partial(
 def _save_interrupted(
     ckpt: Checkpointer, state: Any, partial: EpochProgress, best_accuracy: float, signum: int
 ) -> None:
-    """Save the state at this step boundary with the partial epoch's sums, then stop."""
-    from micronet_jax.train.guard import Interrupted
-
+    """Save the state at this dispatch boundary with the partial epoch's sums, then stop."""
     step = int(state.step)
     meta = {"epoch": partial.epoch - 1, "best_accuracy": best_accuracy}
     meta["partial"] = partial.to_json()
@@ -313,21 +408,6 @@ def step_config_from(config: Any, epochs: int, steps_per_epoch: int, **overrides
     )
     fields.update(overrides)
     return StepConfig(**fields)
-
-
-def load_policy(path: str) -> Any:
-    """None (the CIFAR-100 policy) or the rows of a JSON policy file, as a hashable tuple."""
-    if not path:
-        return None
-    import json
-
-    from micronet_jax.errors import ConfigError
-
-    try:
-        rows = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"data.policy {path!r} is not a readable JSON policy: {exc}") from None
-    return tuple(tuple(row) for row in rows)
 
 
 def train_and_evaluate(config: Any, workdir: str | Path) -> tuple[Any, list[dict[str, Any]]]:

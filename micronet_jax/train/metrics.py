@@ -50,3 +50,54 @@ def truncate_after(path: str | Path, key: str, value: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
     os.replace(tmp, path)
+
+
+# --- TensorBoard ----------------------------------------------------------------------------
+
+NOT_SCALARS = frozenset({"epoch", "step", "wall_time"})
+
+
+def scalar_name(key: str) -> str:
+    """'train_loss' -> 'train/loss', 'test_exit_ratio' -> 'test/exit_ratio'; others unchanged,
+    so TensorBoard groups the train and test curves."""
+    for prefix in ("train_", "test_"):
+        if key.startswith(prefix):
+            return prefix[:-1] + "/" + key[len(prefix) :]
+    return key
+
+
+class ScalarWriter:
+    """TensorBoard event files of a stage's epoch records, beside its metrics.jsonl.
+
+    Written with tensorboardX (no TensorFlow needed). Epochs after `resume_epoch` that an
+    earlier, interrupted run had logged are purged, as metrics.jsonl is truncated. Without
+    tensorboardX installed it writes nothing and says so once.
+    """
+
+    _warned = False
+
+    def __init__(self, directory: str | Path, resume_epoch: int = 0):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            if not ScalarWriter._warned:
+                print("tensorboardX is not installed: no TensorBoard scalars are written")
+                ScalarWriter._warned = True
+            self._writer = None
+            return
+        purge = resume_epoch + 1 if resume_epoch else None
+        self._writer = SummaryWriter(logdir=str(directory), purge_step=purge, flush_secs=30)
+
+    def write(self, record: dict[str, Any], epoch: int) -> None:
+        if self._writer is None:
+            return
+        for key, value in record.items():
+            if key in NOT_SCALARS or isinstance(value, bool) or value is None:
+                continue
+            if isinstance(value, int | float):
+                self._writer.add_scalar(scalar_name(key), float(value), epoch)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

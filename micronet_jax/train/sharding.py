@@ -18,9 +18,24 @@ DATA_AXIS = "data"
 
 
 def initialize_distributed(enabled: bool) -> None:
-    """Join a multi-host job (coordinator etc. from the environment) when `enabled`."""
-    if enabled:
-        jax.distributed.initialize()
+    """Join a multi-host job when `enabled`: on TPU pods and SLURM/Open MPI clusters JAX finds
+    the coordinator itself; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process 0),
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID in each process's environment."""
+    if not enabled:
+        return
+    import os
+
+    env = os.environ
+    kwargs: dict[str, Any] = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+    if env.get("JAX_NUM_PROCESSES"):
+        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if env.get("JAX_PROCESS_ID"):
+        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    if jax.config.jax_platforms == "cpu" or env.get("JAX_PLATFORMS") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(devices: Any = None) -> Mesh:
@@ -38,11 +53,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def _global_array(x: Any, sharding: NamedSharding) -> jax.Array:
+    """`x` (the same on every process) as one global array: each process fills only the
+    devices it owns, so a multi-host job never moves data between hosts to build it."""
+    host = np.asarray(local_copy(x))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place every array leaf of `tree` (e.g. the train state) on all devices."""
     sharding = replicated(mesh)
     return jax.tree_util.tree_map(
-        lambda x: jax.device_put(x, sharding) if isinstance(x, jax.Array | np.ndarray) else x,
+        lambda x: _global_array(x, sharding) if isinstance(x, jax.Array | np.ndarray) else x,
         tree,
     )
 
@@ -50,7 +72,20 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
     """Place every leaf of `tree` split along its first axis (divisible by the mesh size)."""
     sharding = batch_sharding(mesh)
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
+    return jax.tree_util.tree_map(lambda x: _global_array(x, sharding), tree)
+
+
+def local_copy(tree: Any) -> Any:
+    """Every array leaf that spans other processes' devices replaced by this process's own
+    replica (on one of its devices), so that it can be read, pruned or evaluated here. Only
+    for replicated arrays (the train state); leaves already local are returned as they are."""
+
+    def local(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x.addressable_data(0)
+        return x
+
+    return jax.tree_util.tree_map(local, tree)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, splits: int = 4) -> None:
