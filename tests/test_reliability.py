@@ -28,6 +28,7 @@ from micronet_jax.train import loop
 from micronet_jax.train import metrics as metrics_io
 from micronet_jax.train.checkpoint import Checkpointer
 from micronet_jax.train.guard import Interrupted, NonFiniteError
+from micronet_jax.train.progress import StageBar
 from micronet_jax.train.state import create_train_state
 from micronet_jax.workdir import check_resume, record_config
 
@@ -53,10 +54,10 @@ def toy_step(state, batch, key):
     return state, {"loss": loss, "accuracy": accuracy}
 
 
-def toy_data() -> loop.DeviceData:
+def toy_data(n: int = N) -> loop.DeviceData:
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (N, 4, 4, 3), dtype=np.uint8)
-    return loop.DeviceData.from_numpy(images, rng.integers(0, 10, N))
+    images = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    return loop.DeviceData.from_numpy(images, rng.integers(0, 10, n))
 
 
 def toy_state():
@@ -64,13 +65,14 @@ def toy_state():
     return create_train_state(None, variables, optax.sgd(0.5, momentum=0.9), seed=3)
 
 
-def toy_fit(workdir: Path, **kwargs):
+def toy_fit(workdir: Path, n: int = N, **kwargs):
     schedule = loop.Schedule(
-        epochs=EPOCHS, batch_size=BATCH, num_examples=N, batch_multiple=1, eval_every=1,
+        epochs=EPOCHS, batch_size=BATCH, num_examples=n, batch_multiple=1, eval_every=1,
         checkpoint_every=1,
     )  # fmt: skip
     kwargs.setdefault("keep_checkpoints", 10)
-    return loop.fit(toy_state(), toy_step, toy_data(), schedule, workdir, progress=False, **kwargs)
+    kwargs.setdefault("progress", False)
+    return loop.fit(toy_state(), toy_step, toy_data(n), schedule, workdir, **kwargs)
 
 
 def params_of(state) -> list[np.ndarray]:
@@ -84,34 +86,26 @@ def toy_reference(tmp_path_factory):
     return workdir, state, records
 
 
-class SignalAt:
-    """Stands in for the progress bar; sends `signum` to this process after `count` steps."""
+class SignalAt(StageBar):
+    """A silent progress bar that sends `signum` to this process once `count` steps ran."""
 
     def __init__(self, count: int, signum: int):
-        self.count, self.signum, self.done = count, signum, 0
+        super().__init__("train", total=EPOCHS * 5, enabled=False, quiet=True)
+        self.count, self.signum = count, signum
 
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.done == self.count:
+    def advance(self, steps: int, images: int) -> None:
+        before = self.done
+        super().advance(steps, images)
+        if before < self.count <= self.done:
             os.kill(os.getpid(), self.signum)
-
-    def set_postfix(self, **kwargs) -> None:
-        del kwargs
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.mark.parametrize("signum, at_step", [(signal.SIGTERM, 7), (signal.SIGINT, 13)])
-def test_signal_saves_mid_epoch_and_resume_is_exact(
-    toy_reference, tmp_path, monkeypatch, signum, at_step
-):
+def test_signal_saves_mid_epoch_and_resume_is_exact(toy_reference, tmp_path, signum, at_step):
     _, ref_state, ref_records = toy_reference
     workdir = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        patch.setattr(loop, "_make_progress", lambda *a: SignalAt(at_step, signum))
-        with pytest.raises(Interrupted, match=f"signal {signum}") as caught:
-            toy_fit(workdir)
+    with pytest.raises(Interrupted, match=f"signal {signum}") as caught:
+        toy_fit(workdir, progress=SignalAt(at_step, signum))
     assert caught.value.exit_code == 128 + signum
     assert signal.getsignal(signum) is not None  # handlers restored
     ckpt = Checkpointer(workdir / "checkpoints")
@@ -156,6 +150,55 @@ def test_nan_skip_counts_and_continues(tmp_path):
     assert int(state.step) == EPOCHS * 5
     assert all(np.isfinite(p).all() for p in params_of(state))
     assert all(np.isfinite(r["train_loss"]) for r in records)
+
+
+# --- several steps per dispatch ----------------------------------------------------------
+
+
+def test_dispatch_groups_cover_the_epoch_with_two_programs():
+    sizes = (8,) * 5 + (4,)
+    groups = list(loop.dispatch_groups(sizes, 0, 2))
+    assert groups == [(0, 8, 2), (2, 8, 2), (4, 8, 1), (5, 4, 1)]
+    assert list(loop.dispatch_groups(sizes, 3, 2)) == [(3, 8, 2), (5, 4, 1)]
+    assert [g[2] for g in loop.dispatch_groups(sizes, 0, 1)] == [1] * 6
+
+
+@pytest.mark.parametrize("n, k", [(N, 4), (N + 4, 2)])  # 5 steps of 8; 5 of 8 and one of 4
+def test_k_steps_per_dispatch_are_bit_identical_to_one(tmp_path, n, k):
+    one, one_records = toy_fit(tmp_path / "one", n=n)
+    grouped, grouped_records = toy_fit(tmp_path / "k", n=n, steps_per_dispatch=k)
+    assert (
+        int(grouped.step)
+        == int(one.step)
+        == EPOCHS * len(loop.Schedule(1, BATCH, n, batch_multiple=1).batch_sizes)
+    )
+    for got, want in zip(params_of(grouped), params_of(one), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert stable(grouped_records) == stable(one_records)
+
+
+def test_k_steps_signal_stops_at_a_group_boundary_and_resumes_exactly(toy_reference, tmp_path):
+    _, ref_state, ref_records = toy_reference
+    workdir = tmp_path / "run"
+    with pytest.raises(Interrupted):  # the signal lands inside epoch 2's group of steps 5-8
+        toy_fit(workdir, steps_per_dispatch=4, progress=SignalAt(7, signal.SIGTERM))
+    ckpt = Checkpointer(workdir / "checkpoints")
+    assert ckpt.latest_step() == 9
+    ckpt.close()
+    state, records = toy_fit(workdir, steps_per_dispatch=4)
+    assert stable(records) == stable(ref_records)
+    for got, want in zip(params_of(state), params_of(ref_state), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_k_steps_nan_inside_a_group_is_found_and_never_saved(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"global step 7\)"):
+        toy_fit(tmp_path / "run", poison_step=7, steps_per_dispatch=4)
+    assert Checkpointer(tmp_path / "run" / "checkpoints").steps() == [5]
+    state, records = toy_fit(
+        tmp_path / "skip", poison_step=7, nan_policy="skip", steps_per_dispatch=4
+    )
+    assert [r["skipped_steps"] for r in records] == [0, 1, 0, 0]
 
 
 def _damage(step_dir: Path, how: str) -> None:

@@ -1,7 +1,7 @@
 """The epoch loop: shuffle on the device, run jitted steps, evaluate, log, checkpoint, resume.
 
-`fit` runs one stage of training for any step function and state; `train_and_evaluate`
-is stage A (the dense baseline) built from a config, importable from a notebook.
+`fit` runs one stage of training for any step function and state (the pipeline builds
+both from a config).
 """
 
 from __future__ import annotations
@@ -408,53 +408,3 @@ def step_config_from(config: Any, epochs: int, steps_per_epoch: int, **overrides
     )
     fields.update(overrides)
     return StepConfig(**fields)
-
-
-def train_and_evaluate(config: Any, workdir: str | Path) -> tuple[Any, list[dict[str, Any]]]:
-    """Stage A of the recipe: train the dense network from scratch under `workdir`."""
-    from micronet_jax import builders
-    from micronet_jax.models.efficientnet import init_variables
-    from micronet_jax.train import sharding
-    from micronet_jax.train.optim import lr_at_epoch, make_optimizer
-    from micronet_jax.train.state import create_train_state
-    from micronet_jax.train.steps import evaluate, step_function
-    from micronet_jax.validate import check_resume, record_config
-
-    check_resume(config, workdir)
-    train, test = builders.load_data(config)
-    record_config(config, workdir)
-    model = builders.model_from_config(config)
-    t = config.train
-    schedule = Schedule(
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        num_examples=len(train),
-        drop_last=t.drop_last,
-        batch_multiple=config.model.bn_splits,
-        eval_every=t.eval_every,
-        checkpoint_every=t.checkpoint_every,
-    )
-    tx = make_optimizer(t.lr, t.epochs, schedule.steps_per_epoch, t.momentum, t.weight_decay)
-    variables = init_variables(model, jax.random.key(config.seed))
-    mesh = sharding.data_mesh(t.data_parallel)
-    state = sharding.place_state(create_train_state(model.apply, variables, tx, config.seed), mesh)
-    step_cfg = step_config_from(config, t.epochs, schedule.steps_per_epoch)
-    step_fn = step_function(step_cfg)
-    test_images = jax.device_put(test.images)
-
-    def evaluate_fn(s):
-        return evaluate(s, model.apply, test_images, test.labels, t.eval_batch_size)
-
-    return fit(
-        state,
-        step_fn,
-        DeviceData.from_numpy(train.images, train.labels, mesh),
-        schedule,
-        workdir,
-        evaluate_fn=evaluate_fn,
-        lr_of_epoch=lambda e: lr_at_epoch(t.lr, t.epochs, e),
-        keep_checkpoints=t.keep_checkpoints,
-        progress=t.progress,
-        desc="baseline",
-        **guard_options(t),
-    )
