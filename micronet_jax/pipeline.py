@@ -151,10 +151,10 @@ def _train(
         state = create_train_state(model.apply, variables, tx, seed, masks)
     state = sharding.place_state(state, ctx.mesh)
     step_cfg = step_config_from(config, stage.epochs, spe, **overrides)
-    params = sharding.local_copy(variables["params"])
-    constants = {"sparsity": pruning.global_sparsity(params, pruning.main_network)}
+    kept = sharding.local_copy(masks)  # the share of zeros in the masks: the stage's sparsity
+    constants = {"sparsity": pruning.global_sparsity(kept, pruning.main_network)}
     if stage.has_exit_head:
-        constants["exit_sparsity"] = pruning.global_sparsity(params, pruning.exit_head)
+        constants["exit_sparsity"] = pruning.global_sparsity(kept, pruning.exit_head)
     state, records = fit(
         state,
         step_function(step_cfg, exit_head=stage.has_exit_head),
