@@ -1,6 +1,6 @@
 """One CPU device per core against one device, for eval and for training, in one process.
 
-    python benchmarks/cpu_devices.py [--devices 0] [--eval-images 2048] [--train-images 640]
+    python -m benchmarks.cpu_devices [--devices 0] [--eval-images 2048] [--train-images 640]
                                      [--repeats 4]
 
 The process gets `--devices` CPU devices (0: one per core). Eval: the full model's eval pass

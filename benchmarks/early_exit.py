@@ -1,6 +1,6 @@
 """Wall-clock gain of fast early-exit inference vs the full network on every sample.
 
-    python benchmarks/early_exit.py [--batch 512] [--images 2048] [--ratio 0.32] [--repeats 5]
+    python -m benchmarks.early_exit [--batch 512] [--images 2048] [--ratio 0.32] [--repeats 5]
                                     [--cpu-devices 0] [--cheap-swish]
 
 Uses the original's first-submission checkpoint when ../shared is present (else a randomly

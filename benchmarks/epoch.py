@@ -1,6 +1,6 @@
 """A training epoch through the real loop, and how much of it is not the train step.
 
-    python benchmarks/epoch.py [--model tiny|full] [--num_images 2560] [--batch 128]
+    python -m benchmarks.epoch [--model tiny|full] [--num_images 2560] [--batch 128]
 
 Runs `loop.run_epoch` with `steps.train_step` (on-device shuffle, gather, AutoAugment, crop,
 flip, mixup, step) on real CIFAR-10 images. Then times the pure step (forward, backward,

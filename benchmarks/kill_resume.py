@@ -1,6 +1,6 @@
 """SIGKILL the tiny pipeline at many random moments, resume each time, compare with a clean run.
 
-    python benchmarks/kill_resume.py --kills 10 --seed 0 [--root /tmp/kill_resume]
+    python -m benchmarks.kill_resume --kills 10 --seed 0 [--root /tmp/kill_resume]
 
 Runs `python -m micronet_jax.main --config=tests/configs/tiny.py:pipeline` on a generated
 CIFAR-10 archive: once uninterrupted (the reference, which also warms the compile cache),

@@ -1,6 +1,6 @@
 """One full-size training step, JAX vs PyTorch eager, timed alternately in one process.
 
-    python benchmarks/train_step.py [--batch 128] [--impl auto|fast|xla] [--steps 10] [--device]
+    python -m benchmarks.train_step [--batch 128] [--impl auto|fast|xla] [--steps 10] [--device]
 
 The step is forward + backward + SGD update with ghost BN, SE, drop-connect, dropout and the
 mixup label-smoothed loss; data loading and augmentation are left out (inputs are fixed
