@@ -311,9 +311,9 @@ def test_force_restart_moves_the_old_run_aside(tmp_path):
 # --- the whole pipeline, SIGKILLed anywhere ---------------------------------------------
 
 
-def finish(workdir: Path, archive: Path, cache: Path) -> None:
+def finish(workdir: Path, archive: Path, cache: Path, *overrides: str) -> None:
     done = subprocess.run(
-        main_command(workdir, archive),
+        main_command(workdir, archive, *overrides),
         env=main_env(cache),
         capture_output=True,
         text=True,
@@ -395,3 +395,36 @@ def test_cli_reports_when_every_checkpoint_is_damaged(pipeline_reference, tmp_pa
     assert done.returncode == 1
     assert f"error: no readable checkpoint in {workdir}/stage_a/checkpoints" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# 19 batches of 8 and a last one of 4 per epoch; stage A runs 2 epochs, every other stage 1
+K_RUN = (
+    "--config.train.batch_size=8",
+    "--config.data.num_train=156",
+    "--config.pipeline.epoch_scale=0.00167",
+)
+
+
+@pytest.mark.slow
+def test_pipeline_16_steps_per_dispatch_killed_and_resumed_equals_one(
+    tmp_path, tiny_archive, compile_cache
+):
+    """K = 16 runs each epoch as one 16-step program, 3 single steps and the partial batch;
+    SIGKILLed inside stage A's second epoch and resumed, it ends bit-identical to K = 1."""
+    finish(
+        tmp_path / "one", tiny_archive, compile_cache, *K_RUN, "--config.train.steps_per_dispatch=1"
+    )
+    workdir = tmp_path / "sixteen"
+    command = main_command(workdir, tiny_archive, *K_RUN, "--config.train.steps_per_dispatch=16")
+    proc = subprocess.Popen(
+        command, env=main_env(compile_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    first_epoch = workdir / "stage_a" / "checkpoints" / "20"
+    deadline = time.time() + 600
+    while proc.poll() is None and not first_epoch.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first_epoch.exists() and not (workdir / "stage_a" / "done.json").exists()
+    finish(workdir, tiny_archive, compile_cache, *K_RUN, "--config.train.steps_per_dispatch=16")
+    assert_same_outcome(pipeline_outcome(workdir), pipeline_outcome(tmp_path / "one"))

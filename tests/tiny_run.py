@@ -71,6 +71,7 @@ def pipeline_outcome(workdir: Path) -> dict:
         result[f"{stage.name}/metrics"] = stable(records)
         done = json.loads((workdir / stage.name / "done.json").read_text())
         done["final"] = stable([done["final"]])[0]
+        done.pop("seconds")  # the stage's wall time
         result[f"{stage.name}/done"] = done
     result["report"] = json.loads((workdir / "report.json").read_text())["metrics"]
     variables, masks = load_final(config, stages[-1], workdir / stages[-1].name)
