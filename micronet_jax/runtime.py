@@ -1,8 +1,12 @@
-"""Process-wide JAX settings a run wants before its first compilation."""
+"""Process-wide JAX settings a run wants before its first compilation, and the platform
+programs are built for."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -46,3 +50,42 @@ def use_cpu_cores(count: int | None = None) -> int:
     except RuntimeError as exc:  # a backend is already up: too late to change its devices
         raise ConfigError(f"use_cpu_cores must run before JAX's first operation: {exc}") from None
     return count
+
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("target", default=None)
+
+
+def target_platform() -> str:
+    """The platform the programs being traced will run on: the one `lowering_for` names, else
+    JAX's default backend ('cpu', 'gpu' reads as 'cuda', 'tpu').
+
+    Choices made while tracing (the convolution lowering, CPU micro-batches, steps per
+    dispatch) read this, not the host, so a program exported for a GPU is the GPU's program.
+    """
+    target = _TARGET.get()
+    if target is not None:
+        return target
+    backend = jax.default_backend()
+    return "cuda" if backend == "gpu" else backend
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str) -> Iterator[str]:
+    """Trace for `platform` (e.g. for `jax.export(..., platforms=(platform,))` on a host
+    without it). JAX's trace caches are cleared on entry and exit, since a function traced
+    for one platform must not be reused for another."""
+    if platform not in PLATFORMS:
+        raise ConfigError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+    jax.clear_caches()
+    token = _TARGET.set(platform)
+    try:
+        yield platform
+    finally:
+        _TARGET.reset(token)
+        jax.clear_caches()
+
+
+def on_cpu() -> bool:
+    """Whether the programs being traced target a CPU."""
+    return target_platform() == "cpu"

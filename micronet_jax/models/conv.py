@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from micronet_jax.runtime import on_cpu
+
 ConvImpl = Literal["auto", "xla", "fast"]
 CONV_IMPLS = ("auto", "xla", "fast")
 
@@ -24,7 +26,7 @@ def resolve_impl(impl: str) -> str:
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "fast" if jax.default_backend() == "cpu" else "xla"
+        return "fast" if on_cpu() else "xla"
     return impl
 
 

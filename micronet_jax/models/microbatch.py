@@ -24,13 +24,15 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
+from micronet_jax.runtime import on_cpu
+
 CPU_MICRO_BATCH = 8
 CORES_AXIS = "cores"  # the mesh axis of `split_over_cpu_devices`
 
 
 def default_micro_batch() -> int | None:
     """`CPU_MICRO_BATCH` per CPU device; None (no splitting) on accelerators."""
-    return CPU_MICRO_BATCH if jax.default_backend() == "cpu" else None
+    return CPU_MICRO_BATCH if on_cpu() else None
 
 
 def split_over_cpu_devices(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
@@ -42,7 +44,7 @@ def split_over_cpu_devices(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
     """
     devices = jax.local_devices()
     n = len(devices)
-    if jax.default_backend() != "cpu" or n == 1 or jax.process_count() > 1 or x.shape[0] % n:
+    if not on_cpu() or n == 1 or jax.process_count() > 1 or x.shape[0] % n:
         return fn(x)
     mesh = Mesh(np.asarray(devices), (CORES_AXIS,))
     shares = PartitionSpec(CORES_AXIS)

@@ -21,6 +21,7 @@ from jax import lax
 
 from micronet_jax.data.policy import load_policy
 from micronet_jax.errors import CheckpointError
+from micronet_jax.runtime import on_cpu
 from micronet_jax.train import metrics as metrics_io
 from micronet_jax.train.checkpoint import Checkpointer
 from micronet_jax.train.guard import EpochProgress, GuardedStep, Interrupted, StopSignals, Watch
@@ -93,7 +94,7 @@ def resolve_steps_per_dispatch(value: int) -> int:
     `ACCELERATOR_STEPS_PER_DISPATCH` on a GPU or TPU."""
     if value:
         return int(value)
-    return 1 if jax.default_backend() == "cpu" else ACCELERATOR_STEPS_PER_DISPATCH
+    return 1 if on_cpu() else ACCELERATOR_STEPS_PER_DISPATCH
 
 
 def _one_step(state, images, labels, perm, start, step_fn, batch_size, batch_sharding):
