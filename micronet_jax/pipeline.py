@@ -67,6 +67,7 @@ class Context:
     exit_model: MicroNet  # with the exit head
     mesh: Any = None  # a 'data' mesh when training data-parallel over several devices
     data_line: str = ""  # what was loaded, from where (for the banner)
+    initial: dict | None = None  # the initial variables, drawn on first use
 
     @classmethod
     def from_config(cls, config: Any) -> Context:
@@ -120,8 +121,18 @@ def _stage_seed(config: Any, index: int) -> int:
     return int(config.seed) * 1000 + index
 
 
-def _initial_variables(ctx: Context, model: MicroNet) -> dict:
-    return init_variables(model, jax.random.key(ctx.config.seed))
+def _initial_variables(ctx: Context) -> dict:
+    """The whole model's initial variables, exit head included, drawn once from the seed:
+    the baseline (and a rewind) take the main network's, the exit stage the head's. Each
+    layer's draw depends only on its name, so the main network's values are those of the
+    main network initialised alone."""
+    if ctx.initial is None:
+        ctx.initial = init_variables(ctx.exit_model, jax.random.key(ctx.config.seed))
+    return ctx.initial
+
+
+def _without_exit_head(variables: dict) -> dict:
+    return {k: {n: v for n, v in tree.items() if n != "exit_head"} for k, tree in variables.items()}
 
 
 def _train(
@@ -194,18 +205,18 @@ def _prepare(
 ) -> tuple[dict, Any]:
     """The (variables, masks) a stage starts from, given the previous stage's result."""
     if stage.kind == "baseline":
-        variables = _initial_variables(ctx, ctx.model)
+        variables = _without_exit_head(_initial_variables(ctx))
         return variables, ones_masks(variables["params"])
     variables = sharding.local_copy(variables)
     if stage.kind == "prune":
         masks = pruning.prune_masks(variables["params"], stage.target, masks, pruning.main_network)
         masks = jax.tree_util.tree_map(np.asarray, masks)
         if ctx.config.pipeline.rewind:
-            start = _initial_variables(ctx, ctx.model)
+            start = _without_exit_head(_initial_variables(ctx))
             variables = {"params": start["params"], "batch_stats": variables["batch_stats"]}
         return variables, masks
     if stage.kind == "exit":
-        fresh = init_variables(ctx.exit_model, jax.random.key(ctx.config.seed + 1))
+        fresh = _initial_variables(ctx)
         params = dict(variables["params"])
         params["exit_head"] = fresh["params"]["exit_head"]
         stats = dict(variables["batch_stats"])

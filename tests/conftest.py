@@ -34,11 +34,21 @@ def original_checkpoints() -> Path:
     return _shared_path("reference", "osi_ai")
 
 
+def pytest_configure(config) -> None:
+    """Every program the tests compile goes to the persistent compilation cache the runs use
+    (`$MICRONET_CACHE_DIR`, default ~/.cache/micronet_jax/xla): compiled once per session, and
+    on a working machine once until the code changes. CI points it at an empty folder."""
+    from micronet_jax.runtime import enable_compilation_cache
+
+    enable_compilation_cache()
+
+
 @pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory) -> Path:
-    """One persistent compilation cache for every run of the tiny network in this session, in
-    this process and on the command line: each of its programs is compiled once."""
-    return tmp_path_factory.mktemp("xla")
+def compile_cache() -> Path:
+    """That cache's folder, for the runs the tests start on the command line."""
+    from micronet_jax.runtime import default_cache_dir
+
+    return default_cache_dir()
 
 
 @pytest.fixture(scope="session")
@@ -60,9 +70,7 @@ def tiny_pipeline(tmp_path_factory, tiny_archive, compile_cache):
     from tiny_run import tiny_config
 
     from micronet_jax.pipeline import run_pipeline
-    from micronet_jax.runtime import enable_compilation_cache
 
-    enable_compilation_cache(compile_cache)
     config = tiny_config("pipeline")
     config.data.dir = str(tiny_archive)
     workdir = tmp_path_factory.mktemp("pipeline") / "run"
