@@ -20,6 +20,7 @@ setup(
         "absl-py",
         "numpy",
         "tqdm",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         "test": [

@@ -109,6 +109,7 @@ def test_train_transform_runs_autoaugment_before_the_crop(batch):
     assert (out == 0).all(axis=-1).any()
 
 
+@pytest.mark.slow
 def test_train_transform_is_reproducible_from_its_key(batch):
     transform = jax.jit(augment.train_transform)
     x = batch[:32]

@@ -167,6 +167,7 @@ def stage_case(images):
     return names, op_index, values, fired, per_op, pil
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.parametrize(
     "capacities",

@@ -436,6 +436,7 @@ def _torch_forward(torch, sd, x):
     return functional.linear(h, sd["_fc.weight"], sd["_fc.bias"]), exit_logits
 
 
+@pytest.mark.slow
 def test_converted_model_matches_a_torch_forward(paths, converted, apply_fn, automobiles):
     torch = pytest.importorskip("torch")
     sd = torch.load(paths["final_ee50"], map_location="cpu", weights_only=True)
@@ -456,6 +457,7 @@ def test_label_names_are_the_cifar100_order():
     assert indices == [8, 13, 41, 48, 58, 69, 81, 85, 89, 90]
 
 
+@pytest.mark.slow
 def test_automobiles_are_recognised_as_vehicles(car_logits):
     main, exit_ = car_logits
     assert main.shape == exit_.shape == (1000, 100)

@@ -70,16 +70,19 @@ def child() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_split_eval_equals_one_device(child):
     assert child["devices"] == 3
     assert child["main_diff"] < 1e-5 and child["exit_diff"] < 1e-5
 
 
+@pytest.mark.slow
 def test_batches_really_are_split_when_they_divide(child):
     assert child["split_devices"] == 3
     assert child["uneven_devices"] == 1
 
 
+@pytest.mark.slow
 def test_fast_exit_per_core_matches_the_exact_rule(child):
     assert child["fast_equal"] and child["exited_equal"]
     assert 0 < child["exited"] < 60  # some samples exit and some continue
@@ -93,6 +96,7 @@ def test_cpu_devices_must_be_a_count():
         use_cpu_cores(-1)
 
 
+@pytest.mark.slow
 def test_main_reads_cpu_devices():
     """The command line hands config.cpu_devices to use_cpu_cores before anything runs."""
     proc = subprocess.run(

@@ -29,6 +29,7 @@ def _trees_equal(a, b) -> bool:
     )
 
 
+@pytest.mark.slow
 def test_frozen_backbone_head_trains_and_bn_statistics_move():
     arch = build_architecture(
         TINY_BLOCKS, width=1.0, resolution=1.0, head_filters=32, num_classes=10, exit_block=1
@@ -57,6 +58,7 @@ def test_frozen_backbone_head_trains_and_bn_statistics_move():
     assert int(state.step) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_original_pruned_network_is_a_fixed_point(original_checkpoints):
     """One 64% round on the released network keeps its 168,417 weights and prunes nothing else."""

@@ -26,6 +26,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "models.efficientnet",
         "models.microbatch",
         "pruning",
+        "bitwidths",
+        "quantization",
         "scoring",
         "torch_pickle",
         "convert",

@@ -61,6 +61,7 @@ def _tiny_model():
     return model, init_variables(model, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_fast_equals_exact_on_a_random_model():
     model, variables = _tiny_model()
     images = np.random.default_rng(0).integers(0, 256, (100, 32, 32, 3), dtype=np.uint8)
@@ -93,6 +94,7 @@ def _cifar10_test_images(archive, n):
     return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_fast_equals_exact_on_the_original_checkpoint(original_checkpoints, cifar10_archive):
     from micronet_jax.convert import load_original

@@ -41,6 +41,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_conv_kinds_agree(name):
     xs, ks, stride, padding, groups = CASES[name]
@@ -58,6 +59,7 @@ def test_conv_kinds_agree(name):
         assert rel_err(a, b) < TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel,padding", [(3, (1, 1)), (3, (0, 1)), (5, (2, 1))])
 def test_inference_depthwise_is_the_training_one_bit_for_bit(kernel, padding):
     # eval mode reads every stride-1 tap from the padded, row-flattened input; the training
@@ -70,6 +72,7 @@ def test_inference_depthwise_is_the_training_one_bit_for_bit(kernel, padding):
     np.testing.assert_array_equal(np.asarray(flat), np.asarray(windows))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stride,padding", [(1, (1, 1)), (2, (0, 1))])
 def test_depthwise_kernel_gradient_over_several_chunks(monkeypatch, stride, padding):
     """The chunked scan's kernel gradient sums every chunk (here 6 chunks of 2 samples)."""
@@ -102,6 +105,7 @@ def _model_loss(impl, arch, x):
     return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["tiny", "full"])
 def test_full_model_forward_and_gradient_agree(size):
     if size == "tiny":
@@ -138,6 +142,7 @@ def _reference_bn(g, scale, bias):
     return (g - mean) / jnp.sqrt(var + 1e-5) * scale + bias
 
 
+@pytest.mark.slow
 def test_ghost_normalize_gradient_matches_autodiff():
     g = jax.random.normal(jax.random.key(0), (3, 4, 5, 5, 6)) * 3 + 1
     scale, bias = jnp.linspace(0.5, 2, 6), jnp.linspace(-1, 1, 6)

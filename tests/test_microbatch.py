@@ -12,6 +12,7 @@ from micronet_jax.models.efficientnet import MicroNet, init_variables
 from micronet_jax.models.microbatch import map_micro_batches
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [5, 16, 37])
 def test_micro_batches_match_the_whole_batch(n):
     """Padding the last micro-batch and splitting leave every sample's outputs unchanged."""

@@ -247,6 +247,7 @@ def test_depth_two():
         assert shapes[f"blocks_{b.index}"] == (4, b.output_size, b.output_size, b.output_filters)
 
 
+@pytest.mark.slow
 def test_kernel5_block_string_builds_and_runs(tiny, tiny_logits):
     """A kernel-5 block pads (2, 2) and runs; the tiny model's forward has the right shapes."""
     model, variables, x = tiny
@@ -358,6 +359,7 @@ def test_parameter_counts():
     }
 
 
+@pytest.mark.slow
 def test_default_model_shapes():
     """Block outputs follow the table's sizes; trunk ends at 15×15×48; logits (N, 100)."""
     model = create_model(build_architecture(exit_block=4))
@@ -719,6 +721,7 @@ def test_drop_connect_per_sample():
     assert 260 <= kept.sum() <= 340
 
 
+@pytest.mark.slow
 def test_mbconv_drop_connect_train_and_eval():
     """In training a skip block adds 0 or h/(1-p) per sample (h = bn2's output); eval adds h."""
     spec = BlockSpec(
@@ -767,6 +770,7 @@ def test_mbconv_drop_connect_train_and_eval():
     np.testing.assert_allclose(np.asarray(ev), np.asarray(x) + h_eval, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dropout_inactive_in_eval(tiny):
     """Eval logits do not depend on the dropout rng; training logits do."""
     model, variables, x = tiny
@@ -787,6 +791,7 @@ def test_dropout_inactive_in_eval(tiny):
 # --------------------------------------------------------------------- initialisation
 
 
+@pytest.mark.slow
 def test_conv_init_uniform_bound():
     """A large conv kernel is U(±1/√fan_in): fan_in = in/groups·k·k, std ≈ bound/√3."""
     x = jnp.zeros((1, 4, 4, 64))
@@ -846,6 +851,7 @@ def test_outputs_without_exit_head():
     assert exit_logits is None
 
 
+@pytest.mark.slow
 def test_trunk_exit_tail_compose(tiny):
     """trunk -> exit and trunk -> tail give exactly __call__'s outputs."""
     model, variables, x = tiny

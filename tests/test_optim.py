@@ -138,6 +138,7 @@ def test_decay_skips_biases_and_hits_bn_scale():
     assert np.max(np.abs(ours["conv"]["kernel"] - no_decay["conv"]["kernel"])) > 1e-4
 
 
+@pytest.mark.slow
 def test_make_optimizer_matches_torch_sgd():
     """torch.optim.SGD with param groups (no decay for biases) and a per-epoch manual lr."""
     torch = pytest.importorskip("torch")

@@ -116,6 +116,7 @@ def _pil_policy(images, decisions, rows) -> np.ndarray:
     return np.stack(out)
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_policy_matches_the_originals_pil_code(images):
     key = jax.random.key(3)
@@ -128,6 +129,7 @@ def test_policy_matches_the_originals_pil_code(images):
     assert np.mean(np.any(ours != images, axis=(1, 2, 3))) > 0.5  # most images were changed
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_a_policy_given_as_rows(images):
     rows = [["invert", 1.0, 0, "equalize", 1.0, 0], ["posterize", 1.0, 9, "solarize", 0.0, 0]]
@@ -139,6 +141,7 @@ def test_a_policy_given_as_rows(images):
     assert set(np.unique(decisions.subpolicy)) == {0, 1}
 
 
+@pytest.mark.slow
 def test_policy_runs_on_an_odd_batch_size():
     images = np.random.default_rng(1).integers(0, 256, (37, 32, 32, 3), dtype=np.uint8)
     assert pol.stage_capacities(pol.CIFAR100_POLICY, 37, 0)["warp"] < 37  # passes compacted

@@ -57,6 +57,7 @@ def setup():
     return variables, x, labels
 
 
+@pytest.mark.slow
 def test_bf16_loss_close_to_fp32(setup):
     (l32, _), _ = loss_and_grads(jnp.float32, *setup)
     (l16, (logits, _)), _ = loss_and_grads(jnp.bfloat16, *setup)
@@ -65,6 +66,7 @@ def test_bf16_loss_close_to_fp32(setup):
     assert float(l16) != float(l32)  # bf16 really ran
 
 
+@pytest.mark.slow
 def test_bf16_grads_are_fp32_finite_and_close(setup):
     _, g32 = loss_and_grads(jnp.float32, *setup)
     _, g16 = loss_and_grads(jnp.bfloat16, *setup)
@@ -77,6 +79,7 @@ def test_bf16_grads_are_fp32_finite_and_close(setup):
     assert cosine > 0.95
 
 
+@pytest.mark.slow
 def test_bf16_train_step_keeps_fp32_state():
     model = MicroNet(arch=tiny_arch(), dtype=jnp.bfloat16)
     variables = init_variables(model, jax.random.key(0))

@@ -206,6 +206,7 @@ def test_property_sparsity_hits_target(seed):
     assert set(by_layer) == {f"{k}/kernel" for k in params}
 
 
+@pytest.mark.slow
 def test_masked_sgd_keeps_pruned_weights_zero():
     """make_optimizer + apply_masks after every update: pruned weights stay exactly zero."""
     params = jax.tree_util.tree_map(jnp.asarray, toy_params(3))

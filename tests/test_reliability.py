@@ -163,6 +163,7 @@ def test_dispatch_groups_cover_the_epoch_with_two_programs():
     assert [g[2] for g in loop.dispatch_groups(sizes, 0, 1)] == [1] * 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n, k", [(N, 4), (N + 4, 2)])  # 5 steps of 8; 5 of 8 and one of 4
 def test_k_steps_per_dispatch_are_bit_identical_to_one(tmp_path, n, k):
     one, one_records = toy_fit(tmp_path / "one", n=n)

@@ -82,6 +82,7 @@ def run_child(autoaugment: bool) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("autoaugment", [False, True])
 def test_sharded_epoch_matches_single_device(autoaugment):
     out = run_child(autoaugment)

@@ -31,6 +31,7 @@ def reference_run(tmp_path_factory, tiny_archive, compile_cache) -> tuple[Path, 
     return root / "run", compile_cache
 
 
+@pytest.mark.slow
 def test_run_writes_metrics_and_checkpoints(reference_run):
     workdir, _ = reference_run
     records = metrics_io.read_records(workdir / "metrics.jsonl")
@@ -54,6 +55,7 @@ def test_run_writes_metrics_and_checkpoints(reference_run):
     assert any((workdir / "best").iterdir())
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(reference_run, tmp_path, tiny_archive):
     workdir, cache = reference_run
     _run(tmp_path / "again", tiny_archive, cache)
@@ -62,6 +64,7 @@ def test_same_seed_same_metrics(reference_run, tmp_path, tiny_archive):
     assert first == second
 
 
+@pytest.mark.slow
 def test_other_seed_other_metrics(reference_run, tmp_path, tiny_archive):
     workdir, cache = reference_run
     _run(tmp_path / "other", tiny_archive, cache, "--config.seed=1")
@@ -70,6 +73,7 @@ def test_other_seed_other_metrics(reference_run, tmp_path, tiny_archive):
     assert first[0]["train_loss"] != other[0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches(reference_run, tmp_path, tiny_archive):
     """Kill after the first checkpoint, inside a later epoch; the rerun finishes identically."""
     workdir, cache = reference_run

@@ -267,6 +267,7 @@ def cli(tmp_path: Path, archive: Path, *overrides: str) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, status, message",
     [

@@ -168,29 +168,25 @@ def dispatch_groups(sizes: tuple[int, ...], first: int, steps_per_dispatch: int)
         i += steps
 
 
-def run_epoch(
+def dispatch_epoch(
     state: Any,
     step_fn: StepFn,
     data: DeviceData,
     schedule: Schedule,
-    epoch: int,
+    partial: EpochProgress,
     progress: StageBar | None = None,
-    partial: EpochProgress | None = None,
     stop: Callable[[EpochProgress], bool] | None = None,
     steps_per_dispatch: int = 1,
-) -> tuple[Any, EpochProgress]:
-    """One epoch (1-based `epoch`): on-device shuffle, then every step.
+) -> Any:
+    """Dispatch the rest of `partial`'s epoch from batch `partial.index` on (the permutation
+    depends only on (rng, epoch), so a resumed epoch regenerates it) and return the state.
 
-    `partial` resumes an epoch mid-way (the permutation depends only on (rng, epoch), so it
-    is regenerated) and is updated in place; `stop(partial)` returning True ends the epoch
-    early at a dispatch boundary (then `partial.index` < steps_per_epoch). Steps run
-    `steps_per_dispatch` at a time where they can; the results do not depend on it. Returns
-    the state and the epoch's (not yet flushed) `EpochProgress`.
+    `partial` records every dispatch (its metrics stay on the device until flushed);
+    `stop(partial)` returning True ends the epoch early at a dispatch boundary. Steps run
+    `steps_per_dispatch` at a time where they can; the results do not depend on it.
     """
     sizes = schedule.batch_sizes
-    if partial is None:
-        partial = EpochProgress(epoch=epoch, first_step=(epoch - 1) * len(sizes))
-    perm = _permutation(state.rng, jnp.asarray(epoch), data.labels)
+    perm = _permutation(state.rng, jnp.asarray(partial.epoch), data.labels)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     for index, size, steps in dispatch_groups(sizes, partial.index, steps_per_dispatch):
         if stop is not None and stop(partial):
@@ -204,7 +200,25 @@ def run_epoch(
         partial.add(step_metrics, size, steps)
         if progress is not None:
             progress.advance(steps, size * steps)
-    return state, partial
+    return state
+
+
+def run_epoch(
+    state: Any,
+    step_fn: StepFn,
+    data: DeviceData,
+    schedule: Schedule,
+    epoch: int,
+    steps_per_dispatch: int = 1,
+) -> tuple[Any, dict[str, float]]:
+    """One whole epoch (1-based `epoch`): on-device shuffle, every step; the state and the
+    epoch's metrics averaged over its samples."""
+    partial = EpochProgress(epoch=epoch, first_step=(epoch - 1) * schedule.steps_per_epoch)
+    state = dispatch_epoch(
+        state, step_fn, data, schedule, partial, steps_per_dispatch=steps_per_dispatch
+    )
+    partial.flush()
+    return state, partial.averages()
 
 
 def is_primary() -> bool:
@@ -289,16 +303,8 @@ def fit(
         for epoch in range(done_epochs + 1, schedule.epochs + 1):
             tic = time.perf_counter()
             partial = partial or EpochProgress(epoch=epoch, first_step=(epoch - 1) * spe)
-            state, partial = run_epoch(
-                state,
-                step_fn,
-                train_data,
-                schedule,
-                epoch,
-                bar,
-                partial,
-                at_boundary,
-                steps_per_dispatch,
+            state = dispatch_epoch(
+                state, step_fn, train_data, schedule, partial, bar, at_boundary, steps_per_dispatch
             )
             watch.check(partial)  # before anything is saved: the flags of the last steps
             bar.observe(partial.latest)

@@ -27,8 +27,12 @@ def get_config(variant: str = ""):
     config.train.eval_batch_size = 32
     config.train.progress = False
     if variant == "pipeline":
+        # every stage runs 1 epoch; without AutoAugment, which compiles slowly on a CPU and
+        # is run by the stage-A tests (tiny.py) and the augmentation tests
         config.mode = "pipeline"
-        config.pipeline.epoch_scale = 1 / 1200  # every stage runs 1 epoch
+        config.data.autoaugment = False
+        config.pipeline.exit_autoaugment = False
+        config.pipeline.epoch_scale = 1 / 1200
         config.pipeline.prune_targets = (30.0, 60.0)
         config.pipeline.exit_prune_targets = (50.0,)
     return config

@@ -1,0 +1,104 @@
+"""The files the device check needs from ../shared, small enough to travel with the tree.
+
+    python -m benchmarks.device_payload [--shared ../shared] [--out benchmarks/payload]
+
+A device machine receives the working tree and at most 64 MiB of carried files, and the
+174 MB CIFAR-10 archive cannot go. This writes, under `--out` (git-ignored):
+- `cifar-10-python.tar.gz`: a standard-layout archive of 10,000 real training images (the
+  first training batch) and 5,000 real test images, for the short learning run;
+- `reference/first_submission.pth`, `reference/final_ee50.pth`: the original's checkpoints;
+- `reference/logits.npz`: both checkpoints' main and exit logits on 1,000 of those test images,
+  computed here on the CPU, for the parity check on the device.
+Carry the folder (`carry=["benchmarks/payload"]`) and run
+`python -m benchmarks.device_check --payload benchmarks/payload`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "benchmarks" / "payload"
+CHECKPOINTS = ("first_submission", "final_ee50")
+NUM_TRAIN, NUM_TEST, NUM_PARITY = 10_000, 5_000, 1_000
+ARCHIVE_FOLDER = "cifar-10-batches-py"
+
+
+def read_real_cifar10(archive: Path) -> tuple[dict, dict, dict]:
+    """The first training batch, the test batch and batches.meta of the real archive."""
+    with tarfile.open(archive) as tar:
+
+        def member(name: str) -> dict:
+            return pickle.load(tar.extractfile(f"{ARCHIVE_FOLDER}/{name}"), encoding="bytes")
+
+        return member("data_batch_1"), member("test_batch"), member("batches.meta")
+
+
+def write_subset_archive(path: Path, train: dict, test: dict, meta: dict) -> None:
+    """A standard cifar-10-python archive: the training images split over data_batch_1..5."""
+    members = {"batches.meta": meta}
+    per_batch = NUM_TRAIN // 5
+    for i in range(5):
+        rows = slice(i * per_batch, (i + 1) * per_batch)
+        members[f"data_batch_{i + 1}"] = {
+            b"data": train[b"data"][rows],
+            b"labels": list(train[b"labels"][rows]),
+        }
+    members["test_batch"] = {
+        b"data": test[b"data"][:NUM_TEST],
+        b"labels": test[b"labels"][:NUM_TEST],
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in members.items():
+            data = pickle.dumps(content)
+            info = tarfile.TarInfo(f"{ARCHIVE_FOLDER}/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def reference_logits(checkpoints: dict[str, Path], images: np.ndarray) -> dict[str, np.ndarray]:
+    """Main and exit logits of each checkpoint on `images`, on this host's CPU."""
+    from micronet_jax.convert import load_original
+    from micronet_jax.train.steps import predict
+
+    out = {"images": images}
+    for name, path in checkpoints.items():
+        loaded = load_original(path)
+        main, exits = predict(loaded.model.apply, loaded.variables, images, batch_size=500)
+        out[f"{name}/main"], out[f"{name}/exit"] = main, exits
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    archive = args.shared / "data" / "cifar-10-python.tar.gz"
+    if not archive.exists():
+        raise SystemExit(f"error: {archive} is missing (the real CIFAR-10 archive)")
+    out = args.out
+    (out / "reference").mkdir(parents=True, exist_ok=True)
+    train, test, meta = read_real_cifar10(archive)
+    write_subset_archive(out / "cifar-10-python.tar.gz", train, test, meta)
+    checkpoints = {}
+    for name in CHECKPOINTS:
+        source = args.shared / "reference" / "osi_ai" / name / "trained_model.pth"
+        checkpoints[name] = out / "reference" / f"{name}.pth"
+        shutil.copyfile(source, checkpoints[name])
+    rows = test[b"data"][:NUM_PARITY]
+    images = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+    np.savez_compressed(out / "reference" / "logits.npz", **reference_logits(checkpoints, images))
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

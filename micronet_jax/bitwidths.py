@@ -1,0 +1,88 @@
+"""Which bit widths a quantised entry stores and multiplies at, tensor by tensor.
+
+One `BitWidths` is read by both the fake quantisation (what the network computes) and the
+MicroNet counter (what it is charged), so the two cannot disagree. Widths are given for the
+weights of every conv and dense layer and for the activations entering them, with overrides
+by parameter-path prefix (e.g. keep the stem's input and the classifier at 8 or 32 bits).
+
+The challenge's rules for them (SPEC §6b): the 16-bit freebie (everything counted at 16 bits)
+holds only while nothing is below 16 bits; quantise anything below and every value and
+multiplication counts at its real width, 32 for what stays in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+from micronet_jax.errors import ConfigError
+
+FULL = 32  # float32: not quantised
+FREEBIE = 16  # what every width counts as while nothing is below 16 bits
+INTEGER_BELOW = 16  # widths under this are integer grids with a scale (16 is fp16, exact)
+
+
+@dataclasses.dataclass(frozen=True)
+class BitWidths:
+    """Default weight and activation widths, and (prefix, weights, activations) overrides;
+    the longest matching prefix wins."""
+
+    weights: int = FULL
+    activations: int = FULL
+    overrides: tuple[tuple[str, int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        for bits in (self.weights, self.activations, *(b for o in self.overrides for b in o[1:])):
+            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= FULL:
+                raise ConfigError(f"bit widths must be integers in [2, {FULL}], got {bits!r}")
+
+    def of(self, path: str) -> tuple[int, int]:
+        """(weight bits, input activation bits) of the layer whose kernel is at `path`."""
+        best, widths = -1, (self.weights, self.activations)
+        for prefix, weights, activations in self.overrides:
+            if path.startswith(prefix) and len(prefix) > best:
+                best, widths = len(prefix), (weights, activations)
+        return widths
+
+    @property
+    def quantised(self) -> bool:
+        """Whether anything is below 16 bits (then the freebie is gone)."""
+        widths = [self.weights, self.activations, *(b for o in self.overrides for b in o[1:])]
+        return min(widths) < FREEBIE
+
+    def counted(self, bits: int) -> int:
+        """The width a value or multiplication of `bits` is charged at."""
+        return bits if self.quantised else FREEBIE
+
+    @property
+    def elementwise(self) -> int:
+        """Width charged for multiplications on float32 intermediates (BN, swish, pooling)."""
+        return self.counted(FULL)
+
+    def describe(self) -> str:
+        if not self.quantised:
+            return "16-bit (nothing quantised below 16 bits: the freebie)"
+        text = f"weights {self.weights}-bit, activations {self.activations}-bit"
+        for prefix, w, a in self.overrides:
+            text += f", {prefix} {w}/{a}"
+        return text
+
+
+def parse_override(text: str) -> tuple[str, int, int]:
+    """'stem_conv=8' or 'fc=8,32' (weights, activations) -> ('stem_conv', 8, 32)."""
+    match = re.fullmatch(r"([\w/]+)=(\d+)(?:,(\d+))?", text.strip())
+    if not match:
+        raise ConfigError(
+            f"a bit-width override reads PREFIX=BITS or PREFIX=WEIGHT_BITS,ACTIVATION_BITS "
+            f"(e.g. stem_conv=8 or fc=8,32), got {text!r}"
+        )
+    prefix, weights, activations = match.groups()
+    return prefix, int(weights), int(activations or weights)
+
+
+def bit_widths(
+    weights: int = FULL, activations: int = FULL, overrides: Sequence[str] = ()
+) -> BitWidths:
+    """A `BitWidths` from command-line style values."""
+    return BitWidths(weights, activations, tuple(parse_override(o) for o in overrides))
