@@ -172,7 +172,9 @@ class Calibration:
             _, activation_bits = bits.of(key)
             if activation_bits >= INTEGER_BELOW:
                 continue
-            clip = peak if method == "max" else mse_clip(self.histograms[key], peak, activation_bits)
+            clip = (
+                peak if method == "max" else mse_clip(self.histograms[key], peak, activation_bits)
+            )
             out[key] = jnp.float32(max(clip, 1e-12) / qmax(activation_bits))
         return out
 
@@ -186,7 +188,9 @@ def mse_clip(histogram: np.ndarray, peak: float, bits: int) -> float:
     for clip in peak * np.linspace(0.05, 1.0, 96):
         step = clip / qmax(bits)
         inside = np.minimum(centres, clip)
-        error = np.sum(weights * ((inside - np.round(inside / step) * step) ** 2 + (centres - inside) ** 2))
+        error = np.sum(
+            weights * ((inside - np.round(inside / step) * step) ** 2 + (centres - inside) ** 2)
+        )
         if error < best_error:
             best, best_error = clip, error
     return float(best)
@@ -211,7 +215,9 @@ def calibrate(
         with nn.intercept_methods(recorder):
             model.apply(v, prepare(b), train=False)
         for key, values in recorder.found.items():
-            index = jnp.clip((values / edges[key] * HISTOGRAM_BINS).astype(jnp.int32), 0, HISTOGRAM_BINS - 1)
+            index = jnp.clip(
+                (values / edges[key] * HISTOGRAM_BINS).astype(jnp.int32), 0, HISTOGRAM_BINS - 1
+            )
             found[key] = jnp.zeros(HISTOGRAM_BINS, jnp.int32).at[index.ravel()].add(1)
         return found
 

@@ -12,15 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = (
-    "environment",
-    "checks",
-    "train_steps",
-    "epoch",
-    "learning",
-    "inference",
-    "total_seconds",
-)
+PARTS = ("environment", "checks", "train_steps", "epoch", "learning", "inference")
 
 
 @pytest.mark.slow
@@ -40,7 +32,8 @@ def test_smoke_run_writes_every_part(tmp_path, compile_cache):
     data = json.loads(result.read_text())
     assert "errors" not in data, data["errors"]
     for part in PARTS:
-        assert part in data and "skipped" not in (data[part] or {}), part
+        assert isinstance(data.get(part), dict) and "skipped" not in data[part], part
+    assert data["total_seconds"] > 0
     env = data["environment"]
     assert env["backend"] == "cpu" and env["device_count"] >= 1 and env["jax"]
     checks = data["checks"]
@@ -53,7 +46,7 @@ def test_smoke_run_writes_every_part(tmp_path, compile_cache):
     assert train["best_k"] in (1, 4)
     assert data["epoch"]["projected_recipe_hours"] > 0
     assert 0 <= data["learning"]["test_accuracy"] <= 1
-    assert [r["batch"] for r in data["inference"]["rows"]] == [64, 128]
+    assert [r["batch"] for r in data["inference"]["rows"]] == [64]
     markdown = (tmp_path / result.name.replace(".json", ".md")).read_text()
     for piece in ("### Device check", "| dtype | batch | K |", "Epoch of", "Early exit"):
         assert piece in markdown, piece
