@@ -8,9 +8,12 @@ A device machine receives the working tree and at most 64 MiB of carried files, 
   first training batch) and 5,000 real test images, for the short learning run;
 - `reference/first_submission.pth`, `reference/final_ee50.pth`: the original's checkpoints;
 - `reference/logits.npz`: both checkpoints' main and exit logits on 1,000 of those test images,
-  computed here on the CPU, for the parity check on the device.
-Carry the folder (`carry=["benchmarks/payload"]`) and run
-`python -m benchmarks.device_check --payload benchmarks/payload`.
+  computed here on the CPU, for the parity check on the device;
+- `wheels/`: the pure-Python packages a device image may lack (`--wheels`, fetched with pip).
+Carry the folder and run there, with no network:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site benchmarks/payload/wheels/*
+    PYTHONPATH=/tmp/site:. python3 -m benchmarks.device_check
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "payload"
 CHECKPOINTS = ("first_submission", "final_ee50")
 NUM_TRAIN, NUM_TEST, NUM_PARITY = 10_000, 5_000, 1_000
+WHEELS = ("ml_collections", "tensorboardX")  # not in a bare JAX image; pure Python
 ARCHIVE_FOLDER = "cifar-10-batches-py"
 
 
@@ -76,10 +80,23 @@ def reference_logits(checkpoints: dict[str, Path], images: np.ndarray) -> dict[s
     return out
 
 
+def download_wheels(names: list[str], folder: Path) -> None:
+    """Pure-Python wheels of `names` (without their dependencies: the device image has
+    numpy, protobuf and absl)."""
+    import subprocess
+    import sys
+
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
+    command += ["--only-binary=:all:", "--dest", str(folder), *names]
+    subprocess.run(command, check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--wheels", nargs="*", default=list(WHEELS), help="packages to carry")
     args = parser.parse_args()
     archive = args.shared / "data" / "cifar-10-python.tar.gz"
     if not archive.exists():
@@ -96,6 +113,8 @@ def main() -> None:
     rows = test[b"data"][:NUM_PARITY]
     images = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
     np.savez_compressed(out / "reference" / "logits.npz", **reference_logits(checkpoints, images))
+    if args.wheels:
+        download_wheels(args.wheels, out / "wheels")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 2**20:.1f} MiB)")
 
