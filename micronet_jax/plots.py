@@ -75,7 +75,8 @@ def layer_rows(dense: MicroNetCount, pruned: MicroNetCount) -> list[dict[str, An
 
 
 def _storage(layer: Any, count: MicroNetCount) -> float:
-    return (layer.params * count.param_bits + layer.mask_bits) / 32
+    del count
+    return layer.storage
 
 
 def plot_layer_costs(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:

@@ -80,8 +80,20 @@ def _layer_counts(config: Any, report: dict | None, final: Any) -> tuple:
     arch = builders.architecture_from_config(config, with_exit=True)
     if report is not None:
         ratio = report["metrics"]["exit_ratio"]
-        fields = ("name", "params", "mults", "adds", "mask_bits", "share")
-        layers = [{k: layer[k] for k in fields} for layer in report["score_actual_masks"]["layers"]]
+        fields = (
+            "name",
+            "params",
+            "mults",
+            "adds",
+            "mask_bits",
+            "share",
+            "param_bits",
+            "mult_bits",
+        )
+        layers = [
+            {k: layer[k] for k in fields if k in layer}
+            for layer in report["score_actual_masks"]["layers"]
+        ]
         pruned = MicroNetCount(tuple(LayerCount(**layer) for layer in layers))
     else:
         _, variables = final()

@@ -3,6 +3,7 @@
     python -m micronet_jax.score                                   # dense network
     python -m micronet_jax.score --sparsity=0.64 --exit_block=4 --exit_ratio=0.3217
     python -m micronet_jax.score --checkpoint=…/trained_model.pth --exit_ratio=0.3217
+    python -m micronet_jax.score --checkpoint=… --weight_bits 8 --activation_bits 8 --bits fc=8,32
 
 With --checkpoint, the honest score (each tensor's real mask) is printed beside the one the
 original published (its global sparsity applied uniformly to every tensor).
@@ -17,11 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from micronet_jax.bitwidths import bit_widths
 from micronet_jax.errors import CheckpointError, ConfigError, MicronetError
 from micronet_jax.models.architecture import Architecture, build_architecture
 from micronet_jax.scoring import MicroNetCount, count_micronet, measured_sparsity
 
-COLUMNS = ("layer", "share", "params", "mults", "adds", "math ops")
+COLUMNS = ("layer", "share", "params", "mults", "adds", "math ops", "storage", "math (32-bit)")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -63,6 +65,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint", default=None, help="one of the original's .pth files: score its real masks"
     )
+    parser.add_argument(
+        "--weight_bits",
+        type=int,
+        default=32,
+        help="width of every conv and dense kernel (below 16: integer, per-channel scales)",
+    )
+    parser.add_argument(
+        "--activation_bits",
+        type=int,
+        default=32,
+        help="width of every conv and dense layer's input (below 16: integer, one scale each)",
+    )
+    parser.add_argument(
+        "--bits",
+        action="append",
+        default=[],
+        metavar="PREFIX=W[,A]",
+        help="widths of the layers under a parameter-path prefix, e.g. stem_conv=8 fc=8,32 "
+        "(repeatable; the longest prefix wins)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser.parse_args(argv)
 
@@ -84,6 +106,7 @@ def count_options(args: argparse.Namespace) -> dict[str, Any]:
         "bn_as_bias": args.bn_as_bias,
         "include_upsample": args.include_upsample,
         "exit_ratio": args.exit_ratio,
+        "bits": bit_widths(args.weight_bits, args.activation_bits, args.bits),
     }
 
 
@@ -93,6 +116,9 @@ def settings(args: argparse.Namespace, arch: Architecture) -> dict[str, Any]:
         "exit_ratio": args.exit_ratio,
         "bn_as_bias": args.bn_as_bias,
         "include_upsample": args.include_upsample,
+        "weight_bits": args.weight_bits,
+        "activation_bits": args.activation_bits,
+        "bits": list(args.bits),
     }
 
 
@@ -100,6 +126,8 @@ def describe(opts: dict[str, Any], arch: Architecture, sparsity: str) -> str:
     """One line saying which conventions a table was counted with."""
     parts = [sparsity, "BN as bias" if opts["bn_as_bias"] else "BN not counted"]
     parts.append("upsample counted" if opts["include_upsample"] else "upsample not counted")
+    if opts["bits"].quantised:
+        parts.append(opts["bits"].describe())
     if arch.exit_head is not None:
         ratio = opts["exit_ratio"] or 0.0
         parts.append(f"exit head after block {arch.exit_head.after_block}, exit ratio {ratio:g}")
@@ -122,6 +150,8 @@ def format_table(count: MicroNetCount, title: str) -> str:
                 _number(layer.mults),
                 _number(layer.adds),
                 _number(layer.math_ops),
+                f"{layer.storage:,.1f}",
+                f"{layer.math_storage:,.1f}",
             )
         )
     rows.append(
@@ -132,6 +162,8 @@ def format_table(count: MicroNetCount, title: str) -> str:
             _number(count.mults),
             _number(count.adds),
             _number(count.math_ops),
+            f"{count.param_storage:,.1f}",
+            f"{count.math_storage:,.1f}",
         )
     )
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
@@ -144,8 +176,7 @@ def format_table(count: MicroNetCount, title: str) -> str:
         if i == 0 or i == len(rows) - 2:
             lines.append("-" * len(lines[-1]))
     lines += [
-        f"masks: {_number(count.mask_bits)} bits; params {count.param_bits}-bit, "
-        f"mults {count.mult_bits}-bit, adds 32-bit",
+        f"masks: {_number(count.mask_bits)} bits; widths: {count.widths}; adds 32-bit",
         f"parameter storage  {count.param_storage:,.1f} (32-bit units)",
         f"math operations    {count.math_storage:,.1f} (32-bit units)",
         f"param score  {count.param_score:.6f}",

@@ -1,7 +1,13 @@
 """MicroNet Challenge counter, walking the same `Architecture` the model is built from.
 
-Score = parameter storage / 36.5M + math ops / 10.49B, both in 32-bit units: parameters and
-multiplications at `param_bits` / `mult_bits` (16 → ×0.5), additions always 32-bit.
+Score = parameter storage / 36.5M + math ops / 10.49B, both in 32-bit units. While nothing
+is quantised below 16 bits, parameters and multiplications count at `param_bits` /
+`mult_bits` (16, the freebie: ×0.5); additions always count at 32 bits. With `bits` (a
+`BitWidths`) quantising anything below 16 bits, every value and multiplication counts at its
+real width (SPEC §6b): a kernel at its weight width, a conv's multiplications at the wider
+of its weight and input widths, everything that stays float32 (biases, BN, swish, pooling,
+the scales themselves) at 32; an integer-quantised kernel stores one fp32 scale per output
+channel and an integer-quantised input one per tensor.
 
 Conventions (each one is needed for all four of the original's published rows to come out):
 - A tensor's mask (1 bit per element, n/32 params) is stored only when the tensor is sparse
@@ -27,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from micronet_jax.bitwidths import FULL, INTEGER_BELOW, BitWidths
 from micronet_jax.errors import CheckpointError, ConfigError
 from micronet_jax.models.architecture import Architecture, BlockSpec, ExitHeadSpec
 
@@ -46,20 +53,42 @@ DensityFn = Callable[[str, int], float]
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
-    """Additive counts of one op or a group of ops, before any bit-width scaling."""
+    """Additive counts of one op or a group of ops, and their widths summed."""
 
     params: float = 0.0  # stored values: kept weights + biases (+ BN when counted as bias)
     mask_bits: float = 0.0
     mults: float = 0.0
     adds: float = 0.0
+    param_bits: float = 0.0  # Σ over stored values of the width each is charged at
+    mult_bits: float = 0.0  # Σ over multiplications of the width each is charged at
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(
-            self.params + other.params,
-            self.mask_bits + other.mask_bits,
-            self.mults + other.mults,
-            self.adds + other.adds,
+            *(
+                a + b
+                for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)
+            )
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Counting:
+    """How one count charges a tensor: its density, BN as a bias or not, and its widths."""
+
+    density: DensityFn
+    bn_as_bias: bool = False
+    bits: BitWidths = BitWidths()
+    param_bits: int = 16  # unquantised values while nothing is below 16 bits
+    mult_bits: int = 16
+
+    def values(self, count: float, width: int = FULL) -> Cost:
+        """`count` stored values of `width` bits (float32 unless given)."""
+        charged = width if self.bits.quantised else self.param_bits
+        return Cost(params=count, param_bits=count * charged)
+
+    def multiplications(self, count: float, width: int = FULL) -> Cost:
+        charged = width if self.bits.quantised else self.mult_bits
+        return Cost(mults=count, mult_bits=count * charged)
 
 
 def total(costs: list[Cost]) -> Cost:
@@ -76,10 +105,24 @@ class LayerCount:
     adds: float
     mask_bits: float = 0.0
     share: float = 1.0
+    param_bits: float | None = None  # Σ widths of the stored values (default 16 each)
+    mult_bits: float | None = None  # Σ widths of the multiplications (default 16 each)
 
     @property
     def math_ops(self) -> float:
         return self.mults + self.adds
+
+    @property
+    def storage(self) -> float:
+        """Parameter storage in 32-bit units: values at their widths, masks at 1 bit."""
+        bits = self.params * 16 if self.param_bits is None else self.param_bits
+        return (bits + self.mask_bits) / BASE_BITS
+
+    @property
+    def math_storage(self) -> float:
+        """Math operations in 32-bit units: mults at their widths, adds at 32 bits."""
+        bits = self.mults * 16 if self.mult_bits is None else self.mult_bits
+        return (bits + self.adds * ADD_BITS) / BASE_BITS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"math_ops": self.math_ops}
@@ -90,8 +133,7 @@ class MicroNetCount:
     """A full count: per-layer rows and the challenge scores derived from them."""
 
     layers: tuple[LayerCount, ...]
-    param_bits: int = 16
-    mult_bits: int = 16
+    widths: str = "16-bit (nothing quantised below 16 bits: the freebie)"
 
     @property
     def params(self) -> float:
@@ -115,13 +157,13 @@ class MicroNetCount:
 
     @property
     def param_storage(self) -> float:
-        """In 32-bit parameters: values at `param_bits`, masks at 1 bit per element."""
-        return (self.params * self.param_bits + self.mask_bits) / BASE_BITS
+        """In 32-bit parameters: values at their widths, masks at 1 bit per element."""
+        return sum(layer.storage for layer in self.layers)
 
     @property
     def math_storage(self) -> float:
-        """Math ops in 32-bit units: mults at `mult_bits`, adds at 32 bits."""
-        return (self.mults * self.mult_bits + self.adds * ADD_BITS) / BASE_BITS
+        """Math ops in 32-bit units: mults at their widths, adds at 32 bits."""
+        return sum(layer.math_storage for layer in self.layers)
 
     @property
     def param_score(self) -> float:
@@ -152,6 +194,7 @@ class MicroNetCount:
             "math_ops": self.math_ops,
             "param_storage": self.param_storage,
             "math_storage": self.math_storage,
+            "widths": self.widths,
             "param_score": self.param_score,
             "math_score": self.math_score,
             "score": self.score,
@@ -162,7 +205,7 @@ class MicroNetCount:
 
 
 def conv(
-    density: DensityFn,
+    rules: Counting,
     path: str,
     *,
     kernel: int,
@@ -170,59 +213,62 @@ def conv(
     c_out: int,
     out_size: int,
     bias: bool = False,
-    bn_as_bias: bool = False,
     activation: tuple[int, int] | None = None,
+    bn: bool = True,
 ) -> Cost:
     """A conv whose outputs each see kernel²·inputs weights (inputs = 1 for depthwise).
 
     A dense layer is the 1×1 case on a 1×1 map. Its kernel may be sparse; a bias (its own,
-    or the following BN counted as one) is dense and costs one add per output element.
+    or the following BN counted as one) is dense and costs one add per output element. Its
+    multiplications run at the wider of its weight and input widths.
     """
     n_weights = kernel * kernel * inputs * c_out
-    d = density(path, n_weights)
+    d = rules.density(path, n_weights)
     n_out = out_size * out_size * c_out
     vector = kernel * kernel * inputs * d
-    cost = Cost(
-        params=n_weights * d,
-        mask_bits=float(n_weights) if d < 1 else 0.0,
-        mults=vector * n_out,
-        adds=(vector - 1) * n_out,
+    weight_bits, input_bits = rules.bits.of(path)
+    cost = rules.values(n_weights * d, weight_bits) + rules.multiplications(
+        vector * n_out, max(weight_bits, input_bits)
     )
-    n_biases = int(bias) + int(bn_as_bias)
-    cost += Cost(params=n_biases * c_out, adds=n_biases * n_out)
+    cost += Cost(mask_bits=float(n_weights) if d < 1 else 0.0, adds=(vector - 1) * n_out)
+    if weight_bits < INTEGER_BELOW:  # one fp32 scale per output channel
+        cost += rules.values(c_out)
+    if input_bits < INTEGER_BELOW:  # one fp32 scale for the input tensor
+        cost += rules.values(1)
+    n_biases = int(bias) + int(bn and rules.bn_as_bias)
+    cost += rules.values(n_biases * c_out) + Cost(adds=n_biases * n_out)
     if activation is not None:
-        cost += Cost(mults=activation[0] * n_out, adds=activation[1] * n_out)
+        cost += rules.multiplications(activation[0] * n_out) + Cost(adds=activation[1] * n_out)
     return cost
 
 
-def global_pool(size: int, channels: int) -> Cost:
-    return Cost(mults=channels, adds=(size * size - 1) * channels)
+def global_pool(rules: Counting, size: int, channels: int) -> Cost:
+    return rules.multiplications(channels) + Cost(adds=(size * size - 1) * channels)
 
 
 # --- layers -------------------------------------------------------------------------------
 
 
-def upsample_cost(arch: Architecture) -> Cost:
+def upsample_cost(arch: Architecture, rules: Counting) -> Cost:
     """Nearest upsample: one op per output element (the original's 63·63·3 = 11,907)."""
     if arch.image_size == arch.input_size:
         return Cost()
-    return Cost(mults=arch.image_size * arch.image_size * IMAGE_CHANNELS)
+    return rules.multiplications(arch.image_size * arch.image_size * IMAGE_CHANNELS)
 
 
-def stem_cost(arch: Architecture, density: DensityFn, bn_as_bias: bool) -> Cost:
+def stem_cost(arch: Architecture, rules: Counting) -> Cost:
     return conv(
-        density,
+        rules,
         "stem_conv/kernel",
         kernel=STEM_KERNEL,
         inputs=IMAGE_CHANNELS,
         c_out=arch.stem_filters,
         out_size=arch.stem_size,
-        bn_as_bias=bn_as_bias,
         activation=SWISH,
     )
 
 
-def block_cost(block: BlockSpec, density: DensityFn, bn_as_bias: bool) -> Cost:
+def block_cost(block: BlockSpec, rules: Counting) -> Cost:
     """MBConv: [expand], depthwise, squeeze-excite, project, [residual add]."""
     prefix = f"blocks_{block.index}/"
     mid, size = block.mid_filters, block.output_size
@@ -230,39 +276,36 @@ def block_cost(block: BlockSpec, density: DensityFn, bn_as_bias: bool) -> Cost:
     if block.has_expand:
         costs.append(
             conv(
-                density,
+                rules,
                 prefix + "expand_conv/kernel",
                 kernel=1,
                 inputs=block.input_filters,
                 c_out=mid,
                 out_size=block.input_size,
-                bn_as_bias=bn_as_bias,
                 activation=SWISH,
             )
         )
     costs.append(
         conv(
-            density,
+            rules,
             prefix + "depthwise_conv/kernel",
             kernel=block.kernel_size,
             inputs=1,
             c_out=mid,
             out_size=size,
-            bn_as_bias=bn_as_bias,
             activation=SWISH,
         )
     )
     if block.se_filters:
-        costs.append(se_cost(prefix, mid, block.se_filters, size, density))
+        costs.append(se_cost(rules, prefix, mid, block.se_filters, size))
     costs.append(
         conv(
-            density,
+            rules,
             prefix + "project_conv/kernel",
             kernel=1,
             inputs=mid,
             c_out=block.output_filters,
             out_size=size,
-            bn_as_bias=bn_as_bias,
         )
     )
     if block.has_skip:
@@ -270,93 +313,76 @@ def block_cost(block: BlockSpec, density: DensityFn, bn_as_bias: bool) -> Cost:
     return total(costs)
 
 
-def se_cost(prefix: str, channels: int, reduced: int, size: int, density: DensityFn) -> Cost:
+def se_cost(rules: Counting, prefix: str, channels: int, reduced: int, size: int) -> Cost:
     """Pool, 1×1 reduce (bias, swish), 1×1 expand (bias, sigmoid), scale the map."""
+    common = dict(kernel=1, out_size=1, bias=True, bn=False)
     reduce = conv(
-        density,
-        prefix + "se_reduce/kernel",
-        kernel=1,
-        inputs=channels,
-        c_out=reduced,
-        out_size=1,
-        bias=True,
-        activation=SWISH,
-    )
+        rules, prefix + "se_reduce/kernel", inputs=channels, c_out=reduced, activation=SWISH,
+        **common,
+    )  # fmt: skip
     expand = conv(
-        density,
-        prefix + "se_expand/kernel",
-        kernel=1,
-        inputs=reduced,
-        c_out=channels,
-        out_size=1,
-        bias=True,
-        activation=SIGMOID,
-    )
-    scale = Cost(mults=size * size * channels)
-    return global_pool(size, channels) + reduce + expand + scale
+        rules, prefix + "se_expand/kernel", inputs=reduced, c_out=channels, activation=SIGMOID,
+        **common,
+    )  # fmt: skip
+    scale = rules.multiplications(size * size * channels)
+    return global_pool(rules, size, channels) + reduce + expand + scale
 
 
-def head_cost(arch: Architecture, density: DensityFn, bn_as_bias: bool) -> Cost:
+def head_cost(arch: Architecture, rules: Counting) -> Cost:
     return conv(
-        density,
+        rules,
         "head_conv/kernel",
         kernel=1,
         inputs=arch.blocks[-1].output_filters,
         c_out=arch.head_filters,
         out_size=arch.final_size,
-        bn_as_bias=bn_as_bias,
         activation=SWISH,
     )
 
 
-def dense_cost(density: DensityFn, path: str, c_in: int, c_out: int) -> Cost:
-    return conv(density, path, kernel=1, inputs=c_in, c_out=c_out, out_size=1, bias=True)
+def dense_cost(rules: Counting, path: str, c_in: int, c_out: int) -> Cost:
+    return conv(rules, path, kernel=1, inputs=c_in, c_out=c_out, out_size=1, bias=True, bn=False)
 
 
-def exit_head_cost(
-    spec: ExitHeadSpec, num_classes: int, density: DensityFn, bn_as_bias: bool
-) -> Cost:
+def exit_head_cost(spec: ExitHeadSpec, num_classes: int, rules: Counting) -> Cost:
     """Depthwise, BN, swish, 1×1 expand, BN, swish, pool, FC."""
     depthwise = conv(
-        density,
+        rules,
         EXIT_PREFIX + "depthwise_conv/kernel",
         kernel=spec.kernel_size,
         inputs=1,
         c_out=spec.input_filters,
         out_size=spec.size,
-        bn_as_bias=bn_as_bias,
         activation=SWISH,
     )
     expand = conv(
-        density,
+        rules,
         EXIT_PREFIX + "expand_conv/kernel",
         kernel=1,
         inputs=spec.input_filters,
         c_out=spec.head_filters,
         out_size=spec.size,
-        bn_as_bias=bn_as_bias,
         activation=SWISH,
     )
-    pool = global_pool(spec.size, spec.head_filters)
-    fc = dense_cost(density, EXIT_PREFIX + "fc/kernel", spec.head_filters, num_classes)
+    pool = global_pool(rules, spec.size, spec.head_filters)
+    fc = dense_cost(rules, EXIT_PREFIX + "fc/kernel", spec.head_filters, num_classes)
     return depthwise + expand + pool + fc
 
 
 def layer_costs(
-    arch: Architecture, density: DensityFn, bn_as_bias: bool, include_upsample: bool
+    arch: Architecture, rules: Counting, include_upsample: bool
 ) -> list[tuple[str, Cost]]:
     """Every row of the table, in network order, exit head last."""
     rows = []
     if include_upsample:
-        rows.append(("upsample", upsample_cost(arch)))
-    rows.append(("stem", stem_cost(arch, density, bn_as_bias)))
-    rows += [(f"block_{b.index}", block_cost(b, density, bn_as_bias)) for b in arch.blocks]
-    rows.append(("head", head_cost(arch, density, bn_as_bias)))
-    rows.append(("pool", global_pool(arch.final_size, arch.head_filters)))
-    rows.append(("fc", dense_cost(density, "fc/kernel", arch.head_filters, arch.num_classes)))
+        rows.append(("upsample", upsample_cost(arch, rules)))
+    rows.append(("stem", stem_cost(arch, rules)))
+    rows += [(f"block_{b.index}", block_cost(b, rules)) for b in arch.blocks]
+    rows.append(("head", head_cost(arch, rules)))
+    rows.append(("pool", global_pool(rules, arch.final_size, arch.head_filters)))
+    rows.append(("fc", dense_cost(rules, "fc/kernel", arch.head_filters, arch.num_classes)))
     if arch.exit_head is not None:
-        cost = exit_head_cost(arch.exit_head, arch.num_classes, density, bn_as_bias)
-        rows.append(("exit_head", cost))
+        rows.append(("exit_head", exit_head_cost(arch.exit_head, arch.num_classes, rules)))
     return rows
 
 
@@ -421,7 +447,7 @@ def prunable_tensors(arch: Architecture) -> list[tuple[str, int]]:
         seen.append((path, n_weights))
         return 1.0
 
-    layer_costs(arch, record, bn_as_bias=False, include_upsample=False)
+    layer_costs(arch, Counting(record), include_upsample=False)
     return seen
 
 
@@ -483,6 +509,7 @@ def count_micronet(
     exit_sparsity: float = 0.0,
     param_bits: int = 16,
     mult_bits: int = 16,
+    bits: BitWidths | None = None,
 ) -> MicroNetCount:
     """Count `arch` by the MicroNet rules.
 
@@ -490,14 +517,18 @@ def count_micronet(
     head) unless `params` is given: then each tensor's real density is read from it. With an
     exit head, a share `exit_ratio` of images (0 if None) skips the layers after the exit
     block: ops = r·(exit path) + (1−r)·(full path), both paths running the exit head.
+    `param_bits`/`mult_bits` are the widths everything counts at while nothing is quantised
+    (16: the freebie; 32: plain float32); `bits` quantises weights and activations.
     """
     _check_options(arch, sparsity, params, exit_ratio, exit_sparsity, param_bits, mult_bits)
     density = (
         actual_density(params) if params is not None else uniform_density(sparsity, exit_sparsity)
     )
+    bits = bits or BitWidths()
+    rules = Counting(density, bn_as_bias, bits, param_bits, mult_bits)
     ratio = exit_ratio or 0.0
     layers = []
-    for name, cost in layer_costs(arch, density, bn_as_bias, include_upsample):
+    for name, cost in layer_costs(arch, rules, include_upsample):
         share = 1.0 - ratio if runs_after_exit(arch, name) else 1.0
         layers.append(
             LayerCount(
@@ -507,6 +538,14 @@ def count_micronet(
                 adds=cost.adds * share,
                 mask_bits=cost.mask_bits,
                 share=share,
+                param_bits=cost.param_bits,
+                mult_bits=cost.mult_bits * share,
             )
         )
-    return MicroNetCount(tuple(layers), param_bits=param_bits, mult_bits=mult_bits)
+    if bits.quantised:
+        widths = bits.describe()
+    elif (param_bits, mult_bits) == (16, 16):
+        widths = bits.describe()
+    else:
+        widths = f"params {param_bits}-bit, mults {mult_bits}-bit (nothing quantised)"
+    return MicroNetCount(tuple(layers), widths=widths)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from micronet_jax import score
+from micronet_jax.bitwidths import BitWidths, parse_override
 from micronet_jax.errors import CheckpointError, ConfigError
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.scoring import (
@@ -530,3 +531,145 @@ def test_cli_checkpoint_flow_with_a_stand_in_converter(monkeypatch, capsys, tmp_
     assert "exit_block" in capsys.readouterr().err
     assert score.main([f"--checkpoint={path}", "--sparsity=0.5"]) != 0
     assert "read from --checkpoint" in capsys.readouterr().err
+
+
+# --- quantised entries (SPEC §6b), counted by hand on a toy network --------------------------
+#
+# One MBConv r1_k3_s1_e1_i8_o8_se0.25 at width and resolution 1: a 3x3/2 stem 3->8 (16x16
+# out), the block (depthwise 3x3 on 16x16x8, SE 8->2->8 with biases, project 8->8, skip), a
+# 1x1 head 8->16, pooling and fc 16->10. Dense: 692 weights and biases.
+TOY = build_architecture(
+    ("r1_k3_s1_e1_i8_o8_se0.25",), width=1.0, resolution=1.0, head_filters=16, num_classes=10
+)
+TOY_PARAMS = 216 + 72 + (16 + 2) + (16 + 8) + 64 + 128 + (160 + 10)
+# Scales of an 8/8 entry: one per output channel and one per input tensor of each layer:
+# stem 8+1, depthwise 8+1, SE reduce 2+1, SE expand 8+1, project 8+1, head 16+1, fc 10+1.
+TOY_SCALES = 9 + 9 + 3 + 9 + 9 + 17 + 11
+
+
+def test_toy_weights_and_activations_at_8_bits():
+    count = count_micronet(TOY, bits=BitWidths(8, 8))
+    assert count.params == TOY_PARAMS + TOY_SCALES == 759
+    # weights at 8 bits, scales and biases (SE's 10, fc's 10) at 32: bits per layer
+    #   stem 216·8 + 9·32 = 2,016; block 72·8 + 9·32 + (16·8 + 3·32 + 2·32)
+    #   + (16·8 + 9·32 + 8·32) + 64·8 + 9·32 = 2,624; head 128·8 + 17·32 = 1,568;
+    #   fc 160·8 + 11·32 + 10·32 = 1,952: 8,160 bits = 255 parameters of 32 bits
+    assert [round(layer.storage * 32) for layer in count.layers] == [2016, 2624, 1568, 0, 1952]
+    assert count.param_storage == 255
+    # conv multiplications at 8 bits (the wider input: 8 and 8), elementwise ones at 32:
+    #   stem 27·2,048·8 + 3·2,048·32 = 638,976; block 9·2,048·8 + 3·2,048·32 (depthwise,
+    #   swish) + 8·32 (pool) + 16·8 + 6·32 + 16·8 + 16·32 (SE convs, swish, sigmoid)
+    #   + 2,048·32 (SE scale) + 8·2,048·8 (project) = 541,888; head 8·4,096·8 + 3·4,096·32
+    #   = 655,360; pool 16·32 = 512; fc 160·8 = 1,280: 1,838,016 bits
+    assert [layer.mult_bits for layer in count.layers] == [638976, 541888, 655360, 512, 1280]
+    # additions, 32 bits each: stem 26·2,048 + 2,048; block 8·2,048 + 2,048 + 255·8
+    #   + (7·2 + 2 + 2) + (1·8 + 8 + 8) + 7·2,048 + 2,048 (skip); head 7·4,096 + 4,096;
+    #   pool 255·16; fc 15·10 + 10
+    assert [layer.adds for layer in count.layers] == [55296, 36898, 32768, 4080, 160]
+    assert count.math_storage == 1_838_016 / 32 + 129_202 == 186_640
+
+
+def test_toy_16_bits_keeps_the_freebie():
+    """Nothing below 16 bits: everything counts at 16, as when nothing is said, no scales."""
+    free = count_micronet(TOY)
+    assert free.param_storage == TOY_PARAMS * 16 / 32 == 346
+    half = count_micronet(TOY, bits=BitWidths(16, 16))
+    assert (half.params, half.param_storage, half.math_storage) == (
+        free.params,
+        free.param_storage,
+        free.math_storage,
+    )
+
+
+def test_toy_one_layer_below_16_bits_ends_the_freebie():
+    """Quantise only fc to 8 bits: every other value and multiplication is charged at 32."""
+    count = count_micronet(TOY, bits=BitWidths(overrides=(("fc", 8, 8),)))
+    # (692 - 170) values at 32 bits + fc's 160·8 + 11 scales·32 + 10 biases·32
+    assert count.param_storage * 32 == 522 * 32 + 1280 + 352 + 320 == 18_656
+    assert count.layer("stem").mult_bits == (27 * 2048 + 3 * 2048) * 32
+    assert count.layer("fc").mult_bits == 160 * 8
+
+
+def test_toy_multiplications_cost_their_widest_input():
+    four_eight = count_micronet(TOY, bits=BitWidths(4, 8)).layer("head")
+    eight_full = count_micronet(TOY, bits=BitWidths(8, 32)).layer("head")
+    # the head's 1x1 conv: 8·4,096 multiplications; its swish 3·4,096 at 32 bits
+    assert four_eight.mult_bits == 8 * 4096 * 8 + 3 * 4096 * 32
+    assert eight_full.mult_bits == 8 * 4096 * 32 + 3 * 4096 * 32
+    # 4-bit weights store at 4 bits (+16 channel scales, +1 input scale at 32)
+    assert four_eight.storage * 32 == 128 * 4 + 17 * 32
+    # 32-bit activations need no scale: 128·8 + 16 channel scales
+    assert eight_full.storage * 32 == 128 * 8 + 16 * 32
+
+
+def test_toy_masks_are_one_bit_beside_the_kept_values():
+    count = count_micronet(TOY, sparsity=0.5, bits=BitWidths(8, 8))
+    stem = count.layer("stem")
+    # 108 kept weights at 8 bits, a 216-bit mask, 9 scales at 32
+    assert stem.storage * 32 == 108 * 8 + 216 + 9 * 32
+    assert stem.mult_bits == 13.5 * 2048 * 8 + 3 * 2048 * 32
+
+
+def test_toy_bn_as_bias_is_a_float32_bias_when_quantised():
+    plain = count_micronet(TOY, bits=BitWidths(8, 8))
+    with_bn = count_micronet(TOY, bits=BitWidths(8, 8), bn_as_bias=True)
+    # BN after the stem (8), depthwise (8), project (8) and head (16): 40 values at 32 bits,
+    # one add per output element: 2,048 + 2,048 + 2,048 + 4,096
+    assert with_bn.param_storage - plain.param_storage == 40
+    assert with_bn.math_storage - plain.math_storage == 10_240
+
+
+def test_bit_widths_compose_with_an_exit_head_and_its_ratio():
+    bits = BitWidths(8, 8)
+    stay, leave = (count_micronet(ARCH_EXIT4, bits=bits, exit_ratio=r) for r in (0.0, 1.0))
+    half = count_micronet(ARCH_EXIT4, bits=bits, exit_ratio=0.5)
+    assert half.math_storage == pytest.approx((stay.math_storage + leave.math_storage) / 2)
+    assert half.param_storage == stay.param_storage  # storage does not depend on the ratio
+    # the exit head's three kernels are quantised too: 48 + 136 + 100 channel scales, and
+    # one input scale each
+    head = half.layer("exit_head")
+    dense_head = count_micronet(ARCH_EXIT4, exit_ratio=0.5).layer("exit_head")
+    assert head.params == dense_head.params + 48 + 136 + 100 + 3
+
+
+def test_overrides_take_the_longest_prefix():
+    bits = BitWidths(4, 4, (("blocks_", 6, 6), ("blocks_3", 8, 32), ("stem_conv", 8, 32)))
+    assert bits.of("blocks_3/expand_conv/kernel") == (8, 32)
+    assert bits.of("blocks_2/expand_conv/kernel") == (6, 6)
+    assert bits.of("stem_conv/kernel") == (8, 32)
+    assert bits.of("fc/kernel") == (4, 4)
+    assert bits.quantised and not BitWidths(16, 32).quantised
+    assert parse_override("fc=8,32") == ("fc", 8, 32) and parse_override("fc=8") == ("fc", 8, 8)
+    for bad in ("fc", "fc=eight", "=8"):
+        with pytest.raises(ConfigError, match="PREFIX"):
+            parse_override(bad)
+    with pytest.raises(ConfigError, match="bit widths"):
+        BitWidths(1, 8)
+
+
+def test_cli_bit_widths_of_a_configuration(capsys):
+    args = ["--sparsity=0.64", "--exit_block=4", "--exit_ratio=0.3217"]
+    assert score.main([*args, "--weight_bits", "8", "--activation_bits", "8", "--json"]) == 0
+    eight = json.loads(capsys.readouterr().out)
+    assert score.main([*args, "--json"]) == 0
+    free = json.loads(capsys.readouterr().out)
+    assert eight["widths"] == "weights 8-bit, activations 8-bit"
+    assert eight["settings"]["weight_bits"] == 8
+    assert eight["param_score"] < free["param_score"]
+    expected = count_micronet(ARCH_EXIT4, sparsity=0.64, exit_ratio=0.3217, bits=BitWidths(8, 8))
+    assert eight["score"] == pytest.approx(expected.score)
+    assert score.main([*args, "--bits", "fc=eight"]) == 1
+    assert "PREFIX" in capsys.readouterr().err
+
+
+@pytest.mark.shared
+def test_cli_bit_widths_of_the_final_checkpoint(original_checkpoints):
+    path = original_checkpoints / "final_ee50" / "trained_model.pth"
+    args = [f"--checkpoint={path}", "--bn_as_bias", "--exit_block", "4"]
+    args += ["--exit_ratio", "0.2929", "--weight_bits", "8", "--activation_bits", "8"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "weights 8-bit, activations 8-bit" in result.stdout
+    assert "score" in result.stdout.splitlines()[-1]
+    honest = float(result.stdout.split("score")[-1].split()[0])
+    assert 0.0040 < honest < 0.0060
