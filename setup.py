@@ -32,6 +32,7 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            "qwix",
         ],
         "experiments": ["optuna", "matplotlib"],
         "bench": ["torch==2.13.0", "pillow"],

@@ -83,9 +83,15 @@ def quantize_weights(params: Any, bits: BitWidths, ste: bool = False) -> Any:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def layer_key(module: nn.Module) -> str:
+def kernel_path(module: nn.Module) -> str:
     """'blocks_3/expand_conv/kernel': the parameter path of a conv or dense module's kernel."""
     return "/".join(module.path) + "/kernel"
+
+
+def scale_key(path: str) -> str:
+    """The activation scale's key for a kernel path: 'blocks_3.expand_conv' (no '/', so the
+    scales can sit in a checkpoint's tree)."""
+    return path.removesuffix("/kernel").replace("/", ".")
 
 
 def _intercepts(context: Any) -> bool:
@@ -96,8 +102,8 @@ def _intercepts(context: Any) -> bool:
 class ActivationQuantizer:
     """Method interceptor: the input of every conv and dense layer on its per-tensor grid.
 
-    `scales` maps layer keys (`layer_key`) to their activation scale; layers whose width is
-    16 or more need none.
+    `scales` maps `scale_key`s to each layer's input scale; layers whose width is 16 or more
+    need none.
     """
 
     bits: BitWidths
@@ -107,11 +113,11 @@ class ActivationQuantizer:
     def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         if not _intercepts(context):
             return next_fun(*args, **kwargs)
-        key = layer_key(context.module)
-        _, activation_bits = self.bits.of(key)
+        path = kernel_path(context.module)
+        _, activation_bits = self.bits.of(path)
         x = args[0]
         if activation_bits < FULL:
-            scale = self.scales.get(key, 1.0) if activation_bits < INTEGER_BELOW else 1.0
+            scale = self.scales[scale_key(path)] if activation_bits < INTEGER_BELOW else 1.0
             x = fake_quant(x, scale, activation_bits, self.ste)
         return next_fun(x, *args[1:], **kwargs)
 
@@ -125,25 +131,31 @@ class ActivationRecorder:
 
     def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         if _intercepts(context):
-            self.found[layer_key(context.module)] = self.statistic(
+            self.found[kernel_path(context.module)] = self.statistic(
                 jnp.abs(args[0].astype(jnp.float32))
             )
         return next_fun(*args, **kwargs)
 
 
-def quantized_apply(
-    model: nn.Module,
-    variables: dict,
-    x: jax.Array,
-    bits: BitWidths,
-    scales: dict[str, jax.Array],
-    ste: bool = False,
-    **kwargs: Any,
-) -> Any:
-    """`model.apply` with weights and activations on their grids (fake quantisation)."""
-    params = quantize_weights(variables["params"], bits, ste)
-    with nn.intercept_methods(ActivationQuantizer(bits, scales, ste)):
-        return model.apply({**variables, "params": params}, x, **kwargs)
+@dataclasses.dataclass(frozen=True)
+class QuantizedApply:
+    """`model.apply` with weights and activations on their grids (fake quantisation).
+
+    Called like `model.apply(variables, x, ...)`; the activation scales ride in
+    `variables["quant"]` ({scale_key: scale}), so this is hashable and `predict` and the
+    train steps take it as their `apply_fn`.
+    """
+
+    model: nn.Module
+    bits: BitWidths
+    ste: bool = False
+
+    def __call__(self, variables: dict, x: jax.Array, **kwargs: Any) -> Any:
+        variables = dict(variables)
+        scales = variables.pop("quant", {})
+        variables["params"] = quantize_weights(variables["params"], self.bits, self.ste)
+        with nn.intercept_methods(ActivationQuantizer(self.bits, scales, self.ste)):
+            return self.model.apply(variables, x, **kwargs)
 
 
 # --- calibration --------------------------------------------------------------------------
@@ -168,14 +180,13 @@ class Calibration:
         """The scale of each layer's input at its width: 'max' spans the largest value seen,
         'mse' picks the clipping range that minimises the expected squared error."""
         out = {}
-        for key, peak in self.peaks.items():
-            _, activation_bits = bits.of(key)
+        for path, peak in self.peaks.items():
+            _, activation_bits = bits.of(path)
             if activation_bits >= INTEGER_BELOW:
                 continue
-            clip = (
-                peak if method == "max" else mse_clip(self.histograms[key], peak, activation_bits)
-            )
-            out[key] = jnp.float32(max(clip, 1e-12) / qmax(activation_bits))
+            histogram = self.histograms[path]
+            clip = peak if method == "max" else mse_clip(histogram, peak, activation_bits)
+            out[scale_key(path)] = jnp.float32(max(clip, 1e-12) / qmax(activation_bits))
         return out
 
 
@@ -237,7 +248,7 @@ def count_scales(params: Any, bits: BitWidths, activation_keys: Iterable[str]) -
         path = path_name(key_path)
         if is_weight(path, leaf) and bits.of(path)[0] < INTEGER_BELOW:
             total += int(np.shape(leaf)[-1])
-    return total + sum(1 for key in activation_keys if bits.of(key)[1] < INTEGER_BELOW)
+    return total + sum(1 for path in activation_keys if bits.of(path)[1] < INTEGER_BELOW)
 
 
 __all__ = [
@@ -247,6 +258,6 @@ __all__ = [
     "calibrate",
     "channel_scales",
     "fake_quant",
+    "QuantizedApply",
     "quantize_weights",
-    "quantized_apply",
 ]

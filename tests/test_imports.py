@@ -25,6 +25,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "models.early_exit",
         "models.efficientnet",
         "models.microbatch",
+        "models.fold",
         "pruning",
         "bitwidths",
         "quantization",

@@ -1,0 +1,181 @@
+"""Fake quantisation: the grids, weights per channel, activations at module boundaries,
+calibration, BN folding, and qwix as the reference for the weight grids."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from micronet_jax.bitwidths import BitWidths
+from micronet_jax.models.architecture import build_architecture
+from micronet_jax.models.efficientnet import MicroNet, init_variables
+from micronet_jax.models.fold import fold_batch_norm, folded_pairs
+from micronet_jax.quantization import (
+    ActivationRecorder,
+    Calibration,
+    QuantizedApply,
+    calibrate,
+    channel_scales,
+    fake_quant,
+    mse_clip,
+    qmax,
+    quantize_weights,
+    scale_key,
+)
+from micronet_jax.train.steps import predict
+
+TINY = ("r1_k3_s1_e1_i8_o8_se0.25", "r1_k3_s2_e2_i8_o16_se0.25", "r1_k3_s1_e2_i16_o16_se0.25")
+
+
+@functools.cache
+def tiny():
+    arch = build_architecture(TINY, width=1.0, resolution=1.0, head_filters=32, num_classes=10)
+    model = MicroNet(arch.with_exit_head(1))
+    variables = init_variables(model, jax.random.key(0))
+    # BN statistics and affines away from the identity, so that folding has work to do
+    keys = iter(jax.random.split(jax.random.key(5), 400))
+
+    def perturb(path, x):
+        name = path[-1].key
+        if name in ("mean", "bias"):
+            return x + 0.1 * jax.random.normal(next(keys), x.shape)
+        if name in ("var", "scale"):
+            return x * jnp.exp(0.3 * jax.random.normal(next(keys), x.shape))
+        return x
+
+    variables = {
+        "params": jax.tree_util.tree_map_with_path(perturb, variables["params"]),
+        "batch_stats": jax.tree_util.tree_map_with_path(perturb, variables["batch_stats"]),
+    }
+    images = np.random.default_rng(0).integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
+    return model, variables, images
+
+
+def test_integer_grid_holds_zero_and_clips():
+    scale = jnp.float32(0.5)
+    x = jnp.array([0.0, 0.2, 0.26, -0.74, 3.49, 100.0, -100.0])
+    y = fake_quant(x, scale, 4)  # grid 0.5·{-7..7}
+    np.testing.assert_array_equal(np.asarray(y), [0.0, 0.0, 0.5, -0.5, 3.5, 3.5, -3.5])
+    assert qmax(8) == 127 and qmax(4) == 7 and qmax(2) == 1
+
+
+def test_straight_through_gradient_is_one_inside_the_range_zero_outside():
+    grad = jax.grad(lambda x: jnp.sum(fake_quant(x, 0.5, 4, ste=True)))
+    np.testing.assert_array_equal(np.asarray(grad(jnp.array([0.2, -3.4, 3.6, -9.0]))), [1, 1, 0, 0])
+
+
+def test_sixteen_bits_round_to_float16_and_thirty_two_leave_values_alone():
+    x = jnp.array([1.0 + 2**-12, 3.14159265], jnp.float32)
+    np.testing.assert_array_equal(
+        np.asarray(fake_quant(x, 1.0, 16)), np.asarray(x.astype(jnp.float16), np.float32)
+    )
+    assert fake_quant(x, 1.0, 32) is x
+
+
+def test_weights_per_output_channel_keep_pruned_zeros_and_skip_biases():
+    model, variables, _ = tiny()
+    params = variables["params"]
+    kernel = params["blocks_1"]["expand_conv"]["kernel"]
+    kernel = kernel.at[0, 0, :3, :].set(0.0)  # pruned weights
+    params = {**params, "blocks_1": {**params["blocks_1"], "expand_conv": {"kernel": kernel}}}
+    quantized = quantize_weights(params, BitWidths(4, 32))
+    q = quantized["blocks_1"]["expand_conv"]["kernel"]
+    scales = channel_scales(kernel, 4)
+    steps = np.asarray(q / scales)
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)  # on each channel's grid
+    assert np.abs(steps).max() <= 7 + 1e-4
+    assert np.all(np.asarray(q)[0, 0, :3, :] == 0)  # masks kept exactly
+    assert np.array_equal(np.abs(steps).max(axis=(0, 1, 2)).round(), np.full(q.shape[-1], 7))
+    np.testing.assert_array_equal(  # biases and BN are left in float32
+        quantized["fc"]["bias"], params["fc"]["bias"]
+    )
+    np.testing.assert_array_equal(quantized["stem_bn"]["scale"], params["stem_bn"]["scale"])
+
+
+@pytest.mark.parametrize("bits, qtype", [(8, jnp.int8), (4, jnp.int4)])
+def test_weight_grids_are_qwix_channelwise_absmax(bits, qtype):
+    qwix = pytest.importorskip("qwix")
+    kernel = jax.random.normal(jax.random.key(3), (3, 3, 16, 24))
+    # qwix maps absmax to q + 0.5 (its bound); scaled by (q + 0.5)/q, absmax maps to q as ours
+    factor = (qmax(bits) + 0.5) / qmax(bits)
+    how = f"absmax,{factor!r}"
+    qarray = qwix.quantize(kernel, qtype, channelwise_axes=(3,), calibration_method=how)
+    reference = qwix.dequantize(qarray)
+    ours = quantize_weights({"conv": {"kernel": kernel}}, BitWidths(bits, 32))["conv"]["kernel"]
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-6, atol=1e-6)
+    steps = np.asarray(qarray.qvalue)
+    assert steps.min() >= -qmax(bits) and steps.max() <= qmax(bits)
+
+
+def test_thirty_two_bits_is_the_plain_model():
+    model, variables, images = tiny()
+    plain = predict(model.apply, variables, images, 48)
+    same = predict(QuantizedApply(model, BitWidths()), variables, images, 48)
+    for a, b in zip(plain, same, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_every_conv_and_dense_input_is_quantised():
+    model, variables, images = tiny()
+    recorder = ActivationRecorder(jnp.max)
+    import flax.linen as nn
+
+    with nn.intercept_methods(recorder):
+        model.apply(variables, jnp.zeros((4, 32, 32, 3)), train=False)
+    kernels = [
+        "/".join(str(k.key) for k in path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+        if path[-1].key == "kernel"
+    ]
+    assert sorted(recorder.found) == sorted(kernels)
+    assert len(kernels) == 20  # 16 convs of the network, 2 of the exit head, 2 dense
+
+
+def test_eight_bits_stay_close_and_four_bits_move_further():
+    model, variables, images = tiny()
+    prepare = functools.partial(_normalise)
+    calibration = calibrate(model, variables, [images[:24]], prepare)
+    plain, _ = predict(model.apply, variables, images, 48)
+    errors = {}
+    for bits in (8, 4):
+        widths = BitWidths(bits, bits)
+        quant = {"quant": calibration.scales(widths)}
+        logits, _ = predict(QuantizedApply(model, widths), {**variables, **quant}, images, 48)
+        errors[bits] = float(np.abs(logits - plain).max() / np.abs(plain).max())
+    assert errors[8] < 0.01 and errors[4] > 3 * errors[8]
+
+
+def _normalise(batch):
+    from micronet_jax.data.augment import eval_transform
+
+    return eval_transform(batch)
+
+
+def test_calibration_max_spans_the_peak_and_mse_clips_a_long_tail():
+    histogram = np.zeros(2048)
+    histogram[:100] = 1000.0  # most values small
+    histogram[-1] = 1.0  # one outlier at the peak
+    cal = Calibration({"fc/kernel": 10.0}, {"fc/kernel": histogram})
+    assert float(cal.scales(BitWidths(4, 4), "max")["fc"]) == pytest.approx(10.0 / 7)
+    assert float(cal.scales(BitWidths(4, 4), "mse")["fc"]) < 10.0 / 7 / 4
+    assert mse_clip(histogram, 10.0, 8) <= 10.0
+    assert cal.scales(BitWidths(8, 32)) == {}  # float inputs need no scale
+    assert scale_key("blocks_3/expand_conv/kernel") == "blocks_3.expand_conv"
+
+
+def test_folded_batch_norm_computes_the_same_and_keeps_zeros():
+    model, variables, images = tiny()
+    folded = fold_batch_norm(variables)
+    assert folded_pairs(variables["params"]) == 1 + 2 * 3 - 1 + 1 + 2  # stem, blocks, head, exit
+    plain_main, plain_exit = predict(model.apply, variables, images, 48)
+    main, exits = predict(model.apply, folded, images, 48)
+    np.testing.assert_allclose(main, plain_main, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(exits, plain_exit, rtol=1e-4, atol=1e-4)
+    bn = folded["params"]["blocks_1"]["bn0"]
+    np.testing.assert_array_equal(bn["scale"], np.ones_like(bn["scale"]))
+    zeros = variables["params"]["stem_conv"]["kernel"] == 0
+    assert np.all(np.asarray(folded["params"]["stem_conv"]["kernel"])[np.asarray(zeros)] == 0)
