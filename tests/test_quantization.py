@@ -170,7 +170,7 @@ def test_calibration_max_spans_the_peak_and_mse_clips_a_long_tail():
 def test_folded_batch_norm_computes_the_same_and_keeps_zeros():
     model, variables, images = tiny()
     folded = fold_batch_norm(variables)
-    assert folded_pairs(variables["params"]) == 1 + 2 * 3 - 1 + 1 + 2  # stem, blocks, head, exit
+    assert folded_pairs(variables["params"]) == 1 + (2 + 3 + 3) + 1 + 2  # stem, blocks, head, exit
     plain_main, plain_exit = predict(model.apply, variables, images, 48)
     main, exits = predict(model.apply, folded, images, 48)
     np.testing.assert_allclose(main, plain_main, rtol=1e-4, atol=1e-4)
