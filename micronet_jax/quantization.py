@@ -3,8 +3,10 @@
 - Weights: every conv and dense kernel, symmetric, one scale per output channel (the last
   axis of HWIO and of (in, out)), quantised in the parameter tree. A pruned weight is 0 and
   stays 0 (symmetric grids hold 0 exactly), so pruning masks are kept exactly.
-- Activations: the input of every conv and dense layer, symmetric, one scale per tensor,
-  quantised at the module boundary by a flax method interceptor.
+- Activations: the input of every conv and dense layer, one affine grid per tensor (a scale
+  and a zero point, 2^b levels over a calibrated range that holds 0 exactly), quantised at
+  the module boundary by a flax method interceptor. Most inputs follow a swish (≥ −0.28), so a
+  symmetric grid would leave half its levels unused.
 
 Why not qwix: qwix intercepts `lax.conv_general_dilated` and `dot_general`. On a CPU this
 network's convolutions are lowered as shifted multiply-adds and matmuls (models/conv.py),
@@ -21,6 +23,7 @@ inside the grid's range, zero outside it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -52,6 +55,20 @@ def fake_quant(x: jax.Array, scale: jax.Array, bits: int, ste: bool = False) -> 
     scale = jnp.asarray(scale, x.dtype)
     clipped = jnp.clip(x, -q * scale, q * scale)
     y = jnp.round(clipped / scale) * scale
+    return clipped + jax.lax.stop_gradient(y - clipped) if ste else y
+
+
+def fake_quant_range(x: jax.Array, bounds: jax.Array, bits: int, ste: bool = False) -> jax.Array:
+    """x on the affine grid of 2^bits levels spanning bounds = (low ≤ 0, high ≥ 0), 0 exact
+    (a zero point); with `ste`, the straight-through gradient."""
+    if bits >= INTEGER_BELOW:
+        return fake_quant(x, 1.0, bits, ste)
+    low, high = bounds[0].astype(x.dtype), bounds[1].astype(x.dtype)
+    levels = 2**bits - 1
+    step = jnp.maximum(high - low, 1e-12) / levels
+    zero = jnp.round(-low / step)
+    clipped = jnp.clip(x, -zero * step, (levels - zero) * step)
+    y = (jnp.round(clipped / step) + zero - zero) * step
     return clipped + jax.lax.stop_gradient(y - clipped) if ste else y
 
 
@@ -102,12 +119,12 @@ def _intercepts(context: Any) -> bool:
 class ActivationQuantizer:
     """Method interceptor: the input of every conv and dense layer on its per-tensor grid.
 
-    `scales` maps `scale_key`s to each layer's input scale; layers whose width is 16 or more
-    need none.
+    `ranges` maps `scale_key`s to each layer's calibrated (low, high); layers whose width is
+    16 or more need none.
     """
 
     bits: BitWidths
-    scales: dict[str, jax.Array]
+    ranges: dict[str, jax.Array]
     ste: bool = False
 
     def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
@@ -116,9 +133,10 @@ class ActivationQuantizer:
         path = kernel_path(context.module)
         _, activation_bits = self.bits.of(path)
         x = args[0]
-        if activation_bits < FULL:
-            scale = self.scales[scale_key(path)] if activation_bits < INTEGER_BELOW else 1.0
-            x = fake_quant(x, scale, activation_bits, self.ste)
+        if activation_bits < INTEGER_BELOW:
+            x = fake_quant_range(x, self.ranges[scale_key(path)], activation_bits, self.ste)
+        elif activation_bits < FULL:
+            x = fake_quant(x, 1.0, activation_bits, self.ste)
         return next_fun(x, *args[1:], **kwargs)
 
 
@@ -126,14 +144,13 @@ class ActivationQuantizer:
 class ActivationRecorder:
     """Method interceptor: records a statistic of every conv and dense layer's input."""
 
-    statistic: Callable[[jax.Array], jax.Array]
-    found: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    statistic: Callable[[jax.Array], Any]
+    found: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         if _intercepts(context):
-            self.found[kernel_path(context.module)] = self.statistic(
-                jnp.abs(args[0].astype(jnp.float32))
-            )
+            x = args[0].astype(jnp.float32)
+            self.found[kernel_path(context.module)] = self.statistic(x)
         return next_fun(*args, **kwargs)
 
 
@@ -141,9 +158,9 @@ class ActivationRecorder:
 class QuantizedApply:
     """`model.apply` with weights and activations on their grids (fake quantisation).
 
-    Called like `model.apply(variables, x, ...)`; the activation scales ride in
-    `variables["quant"]` ({scale_key: scale}), so this is hashable and `predict` and the
-    train steps take it as their `apply_fn`.
+    Called like `model.apply(variables, x, ...)`; the activation ranges ride in
+    `variables["quant"]` ({scale_key: (low, high)}), so this is hashable and `predict` and
+    the train steps take it as their `apply_fn`.
     """
 
     model: nn.Module
@@ -152,103 +169,111 @@ class QuantizedApply:
 
     def __call__(self, variables: dict, x: jax.Array, **kwargs: Any) -> Any:
         variables = dict(variables)
-        scales = variables.pop("quant", {})
+        ranges = variables.pop("quant", {})
         variables["params"] = quantize_weights(variables["params"], self.bits, self.ste)
-        with nn.intercept_methods(ActivationQuantizer(self.bits, scales, self.ste)):
+        with nn.intercept_methods(ActivationQuantizer(self.bits, ranges, self.ste)):
             return self.model.apply(variables, x, **kwargs)
 
 
 # --- calibration --------------------------------------------------------------------------
 
 
-def _recorded(model: nn.Module, variables: dict, x: jax.Array, statistic) -> dict[str, jax.Array]:
-    recorder = ActivationRecorder(statistic)
-    with nn.intercept_methods(recorder):
-        model.apply(variables, x, train=False)
-    return recorder.found
-
-
 @dataclasses.dataclass
 class Calibration:
-    """Per-tensor histograms of |input| of every conv and dense layer over calibration data,
-    from which each width's scale is chosen."""
+    """Per-tensor histograms of the input of every conv and dense layer over calibration
+    data, from which each width's range is chosen."""
 
-    peaks: dict[str, float]
-    histograms: dict[str, np.ndarray]
+    lows: dict[str, float]
+    highs: dict[str, float]
+    histograms: dict[str, np.ndarray]  # HISTOGRAM_BINS bins over [low, high]
 
-    def scales(self, bits: BitWidths, method: str = "mse") -> dict[str, jax.Array]:
-        """The scale of each layer's input at its width: 'max' spans the largest value seen,
-        'mse' picks the clipping range that minimises the expected squared error."""
+    def ranges(self, bits: BitWidths, method: str = "mse") -> dict[str, jax.Array]:
+        """(low, high) of each layer's input at its width: 'max' spans every value seen,
+        'mse' clips where the expected squared error of the grid is least."""
         out = {}
-        for path, peak in self.peaks.items():
+        for path, histogram in self.histograms.items():
             _, activation_bits = bits.of(path)
             if activation_bits >= INTEGER_BELOW:
                 continue
-            histogram = self.histograms[path]
-            clip = peak if method == "max" else mse_clip(histogram, peak, activation_bits)
-            out[scale_key(path)] = jnp.float32(max(clip, 1e-12) / qmax(activation_bits))
+            low, high = self.lows[path], self.highs[path]
+            if method == "mse":
+                low, high = mse_range(histogram, low, high, activation_bits)
+            out[scale_key(path)] = jnp.asarray([low, high], jnp.float32)
         return out
 
 
-def mse_clip(histogram: np.ndarray, peak: float, bits: int) -> float:
-    """The clipping value c in (0, peak] minimising the expected error of quantising |x|
-    (distributed as `histogram` over [0, peak]) on the grid c/q·{0..q}."""
-    centres = (np.arange(len(histogram)) + 0.5) * peak / len(histogram)
+def grid_error(values: np.ndarray, weights: np.ndarray, low: float, high: float, bits: int):
+    """Expected squared error of `values` (weighted) on the affine grid over [low, high]."""
+    levels = 2**bits - 1
+    step = max(high - low, 1e-12) / levels
+    zero = np.round(-low / step)
+    clipped = np.clip(values, -zero * step, (levels - zero) * step)
+    quantized = np.round(clipped / step) * step
+    return float(np.sum(weights * ((values - quantized) ** 2)))
+
+
+def mse_range(histogram: np.ndarray, low: float, high: float, bits: int) -> tuple[float, float]:
+    """The clipped range [a·low, b·high] of least expected error (b, then a, searched over
+    (0, 1])."""
+    edges = np.linspace(low, high, len(histogram) + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
     weights = histogram / max(histogram.sum(), 1)
-    best, best_error = peak, np.inf
-    for clip in peak * np.linspace(0.05, 1.0, 96):
-        step = clip / qmax(bits)
-        inside = np.minimum(centres, clip)
-        error = np.sum(
-            weights * ((inside - np.round(inside / step) * step) ** 2 + (centres - inside) ** 2)
-        )
-        if error < best_error:
-            best, best_error = clip, error
-    return float(best)
+    shrink = np.linspace(0.02, 1.0, 50)
+    best_b = min(shrink, key=lambda b: grid_error(centres, weights, low, high * b, bits))
+    best_a = min(shrink, key=lambda a: grid_error(centres, weights, low * a, high * best_b, bits))
+    return float(low * best_a), float(high * best_b)
 
 
 def calibrate(
     model: nn.Module, variables: dict, batches: Iterable[np.ndarray], prepare: Callable
 ) -> Calibration:
-    """Histograms of each layer's |input| over `batches` (uint8 images, `prepare`d into the
-    model's input): a pass for the peaks, then one for histograms over [0, peak]."""
+    """Histograms of each layer's input over `batches` (uint8 images, `prepare`d into the
+    model's input): a pass for the range (always holding 0), then one for histograms."""
     batches = list(batches)
-    peaks_of = jax.jit(lambda v, b: _recorded(model, v, prepare(b), jnp.max))
-    peaks: dict[str, float] = {}
-    for batch in batches:
-        for key, value in peaks_of(variables, batch).items():
-            peaks[key] = max(peaks.get(key, 0.0), float(value))
-    edges = {key: jnp.float32(max(peak, 1e-12)) for key, peak in peaks.items()}
 
-    def histogram_of(v, b):
-        found = {}
-        recorder = ActivationRecorder(lambda a: a)  # the raw |x|, binned below
+    def recorded(statistic, v, b):
+        recorder = ActivationRecorder(statistic)
         with nn.intercept_methods(recorder):
             model.apply(v, prepare(b), train=False)
-        for key, values in recorder.found.items():
-            index = jnp.clip(
-                (values / edges[key] * HISTOGRAM_BINS).astype(jnp.int32), 0, HISTOGRAM_BINS - 1
-            )
-            found[key] = jnp.zeros(HISTOGRAM_BINS, jnp.int32).at[index.ravel()].add(1)
-        return found
+        return recorder.found
 
-    histogram_jit = jax.jit(histogram_of)
-    histograms = {key: np.zeros(HISTOGRAM_BINS, np.int64) for key in peaks}
+    extremes = jax.jit(functools.partial(recorded, lambda x: (jnp.min(x), jnp.max(x))))
+    lows: dict[str, float] = {}
+    highs: dict[str, float] = {}
     for batch in batches:
-        for key, value in histogram_jit(variables, batch).items():
+        for key, (low, high) in extremes(variables, batch).items():
+            lows[key] = min(lows.get(key, 0.0), float(low))
+            highs[key] = max(highs.get(key, 0.0), float(high))
+    bounds = {k: (jnp.float32(lows[k]), jnp.float32(max(highs[k] - lows[k], 1e-12))) for k in lows}
+
+    def histograms_of(v, b):
+        found = recorded(lambda x: x, v, b)
+        out = {}
+        for key, x in found.items():
+            low, width = bounds[key]
+            index = jnp.clip(
+                ((x - low) / width * HISTOGRAM_BINS).astype(jnp.int32), 0, HISTOGRAM_BINS - 1
+            )
+            out[key] = jnp.zeros(HISTOGRAM_BINS, jnp.int32).at[index.ravel()].add(1)
+        return out
+
+    histograms_jit = jax.jit(histograms_of)
+    histograms = {key: np.zeros(HISTOGRAM_BINS, np.int64) for key in lows}
+    for batch in batches:
+        for key, value in histograms_jit(variables, batch).items():
             histograms[key] += np.asarray(value)
-    return Calibration(peaks, histograms)
+    return Calibration(lows, highs, histograms)
 
 
 def count_scales(params: Any, bits: BitWidths, activation_keys: Iterable[str]) -> int:
-    """Scales an entry stores: one per output channel of each integer-quantised kernel and
-    one per integer-quantised activation tensor."""
+    """Scales an entry stores: one per output channel of each integer-quantised kernel, and a
+    scale and a zero point per integer-quantised activation tensor."""
     total = 0
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
         path = path_name(key_path)
         if is_weight(path, leaf) and bits.of(path)[0] < INTEGER_BELOW:
             total += int(np.shape(leaf)[-1])
-    return total + sum(1 for path in activation_keys if bits.of(path)[1] < INTEGER_BELOW)
+    return total + sum(2 for path in activation_keys if bits.of(path)[1] < INTEGER_BELOW)
 
 
 __all__ = [
@@ -258,6 +283,7 @@ __all__ = [
     "calibrate",
     "channel_scales",
     "fake_quant",
+    "fake_quant_range",
     "QuantizedApply",
     "quantize_weights",
 ]

@@ -21,7 +21,8 @@ from micronet_jax.quantization import (
     calibrate,
     channel_scales,
     fake_quant,
-    mse_clip,
+    fake_quant_range,
+    grid_error,
     qmax,
     quantize_weights,
     scale_key,
@@ -143,7 +144,7 @@ def test_eight_bits_stay_close_and_four_bits_move_further():
     errors = {}
     for bits in (8, 4):
         widths = BitWidths(bits, bits)
-        quant = {"quant": calibration.scales(widths)}
+        quant = {"quant": calibration.ranges(widths)}
         logits, _ = predict(QuantizedApply(model, widths), {**variables, **quant}, images, 48)
         errors[bits] = float(np.abs(logits - plain).max() / np.abs(plain).max())
     assert errors[8] < 0.01 and errors[4] > 3 * errors[8]
@@ -155,16 +156,37 @@ def _normalise(batch):
     return eval_transform(batch)
 
 
-def test_calibration_max_spans_the_peak_and_mse_clips_a_long_tail():
+def test_activation_grid_holds_zero_and_spends_its_levels_on_the_range():
+    bounds = jnp.array([-0.25, 2.0])  # a swish output's range
+    x = jnp.array([-1.0, -0.2, 0.0, 0.003, 1.0, 1.9, 5.0])
+    y = np.asarray(fake_quant_range(x, bounds, 8))
+    step = 2.25 / 255
+    zero = round(0.25 / step)
+    np.testing.assert_allclose(y / step, np.round(y / step), atol=1e-4)  # on the grid
+    assert y[2] == 0.0 and y[3] == pytest.approx(0.0, abs=step)  # 0 exactly, small to 0
+    assert y[0] == pytest.approx(-zero * step) and y[-1] == pytest.approx((255 - zero) * step)
+    grad = jax.grad(lambda x: jnp.sum(fake_quant_range(x, bounds, 8, ste=True)))(x)
+    np.testing.assert_array_equal(np.asarray(grad), [0, 1, 1, 1, 1, 1, 0])
+
+
+def test_calibration_max_spans_the_range_and_mse_clips_a_long_tail():
     histogram = np.zeros(2048)
-    histogram[:100] = 1000.0  # most values small
-    histogram[-1] = 1.0  # one outlier at the peak
-    cal = Calibration({"fc/kernel": 10.0}, {"fc/kernel": histogram})
-    assert float(cal.scales(BitWidths(4, 4), "max")["fc"]) == pytest.approx(10.0 / 7)
-    assert float(cal.scales(BitWidths(4, 4), "mse")["fc"]) < 10.0 / 7 / 4
-    assert mse_clip(histogram, 10.0, 8) <= 10.0
-    assert cal.scales(BitWidths(8, 32)) == {}  # float inputs need no scale
+    histogram[200:300] = 1000.0  # most values small, just above 0 (the range is [-1, 10])
+    histogram[-1] = 1.0  # one outlier at the top
+    cal = Calibration({"fc/kernel": -1.0}, {"fc/kernel": 10.0}, {"fc/kernel": histogram})
+    np.testing.assert_allclose(cal.ranges(BitWidths(4, 4), "max")["fc"], [-1.0, 10.0])
+    low, high = np.asarray(cal.ranges(BitWidths(4, 4), "mse")["fc"])
+    assert -1.0 <= low <= 0.0 and high < 10.0 / 4
+    assert grid_error(*_centres(histogram, -1, 10), low, high, 4) < grid_error(
+        *_centres(histogram, -1, 10), -1.0, 10.0, 4
+    )
+    assert cal.ranges(BitWidths(8, 32)) == {}  # float inputs need no grid
     assert scale_key("blocks_3/expand_conv/kernel") == "blocks_3.expand_conv"
+
+
+def _centres(histogram, low, high):
+    edges = np.linspace(low, high, len(histogram) + 1)
+    return (edges[:-1] + edges[1:]) / 2, histogram / histogram.sum()
 
 
 def test_folded_batch_norm_computes_the_same_and_keeps_zeros():

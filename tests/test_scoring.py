@@ -542,20 +542,21 @@ TOY = build_architecture(
     ("r1_k3_s1_e1_i8_o8_se0.25",), width=1.0, resolution=1.0, head_filters=16, num_classes=10
 )
 TOY_PARAMS = 216 + 72 + (16 + 2) + (16 + 8) + 64 + 128 + (160 + 10)
-# Scales of an 8/8 entry: one per output channel and one per input tensor of each layer:
-# stem 8+1, depthwise 8+1, SE reduce 2+1, SE expand 8+1, project 8+1, head 16+1, fc 10+1.
-TOY_SCALES = 9 + 9 + 3 + 9 + 9 + 17 + 11
+# Scales of an 8/8 entry: one per output channel, and a scale and a zero point per input
+# tensor of each layer: stem 8+2, depthwise 8+2, SE reduce 2+2, SE expand 8+2, project 8+2,
+# head 16+2, fc 10+2.
+TOY_SCALES = 10 + 10 + 4 + 10 + 10 + 18 + 12
 
 
 def test_toy_weights_and_activations_at_8_bits():
     count = count_micronet(TOY, bits=BitWidths(8, 8))
-    assert count.params == TOY_PARAMS + TOY_SCALES == 759
-    # weights at 8 bits, scales and biases (SE's 10, fc's 10) at 32: bits per layer
-    #   stem 216·8 + 9·32 = 2,016; block 72·8 + 9·32 + (16·8 + 3·32 + 2·32)
-    #   + (16·8 + 9·32 + 8·32) + 64·8 + 9·32 = 2,624; head 128·8 + 17·32 = 1,568;
-    #   fc 160·8 + 11·32 + 10·32 = 1,952: 8,160 bits = 255 parameters of 32 bits
-    assert [round(layer.storage * 32) for layer in count.layers] == [2016, 2624, 1568, 0, 1952]
-    assert count.param_storage == 255
+    assert count.params == TOY_PARAMS + TOY_SCALES == 766
+    # weights at 8 bits, scales, zero points and biases (SE's 10, fc's 10) at 32; bits:
+    #   stem 216·8 + 10·32 = 2,048; block 72·8 + 10·32 + (16·8 + 4·32 + 2·32)
+    #   + (16·8 + 10·32 + 8·32) + 64·8 + 10·32 = 2,752; head 128·8 + 18·32 = 1,600;
+    #   fc 160·8 + 12·32 + 10·32 = 1,984: 8,384 bits = 262 parameters of 32 bits
+    assert [round(layer.storage * 32) for layer in count.layers] == [2048, 2752, 1600, 0, 1984]
+    assert count.param_storage == 262
     # conv multiplications at 8 bits (the wider input: 8 and 8), elementwise ones at 32:
     #   stem 27·2,048·8 + 3·2,048·32 = 638,976; block 9·2,048·8 + 3·2,048·32 (depthwise,
     #   swish) + 8·32 (pool) + 16·8 + 6·32 + 16·8 + 16·32 (SE convs, swish, sigmoid)
@@ -584,8 +585,8 @@ def test_toy_16_bits_keeps_the_freebie():
 def test_toy_one_layer_below_16_bits_ends_the_freebie():
     """Quantise only fc to 8 bits: every other value and multiplication is charged at 32."""
     count = count_micronet(TOY, bits=BitWidths(overrides=(("fc", 8, 8),)))
-    # (692 - 170) values at 32 bits + fc's 160·8 + 11 scales·32 + 10 biases·32
-    assert count.param_storage * 32 == 522 * 32 + 1280 + 352 + 320 == 18_656
+    # (692 - 170) values at 32 bits + fc's 160·8 + 12 scales·32 + 10 biases·32
+    assert count.param_storage * 32 == 522 * 32 + 1280 + 384 + 320 == 18_688
     assert count.layer("stem").mult_bits == (27 * 2048 + 3 * 2048) * 32
     assert count.layer("fc").mult_bits == 160 * 8
 
@@ -596,8 +597,8 @@ def test_toy_multiplications_cost_their_widest_input():
     # the head's 1x1 conv: 8·4,096 multiplications; its swish 3·4,096 at 32 bits
     assert four_eight.mult_bits == 8 * 4096 * 8 + 3 * 4096 * 32
     assert eight_full.mult_bits == 8 * 4096 * 32 + 3 * 4096 * 32
-    # 4-bit weights store at 4 bits (+16 channel scales, +1 input scale at 32)
-    assert four_eight.storage * 32 == 128 * 4 + 17 * 32
+    # 4-bit weights store at 4 bits (+16 channel scales, +the input's scale and zero point)
+    assert four_eight.storage * 32 == 128 * 4 + 18 * 32
     # 32-bit activations need no scale: 128·8 + 16 channel scales
     assert eight_full.storage * 32 == 128 * 8 + 16 * 32
 
@@ -605,8 +606,8 @@ def test_toy_multiplications_cost_their_widest_input():
 def test_toy_masks_are_one_bit_beside_the_kept_values():
     count = count_micronet(TOY, sparsity=0.5, bits=BitWidths(8, 8))
     stem = count.layer("stem")
-    # 108 kept weights at 8 bits, a 216-bit mask, 9 scales at 32
-    assert stem.storage * 32 == 108 * 8 + 216 + 9 * 32
+    # 108 kept weights at 8 bits, a 216-bit mask, 8 + 2 scales and zero point at 32
+    assert stem.storage * 32 == 108 * 8 + 216 + 10 * 32
     assert stem.mult_bits == 13.5 * 2048 * 8 + 3 * 2048 * 32
 
 
@@ -626,10 +627,10 @@ def test_bit_widths_compose_with_an_exit_head_and_its_ratio():
     assert half.math_storage == pytest.approx((stay.math_storage + leave.math_storage) / 2)
     assert half.param_storage == stay.param_storage  # storage does not depend on the ratio
     # the exit head's three kernels are quantised too: 48 + 136 + 100 channel scales, and
-    # one input scale each
+    # each input's scale and zero point
     head = half.layer("exit_head")
     dense_head = count_micronet(ARCH_EXIT4, exit_ratio=0.5).layer("exit_head")
-    assert head.params == dense_head.params + 48 + 136 + 100 + 3
+    assert head.params == dense_head.params + 48 + 136 + 100 + 3 * 2
 
 
 def test_overrides_take_the_longest_prefix():
