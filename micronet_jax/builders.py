@@ -7,6 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from micronet_jax.bitwidths import BitWidths, bit_widths
 from micronet_jax.data.cifar import CifarSplit, load_train_test
 from micronet_jax.errors import ConfigError
 from micronet_jax.models.architecture import Architecture, build_architecture
@@ -34,7 +35,7 @@ def architecture_from_config(config: Any, with_exit: bool = False) -> Architectu
             depth=m.depth,
             resolution=m.resolution,
             head_filters=m.head_filters,
-            num_classes=num_classes_of(config.data.name),
+            num_classes=m.num_classes or num_classes_of(config.data.name),
             drop_connect_rate=m.drop_connect,
             dropout_rate=m.dropout,
         )
@@ -43,6 +44,15 @@ def architecture_from_config(config: Any, with_exit: bool = False) -> Architectu
         raise
     except ValueError as exc:
         raise ConfigError(f"model config: {exc}") from None
+
+
+def bit_widths_of(config: Any) -> BitWidths:
+    """The widths `config.quant` asks for (all 32: no quantisation)."""
+    q = config.quant
+    try:
+        return bit_widths(q.weight_bits, q.activation_bits, tuple(q.keep))
+    except ConfigError as exc:
+        raise ConfigError(f"quant: {exc}") from None
 
 
 def model_from_config(config: Any, arch: Architecture | None = None) -> MicroNet:

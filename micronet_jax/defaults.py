@@ -11,7 +11,7 @@ from micronet_jax.pruning import DEFAULT_TARGETS
 
 def default_config() -> ConfigDict:
     config = ConfigDict()
-    config.mode = "train"  # train | pipeline | test
+    config.mode = "train"  # train | pipeline | test | quantize (quantize stage alone)
     config.seed = 0
     config.distributed = False  # multi-host: call jax.distributed.initialize() first
     config.compilation_cache = ""  # empty: ~/.cache/micronet_jax/xla; "none": off
@@ -35,6 +35,22 @@ def default_config() -> ConfigDict:
     config.model.conv_impl = "auto"  # auto | xla | fast
     config.model.dtype = "float32"  # or bfloat16 (compute only; params and BN stats stay fp32)
     config.model.exit_block = 4  # where the early-exit head goes (exit stages only)
+    config.model.num_classes = 0  # 0: the data set's; else e.g. 100 to fine-tune CIFAR-100's
+
+    # Quantisation below the 16-bit freebie. Weights (per output channel, symmetric) and the
+    # input of every conv/dense layer (per tensor, affine) at these widths; 32 = float32.
+    # Below 16 bits, a `quantize` stage runs after the exit stages: quantisation-aware
+    # training of the whole network with straight-through gradients, masks kept.
+    config.quant = ConfigDict()
+    config.quant.weight_bits = 32
+    config.quant.activation_bits = 32
+    config.quant.keep = ()  # overrides 'PREFIX=W' or 'PREFIX=W,A', e.g. ('stem_conv=8,32',)
+    config.quant.epochs = 60  # the quantize stage's epochs (times pipeline.epoch_scale)
+    config.quant.lr = 0.01  # its own SGD, cosine schedule per epoch, from this rate
+    config.quant.distill = False  # learn the float32 network's soft predictions, not labels
+    config.quant.temperature = 1.0
+    config.quant.calibration_images = 1000  # training images that calibrate activation grids
+    config.quant.calibration = "mse"  # mse | max
 
     config.data = ConfigDict()
     config.data.name = "cifar100"  # cifar100 | cifar10
@@ -86,6 +102,6 @@ def default_config() -> ConfigDict:
     config.pipeline.exit_prune_epochs = 600
     config.pipeline.threshold = 0.85
 
-    # mode=test: a finished workdir or one of the original's .pth files.
+    # mode=test and mode=quantize: a finished workdir or one of the original's .pth files.
     config.checkpoint = ""
     return config

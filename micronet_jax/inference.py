@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -92,11 +93,13 @@ def exit_predict_exact(
     images: np.ndarray,
     threshold: float,
     batch_size: int = 500,
+    apply_fn: Callable | None = None,
 ) -> ExitResult:
-    """Both heads on every sample, then the threshold rule."""
+    """Both heads on every sample, then the threshold rule (`apply_fn`: another way of
+    applying the model, e.g. quantised; default `model.apply`)."""
     if model.arch.exit_head is None:
         raise ConfigError("the model has no exit head")
-    main, exits = predict(model.apply, variables, images, batch_size)
+    main, exits = predict(apply_fn or model.apply, variables, images, batch_size)
     return select_predictions(main, exits, threshold)
 
 

@@ -1,9 +1,10 @@
 """Command line: `python -m micronet_jax.main --config=configs/<name>.py --workdir=DIR`.
 
-`config.mode` picks the job: `train` (stage A), `pipeline` (the whole recipe) or `test`
-(evaluate and score a checkpoint). Mistakes a user can make are printed as one message:
-bad flags exit with status 2, bad values, data or checkpoints with 1, and a run stopped by
-SIGINT/SIGTERM (after saving a checkpoint to resume from) with 128 + the signal number.
+`config.mode` picks the job: `train` (stage A), `pipeline` (the whole recipe), `test`
+(evaluate and score a checkpoint) or `quantize` (quantisation-aware training of a checkpoint).
+Mistakes a user can make are printed as one message: bad flags exit with status 2, bad values,
+data or checkpoints with 1, and a run stopped by SIGINT/SIGTERM (after saving a checkpoint to
+resume from) with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -44,8 +45,12 @@ def run(config, workdir: str | None) -> None:
         from micronet_jax.pipeline import run_test
 
         run_test(config, workdir)
+    elif mode == "quantize":
+        from micronet_jax.pipeline import run_quantize
+
+        run_quantize(config, workdir)
     else:
-        raise MicronetError(f"config.mode must be train, pipeline or test, got {mode!r}")
+        raise MicronetError(f"config.mode must be train, pipeline, test or quantize, got {mode!r}")
 
 
 def _loaded_config():

@@ -19,16 +19,20 @@ import jax
 import numpy as np
 
 from micronet_jax import builders, describe, pruning
+from micronet_jax.bitwidths import BitWidths
+from micronet_jax.data.augment import eval_transform
 from micronet_jax.errors import CheckpointError, ConfigError
-from micronet_jax.inference import exit_metrics, exit_predict_exact
+from micronet_jax.inference import ExitResult, exit_metrics, exit_predict_exact
 from micronet_jax.models.efficientnet import MicroNet, init_variables
-from micronet_jax.scorecard import build_report, report_markdown, write_report
+from micronet_jax.quantization import QuantizedApply, calibrate
+from micronet_jax.scorecard import agreement_metrics, build_report, report_markdown, write_report
 from micronet_jax.stages import (
     StageSpec,
     is_done,
     last_exit_stage,
     load_final,
     plan_stages,
+    quantize_stage,
     read_summary,
     save_final,
 )
@@ -42,8 +46,14 @@ from micronet_jax.train.loop import (
     resolve_steps_per_dispatch,
     step_config_from,
 )
-from micronet_jax.train.optim import lr_at_epoch, make_optimizer
+from micronet_jax.train.optim import cosine_per_epoch, lr_at_epoch, make_optimizer
 from micronet_jax.train.progress import StageBar, format_duration
+from micronet_jax.train.qat import (
+    QuantStepConfig,
+    create_quant_state,
+    quant_step_function,
+    quant_variables,
+)
 from micronet_jax.train.state import (
     create_exit_state,
     create_train_state,
@@ -68,6 +78,7 @@ class Context:
     mesh: Any = None  # a 'data' mesh when training data-parallel over several devices
     data_line: str = ""  # what was loaded, from where (for the banner)
     initial: dict | None = None  # the initial variables, drawn on first use
+    reference: ExitResult | None = None  # the float32 network's test predictions (quantize)
 
     @classmethod
     def from_config(cls, config: Any) -> Context:
@@ -145,6 +156,8 @@ def _train(
     bar: StageBar,
 ) -> tuple[dict, Any, list[dict]]:
     """Train one stage from (variables, masks); return the final (variables, masks, metrics)."""
+    if stage.kind == "quantize":
+        return _train_quantized(ctx, stage, seed, variables, masks, workdir, bar)
     config, t = ctx.config, ctx.config.train
     schedule = ctx.schedule(stage.epochs)
     spe = schedule.steps_per_epoch
@@ -200,6 +213,88 @@ def _evaluate(ctx: Context, model: MicroNet, is_exit: bool, state: Any) -> dict[
     return exit_metrics(result, ctx.test_labels)
 
 
+def _train_quantized(
+    ctx: Context,
+    stage: StageSpec,
+    seed: int,
+    variables: dict,
+    masks: Any,
+    workdir: Path,
+    bar: StageBar,
+) -> tuple[dict, Any, list[dict]]:
+    """The quantize stage: the whole network trained on its grids (train/qat.py)."""
+    config, q, t = ctx.config, ctx.config.quant, ctx.config.train
+    bits = builders.bit_widths_of(config)
+    schedule = ctx.schedule(stage.epochs)
+    spe = schedule.steps_per_epoch
+    tx = make_optimizer(q.lr, stage.epochs, spe, t.momentum, t.weight_decay)
+    variables = dict(variables)
+    ranges = variables.pop("quant")
+    model = ctx.exit_model
+    state = create_quant_state(model, variables, ranges, tx, seed, masks, bits, q.distill)
+    state = sharding.place_state(state, ctx.mesh)
+    base = step_config_from(
+        config, stage.epochs, spe, lr_fn=cosine_per_epoch(q.lr, stage.epochs, spe)
+    )
+    step = quant_step_function(QuantStepConfig(base, bits, q.distill, q.temperature))
+    kept = sharding.local_copy(masks)
+    constants = {
+        "sparsity": pruning.global_sparsity(kept, pruning.main_network),
+        "exit_sparsity": pruning.global_sparsity(kept, pruning.exit_head),
+    }
+    state, records = fit(
+        state,
+        step,
+        ctx.train,
+        schedule,
+        workdir,
+        evaluate_fn=functools.partial(_evaluate_quantized, ctx, bits),
+        lr_of_epoch=lambda e: lr_at_epoch(q.lr, stage.epochs, e),
+        keep_checkpoints=t.keep_checkpoints,
+        progress=bar,
+        desc=stage.name,
+        steps_per_dispatch=ctx.steps_per_dispatch,
+        constants=constants,
+        **guard_options(t),
+    )
+    return quant_variables(state), state.masks, records
+
+
+def _evaluate_quantized(ctx: Context, bits: BitWidths, state: Any) -> dict[str, float]:
+    """Test metrics of the quantised network, and its agreement with the float32 one."""
+    variables = sharding.local_copy(quant_variables(state))
+    model = ctx.exit_model
+    result = exit_predict_exact(
+        model,
+        variables,
+        ctx.test_images,
+        ctx.config.pipeline.threshold,
+        ctx.config.train.eval_batch_size,
+        QuantizedApply(model, bits),
+    )
+    metrics = exit_metrics(result, ctx.test_labels)
+    if ctx.reference is not None:
+        metrics.update(agreement_metrics(result, ctx.reference))
+    return metrics
+
+
+def _calibrated(ctx: Context, variables: dict) -> dict:
+    """`variables` with the activation ranges calibrated on the first training images."""
+    q = ctx.config.quant
+    images = np.asarray(sharding.local_copy(ctx.train.images)[: q.calibration_images])
+    batches = np.array_split(images, max(1, len(images) // 100))
+    calibration = calibrate(ctx.exit_model, variables, batches, eval_transform)
+    ranges = calibration.ranges(builders.bit_widths_of(ctx.config), q.calibration)
+    ctx.reference = exit_predict_exact(
+        ctx.exit_model,
+        variables,
+        ctx.test_images,
+        ctx.config.pipeline.threshold,
+        ctx.config.train.eval_batch_size,
+    )
+    return {**variables, "quant": ranges}
+
+
 def _prepare(
     ctx: Context, stage: StageSpec, variables: dict | None, masks: Any
 ) -> tuple[dict, Any]:
@@ -224,6 +319,8 @@ def _prepare(
         masks = dict(masks)
         masks["exit_head"] = ones_masks(params["exit_head"])
         return {"params": params, "batch_stats": stats}, masks
+    if stage.kind == "quantize":
+        return _calibrated(ctx, variables), masks
     masks = pruning.prune_masks(variables["params"], stage.target, masks, pruning.exit_head)
     return variables, jax.tree_util.tree_map(np.asarray, masks)
 
@@ -297,10 +394,86 @@ def run_pipeline(config: Any, workdir: str | Path) -> dict[str, Any]:
         config.pipeline.threshold,
         config.train.eval_batch_size,
         stages=[read_summary(workdir, s) for s in stages],
+        bits=builders.bit_widths_of(config) if stages[-1].kind == "quantize" else None,
+        reference=ctx.reference,
     )
     if is_primary():
         write_report(workdir, report)
     return report
+
+
+def run_quantize(config: Any, workdir: str | Path) -> dict[str, Any]:
+    """The quantize stage alone (mode=quantize), from `config.checkpoint`: one of the
+    original's `.pth` files or a finished pipeline workdir; then the report, with each path's
+    agreement with the float32 network it started from."""
+    if not builders.bit_widths_of(config).quantised:
+        raise ConfigError("mode=quantize needs quant.weight_bits or quant.activation_bits below 16")
+    check_resume(config, workdir)
+    variables, masks, source = _starting_point(config)
+    ctx = Context.from_config(config)
+    workdir = Path(workdir)
+    stage = quantize_stage(config)
+    ctx.announce([stage], workdir)
+    if is_primary():
+        record_config(config, workdir)
+        print(f"starting point: {source}", flush=True)
+    stage_dir = workdir / stage.name
+    start = _calibrated(ctx, variables)  # also the float32 reference the report compares with
+    if is_done(workdir, stage):
+        variables, masks = load_final(config, stage, stage_dir)
+    else:
+        tic = time.perf_counter()
+        bar = _stage_bar(ctx, [stage], 0, workdir)
+        variables, masks, records = _train(
+            ctx, stage, _stage_seed(config, 0), start, masks, stage_dir, bar
+        )
+        summary = _summary(stage, variables, records, time.perf_counter() - tic)
+        save_final(stage_dir, variables, masks, summary, write_summary=is_primary())
+        bar.note(
+            f"quantize done in {format_duration(summary['seconds'])}: "
+            + describe.stage_result(summary)
+        )
+    report = build_report(
+        ctx.exit_model,
+        sharding.local_copy(variables),
+        np.asarray(ctx.test_images),
+        ctx.test_labels,
+        config.pipeline.threshold,
+        config.train.eval_batch_size,
+        stages=[read_summary(workdir, stage)],
+        source=source,
+        bits=builders.bit_widths_of(config),
+        reference=ctx.reference,
+    )
+    if is_primary():
+        write_report(workdir, report)
+    return report
+
+
+def _starting_point(config: Any) -> tuple[dict, Any, str]:
+    """(variables, masks, description) of `config.checkpoint`."""
+    path = Path(config.checkpoint) if config.checkpoint else None
+    if path is None or not path.exists():
+        raise CheckpointError(
+            f"mode=quantize starts from --config.checkpoint (a .pth or a finished pipeline "
+            f"workdir); got {config.checkpoint!r}"
+        )
+    exit_arch = builders.architecture_from_config(config, with_exit=True)
+    if path.is_file():
+        from micronet_jax.convert import load_original
+
+        converted = load_original(path)
+        if converted.arch != exit_arch:
+            raise ConfigError(
+                f"{path} holds another architecture than model.* describes (classes "
+                f"{converted.arch.num_classes} vs {exit_arch.num_classes}, exit block "
+                f"{converted.arch.exit_head and converted.arch.exit_head.after_block}); set "
+                "--config.model.num_classes and --config.model.exit_block to match it"
+            )
+        return converted.variables, converted.masks, f"{path} (the original's checkpoint)"
+    stage = last_exit_stage(config, path)
+    variables, masks = load_final(config, stage, path / stage.name)
+    return variables, masks, f"{path}/{stage.name}"
 
 
 def train_and_evaluate(config: Any, workdir: str | Path) -> tuple[Any, list[dict[str, Any]]]:

@@ -18,22 +18,26 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from micronet_jax import builders, pruning
+from micronet_jax.bitwidths import INTEGER_BELOW
 from micronet_jax.errors import CheckpointError, ConfigError
 from micronet_jax.inference import check_threshold
 from micronet_jax.models.efficientnet import init_variables
+from micronet_jax.pruning import path_name
+from micronet_jax.quantization import is_weight, scale_key
 from micronet_jax.train.checkpoint import Checkpointer
 
-EXIT_KINDS = ("exit", "exit_prune")
+EXIT_KINDS = ("exit", "exit_prune", "quantize")  # the stages whose network has an exit head
 DONE_FILE = "done.json"
 FINAL_DIR = "final"
 
 
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
-    name: str  # stage_a, prune_01, ..., exit, exit_prune_01, ...
-    kind: str  # baseline | prune | exit | exit_prune
+    name: str  # stage_a, prune_01, ..., exit, exit_prune_01, ..., quantize
+    kind: str  # baseline | prune | exit | exit_prune | quantize
     epochs: int
     target: float | None = None  # cumulative sparsity (percent) of a pruning round
 
@@ -67,7 +71,16 @@ def plan_stages(config: Any) -> list[StageSpec]:
                 f"exit_prune_{i:02d}", "exit_prune", scaled_epochs(p.exit_prune_epochs, s), target
             )
         )
+    if builders.bit_widths_of(config).quantised:
+        stages.append(quantize_stage(config))
     return stages
+
+
+def quantize_stage(config: Any) -> StageSpec:
+    """The quantisation-aware stage (the last of a pipeline, or alone in mode=quantize)."""
+    return StageSpec(
+        "quantize", "quantize", scaled_epochs(config.quant.epochs, config.pipeline.epoch_scale)
+    )
 
 
 def is_done(workdir: str | Path, stage: StageSpec) -> bool:
@@ -105,7 +118,25 @@ def _final_template(config: Any, stage: StageSpec) -> dict:
     arch = builders.architecture_from_config(config, with_exit=stage.has_exit_head)
     model = builders.model_from_config(config, arch)
     variables = jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))
-    return {**variables, "masks": variables["params"]}
+    template = {**variables, "masks": variables["params"]}
+    if stage.kind == "quantize":
+        template["quant"] = activation_ranges_template(variables["params"], config)
+    return template
+
+
+def activation_ranges_template(params: Any, config: Any) -> dict:
+    """The shapes of a quantised network's activation ranges: (low, high) per layer whose
+    input is on an integer grid."""
+    bits = builders.bit_widths_of(config)
+    return {
+        scale_key(path): jax.ShapeDtypeStruct((2,), jnp.float32)
+        for path, leaf in param_paths(params)
+        if is_weight(path, leaf) and bits.of(path)[1] < INTEGER_BELOW
+    }
+
+
+def param_paths(params: Any) -> list[tuple[str, Any]]:
+    return [(path_name(k), leaf) for k, leaf in jax.tree_util.tree_leaves_with_path(params)]
 
 
 def save_final(
@@ -141,7 +172,8 @@ def load_final(config: Any, stage: StageSpec, stage_dir: str | Path) -> tuple[di
 
 def last_exit_stage(config: Any, workdir: str | Path) -> StageSpec:
     """The run's last finished stage with an exit head (the one a report evaluates)."""
-    finished = [s for s in plan_stages(config) if is_done(workdir, s)]
+    plan = [quantize_stage(config)] if config.mode == "quantize" else plan_stages(config)
+    finished = [s for s in plan if is_done(workdir, s)]
     if not finished or not finished[-1].has_exit_head:
         raise CheckpointError(
             f"{workdir} holds no finished exit stage (found: {[s.name for s in finished]})"

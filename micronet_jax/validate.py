@@ -20,7 +20,8 @@ from micronet_jax.models.conv import CONV_IMPLS
 from micronet_jax.runtime import on_cpu
 from micronet_jax.train.guard import NAN_POLICIES
 
-MODES = ("train", "pipeline", "test")
+MODES = ("train", "pipeline", "test", "quantize")
+CALIBRATIONS = ("mse", "max")
 SOURCES = ("auto", "archive", "tfds")
 
 
@@ -112,6 +113,21 @@ def _check_pipeline(config: Any) -> None:
     check_threshold(p.threshold)
 
 
+def _check_quant(config: Any) -> None:
+    q = config.quant
+    builders.bit_widths_of(config)  # widths and overrides
+    _positive("quant.epochs", q.epochs)
+    _positive("quant.lr", q.lr)
+    _positive("quant.temperature", q.temperature)
+    _positive("quant.calibration_images", q.calibration_images)
+    _choice("quant.calibration", q.calibration, CALIBRATIONS)
+    if config.mode == "quantize" and not builders.bit_widths_of(config).quantised:
+        raise ConfigError(
+            "mode=quantize needs quant.weight_bits or quant.activation_bits below 16 "
+            "(e.g. --config.quant.weight_bits=8 --config.quant.activation_bits=8)"
+        )
+
+
 def _check_cpu_devices(config: Any) -> None:
     """One CPU device per core speeds eval up but slows training down: refuse splitting
     training batches over them (benchmarks/RESULTS.md, Early exit)."""
@@ -129,11 +145,12 @@ def _check_cpu_devices(config: Any) -> None:
 def validate_config(config: Any, workdir: str | None = None) -> None:
     """Raise ConfigError on the first value that cannot work; touches no file."""
     _choice("config.mode", config.mode, MODES)
-    if config.mode in ("train", "pipeline") and not workdir:
+    if config.mode in ("train", "pipeline", "quantize") and not workdir:
         raise ConfigError("--workdir is required for training")
     _check_data(config)
     _check_model(config, with_exit=config.mode != "train")
     _check_train(config)
+    _check_quant(config)
     _check_cpu_devices(config)
     check_batch_sizes(config)
     if config.mode != "train":

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from micronet_jax.defaults import default_config
 from micronet_jax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -40,6 +41,7 @@ RECIPE_KEYS = (
     "train.drop_last",
     "train.nan_policy",
     "pipeline.*",
+    "quant.*",
 )
 
 
@@ -59,12 +61,15 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """'key: old -> new' for every recipe key that differs."""
+    """'key: old -> new' for every recipe key that differs. A key a workdir's config.json
+    does not have (it was started before the key existed) counts as its default value."""
+    defaults = recipe_of(default_config())
     keys = sorted(set(old) | set(new))
+    absent = "<absent>"
     return [
-        f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+        f"{k}: {old.get(k, absent)!r} -> {new.get(k, absent)!r}"
         for k in keys
-        if old.get(k, "<absent>") != new.get(k, "<absent>")
+        if old.get(k, defaults.get(k, absent)) != new.get(k, absent)
     ]
 
 

@@ -41,6 +41,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "train.optim",
         "train.losses",
         "train.steps",
+        "train.qat",
         "train.guard",
         "train.metrics",
         "train.progress",

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tiny_run import TINY as TINY_CONFIG
 from tiny_run import main_command, main_env, pipeline_outcome, stable, tiny_config
 
 from micronet_jax.errors import CheckpointError, ConfigError
@@ -429,3 +430,57 @@ def test_pipeline_16_steps_per_dispatch_killed_and_resumed_equals_one(
     assert first_epoch.exists() and not (workdir / "stage_a" / "done.json").exists()
     finish(workdir, tiny_archive, compile_cache, *K_RUN, "--config.train.steps_per_dispatch=16")
     assert_same_outcome(pipeline_outcome(workdir), pipeline_outcome(tmp_path / "one"))
+
+
+@pytest.mark.slow
+def test_quantize_stage_killed_and_resumed_equals_an_uninterrupted_run(
+    tmp_path, tiny_archive, compile_cache
+):
+    """A pipeline ending in the quantize stage (4-bit weights, 8-bit activations): its report
+    carries the quantised score, and SIGKILLed inside that stage it resumes bit-identically."""
+    config = f"{TINY_CONFIG}:quantized"
+    reference = tmp_path / "reference"
+    done = subprocess.run(
+        main_command(reference, tiny_archive, config=config),
+        env=main_env(compile_cache),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((reference / "report.json").read_text())
+    quantized, fp32 = report["score_quantized"], report["score_actual_masks"]
+    assert report["bits"] == "weights 4-bit, activations 8-bit"
+    assert quantized["param_score"] < fp32["param_score"]  # 4-bit kernels beat the freebie
+    assert {"main_agreement", "exit_agreement", "combined_agreement"} <= set(report["metrics"])
+    assert "quantize" in [s["stage"] for s in report["stages"]]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        main_command(killed, tiny_archive, config=config),
+        env=main_env(compile_cache),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first_epoch = killed / "quantize" / "checkpoints" / "5"
+    deadline = time.time() + 600
+    while proc.poll() is None and not first_epoch.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first_epoch.exists() and not (killed / "quantize" / "done.json").exists()
+    finish_config(killed, tiny_archive, compile_cache, config)
+    assert_same_outcome(
+        pipeline_outcome(killed, "quantized"), pipeline_outcome(reference, "quantized")
+    )
+
+
+def finish_config(workdir: Path, archive: Path, cache: Path, config: str) -> None:
+    done = subprocess.run(
+        main_command(workdir, archive, config=config),
+        env=main_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -55,15 +55,16 @@ def main_env(cache: Path) -> dict[str, str]:
     return env
 
 
-def pipeline_outcome(workdir: Path) -> dict:
+def pipeline_outcome(workdir: Path, variant: str = "pipeline") -> dict:
     """Everything a tiny pipeline run produces that must not depend on interruptions: each
-    stage's metrics and summary, the report's metrics, the final stage's params and masks."""
+    stage's metrics and summary, the report's metrics and scores, the final stage's
+    variables and masks."""
     import jax
 
     from micronet_jax.stages import load_final, plan_stages
     from micronet_jax.train import metrics as metrics_io
 
-    config = tiny_config("pipeline")
+    config = tiny_config(variant)
     stages = plan_stages(config)
     result = {}
     for stage in stages:
@@ -73,7 +74,9 @@ def pipeline_outcome(workdir: Path) -> dict:
         done["final"] = stable([done["final"]])[0]
         done.pop("seconds")  # the stage's wall time
         result[f"{stage.name}/done"] = done
-    result["report"] = json.loads((workdir / "report.json").read_text())["metrics"]
+    report = json.loads((workdir / "report.json").read_text())
+    result["report"] = report["metrics"]
+    result["scores"] = {k: v["score"] for k, v in report.items() if k.startswith("score_")}
     variables, masks = load_final(config, stages[-1], workdir / stages[-1].name)
     result["leaves"] = [np.asarray(x) for x in jax.tree.leaves((variables, masks))]
     return result

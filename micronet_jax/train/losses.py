@@ -38,3 +38,13 @@ def soft_smoothing_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     ce = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
     confidence = jnp.max(jnp.exp(log_probs), axis=-1)
     return jnp.mean(ce * (1.0 + confidence))
+
+
+def distillation_loss(
+    logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0
+) -> jax.Array:
+    """Cross entropy against the teacher's softened distribution (soft targets, no labels),
+    times T² so that its gradient keeps its scale at any temperature; batch mean."""
+    targets = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature)
+    log_probs = jax.nn.log_softmax(logits / temperature)
+    return -jnp.mean(jnp.sum(targets * log_probs, axis=-1)) * temperature**2

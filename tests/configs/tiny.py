@@ -35,4 +35,13 @@ def get_config(variant: str = ""):
         config.pipeline.epoch_scale = 1 / 1200
         config.pipeline.prune_targets = (30.0, 60.0)
         config.pipeline.exit_prune_targets = (50.0,)
+    elif variant == "quantized":  # baseline, a pruning round, exit head, quantize (4/8 bits)
+        config.mode = "pipeline"
+        config.data.autoaugment = False
+        config.pipeline.exit_autoaugment = False
+        config.pipeline.epoch_scale = 1 / 1200
+        config.pipeline.prune_targets = (50.0,)
+        config.quant.weight_bits, config.quant.activation_bits = 4, 8
+        config.quant.epochs = 2400  # 2 epochs
+        config.quant.calibration_images = 64
     return config
