@@ -236,7 +236,7 @@ def _train_quantized(
     base = step_config_from(
         config, stage.epochs, spe, lr_fn=cosine_per_epoch(q.lr, stage.epochs, spe)
     )
-    step = quant_step_function(QuantStepConfig(base, bits, q.distill, q.temperature))
+    step = quant_step_function(QuantStepConfig(base, bits, q.distill, q.temperature, q.freeze_bn))
     kept = sharding.local_copy(masks)
     constants = {
         "sparsity": pruning.global_sparsity(kept, pruning.main_network),

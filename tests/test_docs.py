@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "benchmarks/RESULTS.md", "experiments/README.md")
-COMMAND = re.compile(r"python -m ([A-Za-z_][\w.]*)([^`\n|]*)")
+COMMAND = re.compile(r"python -m ([A-Za-z_][\w.]*)([^`\n|\"]*)")  # a quoted command ends at `"`
 
 
 def quoted_commands() -> list[tuple[str, str, str]]:

@@ -3,7 +3,10 @@ weights and activations on their grids (fake quantisation, straight-through grad
 
 The step is the recipe's (augmentation, SGD, masks re-applied, BN in training mode), with the
 forward pass through `QuantizedApply(..., ste=True)` and the activation ranges calibrated
-when the stage starts, held in the state. Its loss is either the recipe's, on both heads
+when the stage starts, held in the state. With `freeze_bn` the BN layers keep the running
+statistics they start with (and dropout is off): what fine-tuning on other data than the
+network was trained on needs, since there the batch statistics are not the network's. Its
+loss is either the recipe's, on both heads
 (mixup label smoothing for the main head, soft smoothing for the exit head), or, with a
 teacher (the float32 network the stage started from, frozen), distillation: cross entropy
 against the teacher's soft predictions on the same augmented batch, for both heads; no labels.
@@ -41,6 +44,7 @@ class QuantStepConfig:
     bits: BitWidths
     distill: bool = False
     temperature: float = 1.0
+    freeze_bn: bool = False  # BN from its running statistics (kept), dropout off
 
 
 def create_quant_state(
@@ -86,9 +90,13 @@ def quant_train_step(
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats, "quant": state.ranges}
-        (logits, exit_logits), updates = state.apply_fn(
-            variables, x, train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"]
-        )
+        if cfg.freeze_bn:
+            logits, exit_logits = state.apply_fn(variables, x, train=False)
+            updates = {"batch_stats": state.batch_stats}
+        else:
+            (logits, exit_logits), updates = state.apply_fn(
+                variables, x, train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"]
+            )
         if cfg.distill:
             loss = distillation_loss(logits, teacher_main, cfg.temperature)
             loss += distillation_loss(exit_logits, teacher_exit, cfg.temperature)
