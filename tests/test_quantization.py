@@ -201,3 +201,68 @@ def test_folded_batch_norm_computes_the_same_and_keeps_zeros():
     np.testing.assert_array_equal(bn["scale"], np.ones_like(bn["scale"]))
     zeros = variables["params"]["stem_conv"]["kernel"] == 0
     assert np.all(np.asarray(folded["params"]["stem_conv"]["kernel"])[np.asarray(zeros)] == 0)
+
+
+def _quant_state(bits: BitWidths, distill: bool, sparsity: float = 0.0):
+    import optax
+
+    from micronet_jax import pruning
+    from micronet_jax.data.augment import eval_transform
+    from micronet_jax.train.qat import create_quant_state
+
+    model, variables, images = tiny()
+    masks = pruning.prune_masks(variables["params"], sparsity, None, lambda _: True)
+    ranges = calibrate(model, variables, [images[:24], images[24:]], eval_transform).ranges(
+        bits, "max"
+    )
+    tx = optax.sgd(0.05, momentum=0.9)
+    state = create_quant_state(model, variables, ranges, tx, 0, masks, bits, distill)
+    batch = {"image": jnp.asarray(images[:16]), "label": jnp.arange(16) % 10}
+    return state, batch
+
+
+def _quant_step(state, batch, bits, distill, freeze_bn):
+    from micronet_jax.train.qat import QuantStepConfig, quant_step_function
+    from micronet_jax.train.steps import StepConfig
+
+    base = StepConfig(autoaugment=False, lr_fn=lambda step: jnp.float32(0.05))
+    step = quant_step_function(QuantStepConfig(base, bits, distill, 1.0, freeze_bn))
+    return jax.jit(step)(state, batch, jax.random.key(3))
+
+
+def _changed(a, b) -> bool:
+    leaves = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: jnp.any(x != y), a, b))
+    return bool(any(leaves))
+
+
+def test_distilling_from_itself_at_full_precision_does_not_move():
+    """At 32 bits the student is its teacher: agreement 1 and a zero gradient (soft-target
+    cross entropy is stationary where the distributions match), so nothing changes."""
+    bits = BitWidths(32, 32)
+    state, batch = _quant_state(bits, distill=True)
+    new, metrics = _quant_step(state, batch, bits, distill=True, freeze_bn=True)
+    assert float(metrics["accuracy"]) == 1.0
+    for moved, start in zip(
+        jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(state.params), strict=True
+    ):
+        np.testing.assert_allclose(moved, start, atol=1e-6)
+
+
+def test_quantised_student_learns_towards_its_teacher_with_bn_frozen_and_masks_kept():
+    bits = BitWidths(4, 4)
+    state, batch = _quant_state(bits, distill=True, sparsity=50.0)
+    new, metrics = _quant_step(state, batch, bits, distill=True, freeze_bn=True)
+    assert _changed(new.params, state.params)  # 4-bit grids move off the teacher: a gradient
+    assert not _changed(new.batch_stats, state.batch_stats)
+    for mask, kernel in zip(
+        jax.tree_util.tree_leaves(state.masks), jax.tree_util.tree_leaves(new.params), strict=True
+    ):
+        assert np.all(np.asarray(kernel)[np.asarray(mask) == 0] == 0)
+    assert 0.0 <= float(metrics["accuracy"]) <= 1.0 and np.isfinite(float(metrics["loss"]))
+
+
+def test_without_freezing_the_step_updates_batch_statistics():
+    bits = BitWidths(8, 8)
+    state, batch = _quant_state(bits, distill=False)
+    new, _ = _quant_step(state, batch, bits, distill=False, freeze_bn=False)
+    assert _changed(new.batch_stats, state.batch_stats)
