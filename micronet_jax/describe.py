@@ -55,6 +55,15 @@ def model_line(arch: Architecture) -> str:
     return text
 
 
+STAGE_LABELS = {
+    "baseline": "baseline",
+    "prune": "pruning round",
+    "exit": "exit head",
+    "exit_prune": "exit pruning round",
+    "quantize": "quantisation-aware training",
+}
+
+
 def plan_line(stages: list[StageSpec], steps_per_epoch: int, batch_size: int, k: int) -> str:
     kinds: dict[str, list[StageSpec]] = {}
     for stage in stages:
@@ -63,9 +72,7 @@ def plan_line(stages: list[StageSpec], steps_per_epoch: int, batch_size: int, k:
     for kind, group in kinds.items():
         epochs = sorted({s.epochs for s in group})
         each = f"{epochs[0]}" if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"
-        label = {"baseline": "baseline", "prune": "pruning round", "exit": "exit head"}.get(
-            kind, "exit pruning round"
-        )
+        label = STAGE_LABELS.get(kind, kind)
         count = f"{len(group)} {label}s" if len(group) > 1 else label
         targets = [s.target for s in group if s.target is not None]
         to = f" to {targets[-1]:g}%" if targets else ""

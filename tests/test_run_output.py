@@ -102,3 +102,18 @@ def test_cli_run_explains_itself(tmp_path, tiny_archive, compile_cache):
     bar = done.stderr.replace("\r", "\n")
     for piece in ("stage 1/5 stage_a", "stage 4/5 exit", "loss=", "lr=", "img/s=", "all="):
         assert piece in bar, piece
+
+
+def test_the_plan_names_every_kind_of_stage():
+    import importlib.util
+
+    from micronet_jax.describe import plan_line
+
+    spec = importlib.util.spec_from_file_location("tiny", Path(__file__).parent / "configs/tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    config = tiny.get_config("quantized")
+    config.pipeline.exit_prune_targets = (25.0,)
+    line = plan_line(plan_stages(config), steps_per_epoch=3, batch_size=8, k=1)
+    for label in ("baseline", "pruning round", "exit head 1", "exit pruning round", "quantisation"):
+        assert label in line, line
