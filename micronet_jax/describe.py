@@ -129,6 +129,8 @@ def stage_result(summary: dict[str, Any]) -> str:
         parts.append(f"test accuracy {final['test_accuracy']:.4f}")
     if final.get("test_exit_ratio") is not None:
         parts.append(f"exit ratio {final['test_exit_ratio']:.4f}")
+    if final.get("test_combined_agreement") is not None:
+        parts.append(f"agreement with float32 {final['test_combined_agreement']:.4f}")
     parts.append(f"sparsity {summary['sparsity']:.2%}")
     if summary.get("exit_sparsity"):
         parts.append(f"exit-head sparsity {summary['exit_sparsity']:.2%}")

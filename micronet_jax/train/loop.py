@@ -356,6 +356,8 @@ def evaluation_line(desc: str, epoch: int, epochs: int, test: dict[str, float]) 
     parts.append(f"accuracy {test['accuracy']:.4f}" if "accuracy" in test else None)
     if "exit_ratio" in test:
         parts.append(f"exit ratio {test['exit_ratio']:.4f}")
+    if "combined_agreement" in test:  # a quantised network against its float32 self
+        parts.append(f"agreement with float32 {test['combined_agreement']:.4f}")
     return f"{desc} epoch {epoch}/{epochs}: " + ", ".join(p for p in parts if p)
 
 
