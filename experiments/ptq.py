@@ -2,13 +2,15 @@
 
     python -m experiments.ptq --out=runs/ptq [--data=…/cifar-10-python.tar.gz] [--bits 8x8 4x8]
 
-Weights per output channel, symmetric; the input of every conv and dense layer per tensor,
-symmetric, its scale calibrated on 1,000 CIFAR-10 training images (the measured images are
-the test set's). Pruning masks are kept exactly (a pruned weight is 0 on every grid). Each
-row gives top-1 agreement with the float32 network on real CIFAR-10 test images (outside its
-classes, so agreement, not accuracy), and the honest MicroNet score: each tensor's real mask,
-BN counted as a bias, the exit ratio measured at the recipe's threshold on these images, and
-at the ratio the checkpoint was published with (CIFAR-100's).
+Weights per output channel, symmetric; the input of every conv and dense layer on an affine
+grid per tensor (a depthwise conv's input per channel, or per tensor with `WxA/tensor`),
+calibrated on 1,000 CIFAR-10 training images (the measured images are the test set's).
+Pruning masks are kept exactly (a pruned weight is 0 on every grid). Each row gives top-1
+agreement with the float32 network on real CIFAR-10 test images (outside its classes, so
+agreement, not accuracy; `confident_agreement` counts only the images the float32 network
+is sure of), and the honest MicroNet score: each tensor's real mask, BN counted as a bias,
+the exit ratio measured at the recipe's threshold on these images, and at the ratio the
+checkpoint was published with (CIFAR-100's).
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from micronet_jax.data.augment import eval_transform
 from micronet_jax.quantization import QuantizedApply, calibrate, quantize_weights
 from micronet_jax.scoring import count_micronet
 
-DEFAULT_BITS = ("8x8", "6x6", "4x8", "4x4")
+DEFAULT_BITS = ("8x8/tensor", "8x8", "6x6", "4x8", "4x4")
 COLUMNS = (
     "checkpoint",
     "bits",
     "main_agreement",
     "exit_agreement",
     "combined_agreement",
+    "confident_agreement",
     "exit_ratio",
     "score_measured_ratio",
     "score_published_ratio",
@@ -42,9 +45,14 @@ COLUMNS = (
 
 
 def parse_bits(text: str, keep: Sequence[str]) -> BitWidths:
-    """'8x8' (weights x activations) plus overrides such as 'stem_conv=8,32'."""
-    weights, _, activations = text.partition("x")
-    return BitWidths(int(weights), int(activations), tuple(parse_override(k) for k in keep))
+    """'8x8' (weights x activations; depthwise inputs per channel) or '8x8/tensor' (one grid
+    per depthwise input), plus overrides such as 'stem_conv=8,32'."""
+    widths, _, grids = text.partition("/")
+    if grids not in ("", "channel", "tensor"):
+        raise SystemExit(f"error: --bits {text!r}: after '/' comes channel or tensor")
+    weights, _, activations = widths.partition("x")
+    overrides = tuple(parse_override(k) for k in keep)
+    return BitWidths(int(weights), int(activations), overrides, grids != "tensor")
 
 
 def honest_score(arch, params, bits: BitWidths, ratio: float):
@@ -104,7 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m experiments.ptq", description=__doc__.splitlines()[0]
     )
     agreement.add_common_args(parser)
-    parser.add_argument("--bits", nargs="+", default=list(DEFAULT_BITS), help="WxA, e.g. 8x8")
+    parser.add_argument(
+        "--bits",
+        nargs="+",
+        default=list(DEFAULT_BITS),
+        help="WxA, e.g. 8x8 (or 8x8/tensor: one grid per depthwise input)",
+    )
     parser.add_argument(
         "--keep", nargs="*", default=[], help="overrides, e.g. stem_conv=8,32 fc=8,32"
     )

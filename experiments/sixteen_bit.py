@@ -35,6 +35,7 @@ COLUMNS = (
     "main_agreement",
     "exit_agreement",
     "combined_agreement",
+    "confident_agreement",
     "exit_decisions_kept",
     "max_logit_diff_main",
     "max_logit_diff_exit",

@@ -4,6 +4,9 @@ One `BitWidths` is read by both the fake quantisation (what the network computes
 MicroNet counter (what it is charged), so the two cannot disagree. Widths are given for the
 weights of every conv and dense layer and for the activations entering them, with overrides
 by parameter-path prefix (e.g. keep the stem's input and the classifier at 8 or 32 bits).
+A depthwise conv's input may have a grid per channel (`depthwise_channels`): each output
+channel sees one input channel, so its per-channel input scale folds into the per-channel
+rescale of integer arithmetic, at the cost of a scale and a zero point per channel.
 
 The challenge's rules for them (SPEC §6b): the 16-bit freebie (everything counted at 16 bits)
 holds only while nothing is below 16 bits; quantise anything below and every value and
@@ -31,6 +34,7 @@ class BitWidths:
     weights: int = FULL
     activations: int = FULL
     overrides: tuple[tuple[str, int, int], ...] = ()
+    depthwise_channels: bool = True  # depthwise inputs: a grid per channel, not per tensor
 
     def __post_init__(self) -> None:
         for bits in (self.weights, self.activations, *(b for o in self.overrides for b in o[1:])):
@@ -51,6 +55,11 @@ class BitWidths:
         widths = [self.weights, self.activations, *(b for o in self.overrides for b in o[1:])]
         return min(widths) < FREEBIE
 
+    def input_grids(self, path: str, channels: int) -> int:
+        """How many affine grids the input of the layer at `path` (with `channels` input
+        channels) is quantised on: one per channel for depthwise convs, else one."""
+        return channels if self.depthwise_channels and is_depthwise(path) else 1
+
     def counted(self, bits: int) -> int:
         """The width a value or multiplication of `bits` is charged at."""
         return bits if self.quantised else FREEBIE
@@ -66,7 +75,14 @@ class BitWidths:
         text = f"weights {self.weights}-bit, activations {self.activations}-bit"
         for prefix, w, a in self.overrides:
             text += f", {prefix} {w}/{a}"
+        if self.activations < INTEGER_BELOW or any(a < INTEGER_BELOW for *_, a in self.overrides):
+            text += "; depthwise inputs per " + ("channel" if self.depthwise_channels else "tensor")
         return text
+
+
+def is_depthwise(path: str) -> bool:
+    """Whether the kernel at `path` is a depthwise conv's (the model's naming)."""
+    return "depthwise_conv" in path
 
 
 def parse_override(text: str) -> tuple[str, int, int]:
@@ -82,7 +98,11 @@ def parse_override(text: str) -> tuple[str, int, int]:
 
 
 def bit_widths(
-    weights: int = FULL, activations: int = FULL, overrides: Sequence[str] = ()
+    weights: int = FULL,
+    activations: int = FULL,
+    overrides: Sequence[str] = (),
+    depthwise_channels: bool = True,
 ) -> BitWidths:
     """A `BitWidths` from command-line style values."""
-    return BitWidths(weights, activations, tuple(parse_override(o) for o in overrides))
+    parsed = tuple(parse_override(o) for o in overrides)
+    return BitWidths(weights, activations, parsed, depthwise_channels)

@@ -50,7 +50,7 @@ def bit_widths_of(config: Any) -> BitWidths:
     """The widths `config.quant` asks for (all 32: no quantisation)."""
     q = config.quant
     try:
-        return bit_widths(q.weight_bits, q.activation_bits, tuple(q.keep))
+        return bit_widths(q.weight_bits, q.activation_bits, tuple(q.keep), q.depthwise_channels)
     except ConfigError as exc:
         raise ConfigError(f"quant: {exc}") from None
 

@@ -49,6 +49,7 @@ def default_config() -> ConfigDict:
     config.quant.lr = 0.01  # its own SGD, cosine schedule per epoch, from this rate
     config.quant.distill = False  # learn the float32 network's soft predictions, not labels
     config.quant.temperature = 1.0
+    config.quant.depthwise_channels = True  # a depthwise conv's input: a grid per channel
     config.quant.freeze_bn = False  # keep BN's running statistics (fine-tuning on other data)
     config.quant.calibration_images = 1000  # training images that calibrate activation grids
     config.quant.calibration = "mse"  # mse | max

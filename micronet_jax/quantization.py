@@ -5,8 +5,11 @@
   stays 0 (symmetric grids hold 0 exactly), so pruning masks are kept exactly.
 - Activations: the input of every conv and dense layer, one affine grid per tensor (a scale
   and a zero point, 2^b levels over a calibrated range that holds 0 exactly), quantised at
-  the module boundary by a flax method interceptor. Most inputs follow a swish (≥ −0.28), so a
-  symmetric grid would leave half its levels unused.
+  the module boundary by a flax method interceptor; a depthwise conv's input one grid per
+  channel (`BitWidths.depthwise_channels`: its channels' ranges differ by orders of
+  magnitude, and integer arithmetic folds a per-channel input scale into the per-channel
+  rescale, since each output channel sees one input channel). Most inputs follow a swish
+  (≥ −0.28), so a symmetric grid would leave half its levels unused.
 
 Why not qwix: qwix intercepts `lax.conv_general_dilated` and `dot_general`. On a CPU this
 network's convolutions are lowered as shifted multiply-adds and matmuls (models/conv.py),
@@ -181,19 +184,30 @@ class QuantizedApply:
 @dataclasses.dataclass
 class Calibration:
     """Per-tensor histograms of the input of every conv and dense layer over calibration
-    data, from which each width's range is chosen."""
+    data, from which each width's range is chosen, and each input's per-channel extremes
+    (for the per-channel grids of depthwise inputs)."""
 
     lows: dict[str, float]
     highs: dict[str, float]
     histograms: dict[str, np.ndarray]  # HISTOGRAM_BINS bins over [low, high]
+    channel_lows: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    channel_highs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def ranges(self, bits: BitWidths, method: str = "mse") -> dict[str, jax.Array]:
         """(low, high) of each layer's input at its width: 'max' spans every value seen,
-        'mse' clips where the expected squared error of the grid is least."""
+        'mse' clips where the expected squared error of the grid is least. A depthwise input
+        on per-channel grids gets each channel's own (low, high), shape (2, channels), spanning
+        what that channel showed (a channel's range is narrow already; clipping it is not
+        worth a histogram per channel)."""
         out = {}
         for path, histogram in self.histograms.items():
             _, activation_bits = bits.of(path)
             if activation_bits >= INTEGER_BELOW:
+                continue
+            if path in self.channel_lows and bits.input_grids(path, 2) > 1:
+                low = np.minimum(self.channel_lows[path], 0.0)
+                high = np.maximum(self.channel_highs[path], 0.0)
+                out[scale_key(path)] = jnp.asarray(np.stack([low, high]), jnp.float32)
                 continue
             low, high = self.lows[path], self.highs[path]
             if method == "mse":
@@ -237,13 +251,20 @@ def calibrate(
             model.apply(v, prepare(b), train=False)
         return recorder.found
 
-    extremes = jax.jit(functools.partial(recorded, lambda x: (jnp.min(x), jnp.max(x))))
-    lows: dict[str, float] = {}
-    highs: dict[str, float] = {}
+    def per_channel(x):
+        axes = tuple(range(x.ndim - 1))
+        return jnp.min(x, axis=axes), jnp.max(x, axis=axes)
+
+    extremes = jax.jit(functools.partial(recorded, per_channel))
+    channel_lows: dict[str, np.ndarray] = {}
+    channel_highs: dict[str, np.ndarray] = {}
     for batch in batches:
         for key, (low, high) in extremes(variables, batch).items():
-            lows[key] = min(lows.get(key, 0.0), float(low))
-            highs[key] = max(highs.get(key, 0.0), float(high))
+            low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
+            channel_lows[key] = np.minimum(channel_lows.get(key, low), low)
+            channel_highs[key] = np.maximum(channel_highs.get(key, high), high)
+    lows = {k: min(0.0, float(v.min())) for k, v in channel_lows.items()}
+    highs = {k: max(0.0, float(v.max())) for k, v in channel_highs.items()}
     bounds = {k: (jnp.float32(lows[k]), jnp.float32(max(highs[k] - lows[k], 1e-12))) for k in lows}
 
     def histograms_of(v, b):
@@ -262,18 +283,7 @@ def calibrate(
     for batch in batches:
         for key, value in histograms_jit(variables, batch).items():
             histograms[key] += np.asarray(value)
-    return Calibration(lows, highs, histograms)
-
-
-def count_scales(params: Any, bits: BitWidths, activation_keys: Iterable[str]) -> int:
-    """Scales an entry stores: one per output channel of each integer-quantised kernel, and a
-    scale and a zero point per integer-quantised activation tensor."""
-    total = 0
-    for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        path = path_name(key_path)
-        if is_weight(path, leaf) and bits.of(path)[0] < INTEGER_BELOW:
-            total += int(np.shape(leaf)[-1])
-    return total + sum(2 for path in activation_keys if bits.of(path)[1] < INTEGER_BELOW)
+    return Calibration(lows, highs, histograms, channel_lows, channel_highs)
 
 
 __all__ = [

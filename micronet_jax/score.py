@@ -85,6 +85,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="widths of the layers under a parameter-path prefix, e.g. stem_conv=8 fc=8,32 "
         "(repeatable; the longest prefix wins)",
     )
+    parser.add_argument(
+        "--depthwise_per_tensor",
+        action="store_true",
+        help="one grid for a depthwise conv's whole input (default: one per channel, "
+        "a scale and a zero point each)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser.parse_args(argv)
 
@@ -106,7 +112,9 @@ def count_options(args: argparse.Namespace) -> dict[str, Any]:
         "bn_as_bias": args.bn_as_bias,
         "include_upsample": args.include_upsample,
         "exit_ratio": args.exit_ratio,
-        "bits": bit_widths(args.weight_bits, args.activation_bits, args.bits),
+        "bits": bit_widths(
+            args.weight_bits, args.activation_bits, args.bits, not args.depthwise_per_tensor
+        ),
     }
 
 
@@ -119,6 +127,7 @@ def settings(args: argparse.Namespace, arch: Architecture) -> dict[str, Any]:
         "weight_bits": args.weight_bits,
         "activation_bits": args.activation_bits,
         "bits": list(args.bits),
+        "depthwise_per_tensor": args.depthwise_per_tensor,
     }
 
 

@@ -450,7 +450,7 @@ def test_quantize_stage_killed_and_resumed_equals_an_uninterrupted_run(
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((reference / "report.json").read_text())
     quantized, fp32 = report["score_quantized"], report["score_actual_masks"]
-    assert report["bits"] == "weights 4-bit, activations 8-bit"
+    assert report["bits"].startswith("weights 4-bit, activations 8-bit")
     assert quantized["param_score"] < fp32["param_score"]  # 4-bit kernels beat the freebie
     assert {"main_agreement", "exit_agreement", "combined_agreement"} <= set(report["metrics"])
     assert "quantize" in [s["stage"] for s in report["stages"]]

@@ -542,14 +542,14 @@ TOY = build_architecture(
     ("r1_k3_s1_e1_i8_o8_se0.25",), width=1.0, resolution=1.0, head_filters=16, num_classes=10
 )
 TOY_PARAMS = 216 + 72 + (16 + 2) + (16 + 8) + 64 + 128 + (160 + 10)
-# Scales of an 8/8 entry: one per output channel, and a scale and a zero point per input
-# tensor of each layer: stem 8+2, depthwise 8+2, SE reduce 2+2, SE expand 8+2, project 8+2,
-# head 16+2, fc 10+2.
+# Scales of an 8/8 entry with per-tensor input grids: one per output channel, and a scale and
+# a zero point per input tensor of each layer: stem 8+2, depthwise 8+2, SE reduce 2+2,
+# SE expand 8+2, project 8+2, head 16+2, fc 10+2.
 TOY_SCALES = 10 + 10 + 4 + 10 + 10 + 18 + 12
 
 
 def test_toy_weights_and_activations_at_8_bits():
-    count = count_micronet(TOY, bits=BitWidths(8, 8))
+    count = count_micronet(TOY, bits=BitWidths(8, 8, depthwise_channels=False))
     assert count.params == TOY_PARAMS + TOY_SCALES == 766
     # weights at 8 bits, scales, zero points and biases (SE's 10, fc's 10) at 32; bits:
     #   stem 216·8 + 10·32 = 2,048; block 72·8 + 10·32 + (16·8 + 4·32 + 2·32)
@@ -568,6 +568,17 @@ def test_toy_weights_and_activations_at_8_bits():
     #   pool 255·16; fc 15·10 + 10
     assert [layer.adds for layer in count.layers] == [55296, 36898, 32768, 4080, 160]
     assert count.math_storage == 1_838_016 / 32 + 129_202 == 186_640
+
+
+def test_toy_depthwise_input_grids_per_channel():
+    """The depthwise conv's 8 input channels each get a scale and a zero point: 14 more fp32
+    values than one grid (16 against 2); the block stores 2,752 + 14·32 = 3,200 bits, the
+    entry 8,832 bits = 276 parameters; the arithmetic is unchanged."""
+    count = count_micronet(TOY, bits=BitWidths(8, 8))
+    assert count.params == TOY_PARAMS + TOY_SCALES + 14 == 780
+    assert [round(layer.storage * 32) for layer in count.layers] == [2048, 3200, 1600, 0, 1984]
+    assert count.param_storage == 276
+    assert count.math_storage == 186_640
 
 
 def test_toy_16_bits_keeps_the_freebie():
@@ -627,10 +638,11 @@ def test_bit_widths_compose_with_an_exit_head_and_its_ratio():
     assert half.math_storage == pytest.approx((stay.math_storage + leave.math_storage) / 2)
     assert half.param_storage == stay.param_storage  # storage does not depend on the ratio
     # the exit head's three kernels are quantised too: 48 + 136 + 100 channel scales, and
-    # each input's scale and zero point
+    # a scale and a zero point per input grid: 48 for the depthwise conv's channels, one
+    # each for the 1x1 conv's and the classifier's input
     head = half.layer("exit_head")
     dense_head = count_micronet(ARCH_EXIT4, exit_ratio=0.5).layer("exit_head")
-    assert head.params == dense_head.params + 48 + 136 + 100 + 3 * 2
+    assert head.params == dense_head.params + 48 + 136 + 100 + 2 * (48 + 1 + 1)
 
 
 def test_overrides_take_the_longest_prefix():
@@ -654,11 +666,17 @@ def test_cli_bit_widths_of_a_configuration(capsys):
     eight = json.loads(capsys.readouterr().out)
     assert score.main([*args, "--json"]) == 0
     free = json.loads(capsys.readouterr().out)
-    assert eight["widths"] == "weights 8-bit, activations 8-bit"
+    assert eight["widths"] == "weights 8-bit, activations 8-bit; depthwise inputs per channel"
     assert eight["settings"]["weight_bits"] == 8
     assert eight["param_score"] < free["param_score"]
     expected = count_micronet(ARCH_EXIT4, sparsity=0.64, exit_ratio=0.3217, bits=BitWidths(8, 8))
     assert eight["score"] == pytest.approx(expected.score)
+    per_tensor = ["--weight_bits", "8", "--activation_bits", "8", "--depthwise_per_tensor"]
+    assert score.main([*args, *per_tensor, "--json"]) == 0
+    tensor = json.loads(capsys.readouterr().out)
+    assert tensor["widths"].endswith("depthwise inputs per tensor")
+    assert tensor["param_score"] < eight["param_score"]  # fewer grids, fewer fp32 scales
+    assert tensor["math_score"] == eight["math_score"]
     assert score.main([*args, "--bits", "fc=eight"]) == 1
     assert "PREFIX" in capsys.readouterr().err
 
