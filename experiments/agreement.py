@@ -90,13 +90,15 @@ def checkpoint_path(root: Path, name: str) -> Path:
 def measured_images(
     data: str, num_test: int, num_calibration: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(test images, calibration images): the first `num_test` CIFAR-10 test images, and
-    `num_calibration` training images (apart from the measured ones)."""
+    """(test images, calibration images): the first `num_test` test images of the archive
+    (CIFAR-10's, or CIFAR-100's when its name says so), and `num_calibration` training images
+    (apart from the measured ones)."""
     from micronet_jax.data.cifar import load_train_test
 
     if not data:
         raise SystemExit("error: no CIFAR-10 archive; pass --data=PATH/cifar-10-python.tar.gz")
-    train, test = load_train_test("cifar10", data, download=False)
+    name = "cifar100" if "100" in Path(data).name else "cifar10"  # the networks' own classes
+    train, test = load_train_test(name, data, download=False)
     return test.images[:num_test], train.images[:num_calibration]
 
 

@@ -62,7 +62,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
         for bn, variables in (("as is", loaded.variables), ("folded", None)):
             if variables is None:
                 variables = fold_batch_norm(loaded.variables)
-            for variant in VARIANTS:
+            for variant in args.variants:
                 tic = time.perf_counter()
                 got = agreement.run(
                     apply_fn(loaded.arch, variant), variables, images, args.batch_size
@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m experiments.sixteen_bit", description=__doc__.splitlines()[0]
     )
     agreement.add_common_args(parser)
+    parser.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="VARIANT"
+    )
     args = parser.parse_args(argv)
     rows = measure(args)
     notes = [

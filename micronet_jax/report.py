@@ -21,11 +21,25 @@ SWEEP_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.50 â€
 
 
 def load_run_config(workdir: Path) -> Any:
-    """The ConfigDict a run recorded in config.json (None when there is none)."""
-    from ml_collections import ConfigDict
+    """The config a run recorded in config.json (None when there is none), over today's
+    defaults: a key added since the run was made reads as its default."""
+    from micronet_jax.defaults import default_config
 
     path = Path(workdir) / "config.json"
-    return ConfigDict(json.loads(path.read_text())) if path.exists() else None
+    if not path.exists():
+        return None
+    config = default_config()
+    _merge(config, json.loads(path.read_text()))
+    return config
+
+
+def _merge(config: Any, recorded: dict) -> None:
+    for key, value in recorded.items():
+        if isinstance(value, dict) and key in config and hasattr(config[key], "keys"):
+            _merge(config[key], value)
+        else:
+            with config.ignore_type():
+                config[key] = tuple(value) if isinstance(value, list) else value
 
 
 def load_final_variables(workdir: Path, config: Any) -> tuple[MicroNet, dict]:

@@ -161,3 +161,51 @@ def test_exit_sweep_matches_the_counter(original_checkpoints, archive, tmp_path)
     assert "out of domain" in (out / "exit_sweep.md").read_text()
     data = json.loads((out / "exit_sweep.json").read_text())
     assert np.isclose(data[0]["score"], float(rows[0]["score"]))
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_ptq_table_scores_what_it_quantised(original_checkpoints, archive, tmp_path):
+    from experiments import ptq
+    from micronet_jax.bitwidths import BitWidths
+    from micronet_jax.convert import load_original
+    from micronet_jax.quantization import quantize_weights
+    from micronet_jax.scoring import count_micronet
+
+    out = tmp_path / "ptq"
+    argv = [f"--out={out}", f"--data={archive}", f"--checkpoints={original_checkpoints}"]
+    assert ptq.main([*argv, "--num_test=40", "--num_calibration=40", "--bits", "8x8"]) == 0
+    rows = read_csv(out / "ptq.csv")
+    assert [(r["checkpoint"], r["bits"]) for r in rows] == [
+        (name, bits)
+        for name in ("first_submission", "final_ee50")
+        for bits in ("float32 (16-bit freebie)", "8x8")
+    ]
+    final = load_original(original_checkpoints / "final_ee50" / "trained_model.pth")
+    params = quantize_weights(final.variables["params"], BitWidths(8, 8))
+    expected = count_micronet(
+        final.arch, params=params, exit_ratio=0.2929, bn_as_bias=True, bits=BitWidths(8, 8)
+    )
+    assert float(rows[3]["score_published_ratio"]) == pytest.approx(expected.score, rel=1e-5)
+    assert float(rows[3]["param_score"]) < float(rows[2]["param_score"])
+    for row in (rows[1], rows[3]):
+        assert 0 <= float(row["combined_agreement"]) <= 1
+    assert (out / "ptq.md").read_text().count("\n|") >= 5
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_sixteen_bit_values_keep_the_predictions(original_checkpoints, archive, tmp_path):
+    from experiments import sixteen_bit
+
+    out = tmp_path / "sixteen"
+    argv = [f"--out={out}", f"--data={archive}", f"--checkpoints={original_checkpoints}"]
+    variant = "fp16 values, fp32 arithmetic"
+    assert sixteen_bit.main([*argv, "--num_test=40", "--variants", variant]) == 0
+    rows = read_csv(out / "sixteen_bit.csv")
+    assert [(r["checkpoint"], r["bn"]) for r in rows] == [
+        (name, bn) for name in ("first_submission", "final_ee50") for bn in ("as is", "folded")
+    ]
+    for row in rows:  # float16 rounding moves logits by hundredths: at most a near tie flips
+        assert float(row["main_agreement"]) >= 0.9
+        assert 0 < float(row["max_logit_diff_main"]) < 0.5

@@ -166,3 +166,17 @@ def test_an_unfinished_run_gets_the_plots_it_can_have(tmp_path):
     ]
     (row,) = read_csv(tmp_path / "plots" / "accuracy_vs_sparsity.csv")
     assert float(row["test_accuracy"]) == pytest.approx(0.2)
+
+
+def test_a_run_recorded_before_a_key_existed_reads_it_as_its_default(tmp_path):
+    from micronet_jax.defaults import default_config
+
+    recorded = json.loads(default_config().to_json())
+    recorded["train"]["lr"] = 0.5
+    recorded["model"]["block_strings"] = ["r1_k3_s1_e1_i8_o8_se0.25"]
+    del recorded["quant"]["depthwise_channels"]
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    config = load_run_config(tmp_path)
+    assert config.train.lr == 0.5 and config.model.block_strings == ("r1_k3_s1_e1_i8_o8_se0.25",)
+    assert config.quant.depthwise_channels is True
+    assert load_run_config(tmp_path / "nothing") is None
