@@ -106,7 +106,7 @@ def _model_loss(impl, arch, x):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", ["tiny", "full"])
+@pytest.mark.parametrize("size", ["tiny"])  # "full": the original's network, 3 minutes
 def test_full_model_forward_and_gradient_agree(size):
     if size == "tiny":
         strings = (

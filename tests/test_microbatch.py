@@ -13,7 +13,7 @@ from micronet_jax.models.microbatch import map_micro_batches
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n", [5, 16, 37])
+@pytest.mark.parametrize("n", [5, 37])  # a padded last micro-batch; several of them
 def test_micro_batches_match_the_whole_batch(n):
     """Padding the last micro-batch and splitting leave every sample's outputs unchanged."""
     arch = build_architecture(

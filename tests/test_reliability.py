@@ -399,11 +399,14 @@ def test_cli_reports_when_every_checkpoint_is_damaged(pipeline_reference, tmp_pa
     assert "Traceback" not in done.stderr
 
 
-# 19 batches of 8 and a last one of 4 per epoch; stage A runs 2 epochs, every other stage 1
+# 19 batches of 8 and a last one of 4 per epoch; stage A runs 2 epochs, then a pruning round
+# and the exit head 1 each
 K_RUN = (
     "--config.train.batch_size=8",
     "--config.data.num_train=156",
     "--config.pipeline.epoch_scale=0.00167",
+    "--config.pipeline.prune_targets=(30.0,)",
+    "--config.pipeline.exit_prune_targets=()",
 )
 
 
