@@ -25,6 +25,7 @@ setup(
     extras_require={
         "test": [
             "pytest",
+            "pytest-xdist",
             "pillow",
             "ruff",
             "optuna",

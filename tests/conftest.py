@@ -8,13 +8,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# The suite is bound by XLA's compile times, not by running what it compiles: without LLVM's
-# optimisation passes it compiles in ~60% of the time (the numbers a test compares are
-# computed under the same flags on both sides). Subprocesses inherit it.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
-
 SHARED = Path(os.environ.get("MICRONET_SHARED", REPO.parent / "shared"))
 REQUIRE_SHARED = os.environ.get("MICRONET_REQUIRE_SHARED") == "1"
 

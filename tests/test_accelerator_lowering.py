@@ -215,7 +215,7 @@ SHARDED = textwrap.dedent(
 @pytest.mark.slow
 def test_data_parallel_step_lowers_for_an_8_device_tpu_mesh():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env["JAX_PLATFORMS"] = "cpu"
     code = SHARDED.format(tests=str(ROOT / "tests"), size="tiny")
     done = subprocess.run(

@@ -10,7 +10,6 @@ restore them. The result equals one process training on 4 devices.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 from pathlib import Path
@@ -79,7 +78,7 @@ def run_one_process(workdir: Path, archive: Path, cache: Path) -> None:
     env = main_env(cache)
     env.update(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
     )
     done = subprocess.run(command(workdir, archive), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]

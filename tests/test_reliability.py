@@ -324,21 +324,30 @@ def finish(workdir: Path, archive: Path, cache: Path, *overrides: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def run_killed_at(workdir: Path, archive: Path, cache: Path, seconds: float) -> bool:
-    """Start the pipeline, SIGKILL it after `seconds`; False when it finished first."""
+def epochs_recorded(workdir: Path) -> int:
+    """Epoch records written so far, over every stage of the run."""
+    return sum(len(metrics_io.read_records(path)) for path in workdir.glob("*/metrics.jsonl"))
+
+
+def run_killed_after(workdir: Path, archive: Path, cache: Path, epochs: int, delay: float) -> bool:
+    """Start the pipeline (resuming), SIGKILL it `delay` seconds after its `epochs`-th epoch
+    record (a moment set by the run's progress, not the clock, so a busy machine moves it no
+    later in the run); False when it finished first."""
     proc = subprocess.Popen(
         main_command(workdir, archive),
         env=main_env(cache),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        proc.wait(timeout=seconds)
+    deadline = time.time() + 600
+    while proc.poll() is None and epochs_recorded(workdir) < epochs and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(delay)
+    if proc.poll() is not None:
         return False
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return True
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return True
 
 
 def assert_same_outcome(got: dict, want: dict) -> None:
@@ -361,16 +370,18 @@ def pipeline_reference(tmp_path_factory, tiny_archive, compile_cache):
 
 @pytest.mark.slow
 def test_pipeline_killed_anywhere_resumes_exactly(pipeline_reference):
+    """Three SIGKILLs, each a random fraction of a second after a random epoch of the five
+    stages ended: while it evaluates, writes a checkpoint, a summary or the next stage's
+    start. (Kills inside an epoch: the train-loop and K-step tests; at random wall-clock
+    moments: `python -m benchmarks.kill_resume`.)"""
     root, archive, cache, _ = pipeline_reference
-    warm = root / "warm"
-    tic = time.time()
-    finish(warm, archive, cache)  # with a warm compile cache: the time a run really takes
-    duration = time.time() - tic
     workdir = root / "killed"
-    moments = random.Random(1234).sample(range(15, 95), 3)
-    kills = 0
-    for percent in sorted(moments):
-        kills += run_killed_at(workdir, archive, cache, duration * percent / 100)
+    rng = random.Random(1234)
+    moments = sorted(rng.sample(range(1, 5), 3))
+    kills = sum(
+        run_killed_after(workdir, archive, cache, epochs, rng.uniform(0.0, 1.5))
+        for epochs in moments
+    )
     assert kills >= 3, "the run finished before it could be killed three times"
     finish(workdir, archive, cache)
     assert_same_outcome(pipeline_outcome(workdir), pipeline_outcome(root / "reference"))

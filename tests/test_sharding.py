@@ -72,7 +72,7 @@ CHILD = textwrap.dedent(
 
 def run_child(autoaugment: bool) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env["JAX_PLATFORMS"] = "cpu"
     code = CHILD.format(tests=str(ROOT / "tests"), autoaugment=autoaugment)
     proc = subprocess.run(

@@ -58,13 +58,15 @@ def main_env(cache: Path) -> dict[str, str]:
 def pipeline_outcome(workdir: Path, variant: str = "pipeline") -> dict:
     """Everything a tiny pipeline run produces that must not depend on interruptions: each
     stage's metrics and summary, the report's metrics and scores, the final stage's
-    variables and masks."""
+    variables and masks. The stages are those of the config the run recorded (`variant`'s
+    when it recorded none)."""
     import jax
 
+    from micronet_jax.report import load_run_config
     from micronet_jax.stages import load_final, plan_stages
     from micronet_jax.train import metrics as metrics_io
 
-    config = tiny_config(variant)
+    config = load_run_config(workdir) or tiny_config(variant)
     stages = plan_stages(config)
     result = {}
     for stage in stages:
