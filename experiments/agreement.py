@@ -80,6 +80,18 @@ def agreement(got: Outputs, reference: Outputs) -> dict[str, float]:
     }
 
 
+def near_ties(reference: Outputs) -> str:
+    """How close the float32 network's main-path decisions are on the measured images."""
+    top2 = np.sort(reference.main, axis=-1)[:, -2:]
+    gap = np.median(top2[:, 1] - top2[:, 0])
+    top = _top_probability(reference.main)
+    return (
+        f"median gap between the two largest logits {gap:.2f}, median top probability "
+        f"{np.median(top):.2f}, {np.mean(top >= CONFIDENT):.1%} of the images at or above "
+        f"{CONFIDENT} (the confident ones)"
+    )
+
+
 def checkpoint_path(root: Path, name: str) -> Path:
     path = root / name / "trained_model.pth"
     if not path.exists():

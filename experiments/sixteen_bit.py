@@ -51,7 +51,7 @@ def apply_fn(arch, variant: str):
     return QuantizedApply(MicroNet(arch), BitWidths(16, 16))
 
 
-def measure(args: argparse.Namespace) -> list[dict]:
+def measure(args: argparse.Namespace, notes: list[str] | None = None) -> list[dict]:
     from micronet_jax.convert import load_original
 
     images, _ = agreement.measured_images(args.data, args.num_test, 0)
@@ -59,6 +59,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
     for name in agreement.CHECKPOINTS:
         loaded = load_original(agreement.checkpoint_path(args.checkpoints, name))
         reference = agreement.run(loaded.model.apply, loaded.variables, images, args.batch_size)
+        if notes is not None:
+            notes.append(f"{name} in float32: {agreement.near_ties(reference)}.")
         for bn, variables in (("as is", loaded.variables), ("folded", None)):
             if variables is None:
                 variables = fold_batch_norm(loaded.variables)
@@ -84,11 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="VARIANT"
     )
     args = parser.parse_args(argv)
-    rows = measure(args)
+    ties: list[str] = []
+    rows = measure(args, ties)
     notes = [
         f"{args.num_test:,} real CIFAR-10 test images (outside the networks' CIFAR-100 classes: "
         "agreement with the float32 network, not accuracy); exit threshold "
         f"{agreement.THRESHOLD}. Command: `python -m experiments.sixteen_bit`.",
+        *ties,
     ]
     table = agreement.write(
         Path(args.out), "sixteen_bit", "16 bits against float32", notes, rows, COLUMNS
