@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from micronet_jax import builders, pruning
 from micronet_jax.bitwidths import INTEGER_BELOW
@@ -126,10 +127,15 @@ def _final_template(config: Any, stage: StageSpec) -> dict:
 
 def activation_ranges_template(params: Any, config: Any) -> dict:
     """The shapes of a quantised network's activation ranges: (low, high) per layer whose
-    input is on an integer grid."""
+    input is on an integer grid, (2, channels) where it has a grid per channel."""
     bits = builders.bit_widths_of(config)
+
+    def shape(path: str, kernel: Any) -> tuple[int, ...]:
+        channels = np.shape(kernel)[-1]  # a depthwise kernel's: its input channels
+        return (2, channels) if bits.input_grids(path, channels) > 1 else (2,)
+
     return {
-        scale_key(path): jax.ShapeDtypeStruct((2,), jnp.float32)
+        scale_key(path): jax.ShapeDtypeStruct(shape(path, leaf), jnp.float32)
         for path, leaf in param_paths(params)
         if is_weight(path, leaf) and bits.of(path)[1] < INTEGER_BELOW
     }
