@@ -72,6 +72,13 @@ def test_overall_estimate_counts_later_stages():
     bar.observe({"loss": 1.9, "lr": 0.1})
     assert bar.seconds_per_step == pytest.approx(0.1, rel=0.05)
     assert bar.remaining_seconds() == pytest.approx((70 + 300) * 0.1, rel=0.05)
+    read = {"loss": 1.8, "lr": 0.1}
+    bar._mark = (bar._mark[0] - 2.0, bar._mark[1], bar._mark[2])
+    bar.advance(20, 2560)
+    bar.observe(read)
+    bar.advance(1, 128)  # a dispatch returns at once, before its step has run
+    bar.observe(read)  # no new read: no pace from that
+    assert bar.seconds_per_step == pytest.approx(0.1, rel=0.05)
     assert format_duration(3725) == "1:02:05"
     assert format_duration(90061) == "1d 1:01:01"
 

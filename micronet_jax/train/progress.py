@@ -54,6 +54,7 @@ class StageBar:
                 dynamic_ncols=True,
             )
         self._mark: tuple[float, int, int] | None = None  # (time, steps, images) at last read
+        self._seen: dict[str, float] | None = None  # the metrics of the last read
         self._steps = 0
         self._images = 0
 
@@ -65,7 +66,14 @@ class StageBar:
             self._bar.update(steps)
 
     def observe(self, latest: dict[str, float]) -> None:
-        """After a host read of the metrics: update the pace and the bar's postfix."""
+        """After a host read of the metrics: update the pace and the bar's postfix.
+
+        The pace is measured from read to read: dispatches return at once and the steps run
+        behind them, so only a read (which waits for its step) marks real progress. The same
+        read passed again is ignored."""
+        if latest is self._seen:
+            return
+        self._seen = latest
         now = time.perf_counter()
         postfix: dict[str, str] = {}
         if "loss" in latest:
