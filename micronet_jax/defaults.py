@@ -46,7 +46,7 @@ def default_config() -> ConfigDict:
     config.quant.activation_bits = 32
     config.quant.keep = ()  # overrides 'PREFIX=W' or 'PREFIX=W,A', e.g. ('stem_conv=8,32',)
     config.quant.epochs = 60  # the quantize stage's epochs (times pipeline.epoch_scale)
-    config.quant.lr = 0.01  # its own SGD, cosine schedule per epoch, from this rate
+    config.quant.lr = 0.01  # its own SGD, cosine per step from this rate to 0
     config.quant.distill = False  # learn the float32 network's soft predictions, not labels
     config.quant.temperature = 1.0
     config.quant.depthwise_channels = True  # a depthwise conv's input: a grid per channel

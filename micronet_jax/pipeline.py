@@ -46,7 +46,11 @@ from micronet_jax.train.loop import (
     resolve_steps_per_dispatch,
     step_config_from,
 )
-from micronet_jax.train.optim import cosine_per_epoch, lr_at_epoch, make_optimizer
+from micronet_jax.train.optim import (
+    cosine_per_step,
+    lr_at_epoch,
+    make_optimizer,
+)
 from micronet_jax.train.progress import StageBar, format_duration
 from micronet_jax.train.qat import (
     QuantStepConfig,
@@ -227,15 +231,14 @@ def _train_quantized(
     bits = builders.bit_widths_of(config)
     schedule = ctx.schedule(stage.epochs)
     spe = schedule.steps_per_epoch
-    tx = make_optimizer(q.lr, stage.epochs, spe, t.momentum, t.weight_decay)
+    tx = make_optimizer(q.lr, stage.epochs, spe, t.momentum, t.weight_decay, per_step=True)
+    lr_fn = cosine_per_step(q.lr, stage.epochs * spe)
     variables = dict(variables)
     ranges = variables.pop("quant")
     model = ctx.exit_model
     state = create_quant_state(model, variables, ranges, tx, seed, masks, bits, q.distill)
     state = sharding.place_state(state, ctx.mesh)
-    base = step_config_from(
-        config, stage.epochs, spe, lr_fn=cosine_per_epoch(q.lr, stage.epochs, spe)
-    )
+    base = step_config_from(config, stage.epochs, spe, lr_fn=lr_fn)
     step = quant_step_function(QuantStepConfig(base, bits, q.distill, q.temperature, q.freeze_bn))
     kept = sharding.local_copy(masks)
     constants = {
@@ -249,7 +252,7 @@ def _train_quantized(
         schedule,
         workdir,
         evaluate_fn=functools.partial(_evaluate_quantized, ctx, bits),
-        lr_of_epoch=lambda e: lr_at_epoch(q.lr, stage.epochs, e),
+        lr_of_epoch=lambda e: float(lr_fn(e * spe - 1)),  # its last step's
         keep_checkpoints=t.keep_checkpoints,
         progress=bar,
         desc=stage.name,

@@ -222,3 +222,15 @@ def test_decay_mask_on_model_params():
     assert names == {"kernel", "bias", "scale"}
     # 10 blocks × 3 BN (block 0: 2) + stem/head BN + 2 exit-head BN = 33 scales, all decayed.
     assert sum(1 for name, m in pairs if name == "scale" and m) == 33
+
+
+def test_cosine_per_step_spends_every_step_of_a_short_stage():
+    """The quantize stage's schedule: from the base rate down to 0 over its own steps, so a
+    2-epoch stage does not spend its second epoch at 0 (as the recipe's per-epoch one would)."""
+    from micronet_jax.train.optim import cosine_per_epoch, cosine_per_step
+
+    per_step = cosine_per_step(0.01, 50)
+    assert float(per_step(0)) == pytest.approx(0.01)
+    assert float(per_step(25)) == pytest.approx(0.005)
+    assert 0 < float(per_step(49)) < 1e-4 and float(per_step(50)) == pytest.approx(0.0)
+    assert float(cosine_per_epoch(0.01, 2, 25)(30)) == pytest.approx(0.0)  # the recipe's

@@ -30,6 +30,20 @@ def cosine_per_epoch(base_lr: float, epochs: int, steps_per_epoch: int) -> optax
     return schedule
 
 
+def cosine_per_step(base_lr: float, total_steps: int) -> optax.Schedule:
+    """Step s (0-based) of `total_steps` runs at base_lr·(1 + cos(π·s/total))/2: from base_lr
+    down to near 0 within the run, however few epochs it has (the quantize stage's)."""
+    if total_steps <= 0:
+        raise ValueError("total_steps must be positive")
+
+    def schedule(count: jax.Array) -> jax.Array:
+        return (
+            base_lr * 0.5 * (1.0 + jnp.cos(math.pi * jnp.minimum(count, total_steps) / total_steps))
+        )
+
+    return schedule
+
+
 def lr_at_epoch(base_lr: float, epochs: int, epoch: int) -> float:
     """The learning rate of 1-based `epoch`, as a Python float (for logs)."""
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
@@ -49,13 +63,19 @@ def make_optimizer(
     steps_per_epoch: int,
     momentum: float = 0.9,
     weight_decay: float = 1e-5,
+    per_step: bool = False,
 ) -> optax.GradientTransformation:
-    """PyTorch-equivalent SGD: coupled weight decay, momentum, no Nesterov, cosine per epoch.
+    """PyTorch-equivalent SGD: coupled weight decay, momentum, no Nesterov, cosine per epoch
+    (the recipe's) or, with `per_step`, per step.
 
     Cached (as is the schedule): equal settings give the same object, so stages and trials
     with equal settings share one compiled step.
     """
+    if per_step:
+        schedule = cosine_per_step(base_lr, epochs * steps_per_epoch)
+    else:
+        schedule = cosine_per_epoch(base_lr, epochs, steps_per_epoch)
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
-        optax.sgd(cosine_per_epoch(base_lr, epochs, steps_per_epoch), momentum=momentum),
+        optax.sgd(schedule, momentum=momentum),
     )
