@@ -42,11 +42,13 @@ def get_config(variant: str = "8x8"):
     config.quant.keep = keep
     config.quant.distill = True
     config.quant.freeze_bn = True  # CIFAR-10's batch statistics are not the network's
-    config.quant.lr = 0.01
+    # BN frozen, the network no longer normalises away its weights' scale: 0.01 wrecked it
+    # (5% agreement after 50 steps); 0.002 learns
+    config.quant.lr = 0.002
     config.quant.epochs = 2
-    config.data.num_train = 6_400  # 2 epochs of 50 steps: about 20 minutes on 2 CPU cores
+    config.data.num_train = 3_200  # 2 epochs of 25 steps: about 15 minutes on 2 CPU cores
     config.quant.calibration_images = 1000
-    config.train.eval_every = 1
+    config.train.eval_every = 2  # the 10,000 test images once, at the end
     config.train.checkpoint_every = 1
     config.train.eval_batch_size = 500
     return config
