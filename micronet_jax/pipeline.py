@@ -389,20 +389,8 @@ def run_pipeline(config: Any, workdir: str | Path) -> dict[str, Any]:
             f"{position} {stage.name} done in {format_duration(summary['seconds'])}: "
             + describe.stage_result(summary)
         )
-    report = build_report(
-        ctx.exit_model,
-        sharding.local_copy(variables),
-        np.asarray(ctx.test_images),
-        ctx.test_labels,
-        config.pipeline.threshold,
-        config.train.eval_batch_size,
-        stages=[read_summary(workdir, s) for s in stages],
-        bits=builders.bit_widths_of(config) if stages[-1].kind == "quantize" else None,
-        reference=ctx.reference,
-    )
-    if is_primary():
-        write_report(workdir, report)
-    return report
+    bits = builders.bit_widths_of(config) if stages[-1].kind == "quantize" else None
+    return _final_report(ctx, variables, workdir, stages, bits)
 
 
 def run_quantize(config: Any, workdir: str | Path) -> dict[str, Any]:
@@ -436,6 +424,20 @@ def run_quantize(config: Any, workdir: str | Path) -> dict[str, Any]:
             f"quantize done in {format_duration(summary['seconds'])}: "
             + describe.stage_result(summary)
         )
+    return _final_report(ctx, variables, workdir, [stage], builders.bit_widths_of(config), source)
+
+
+def _final_report(
+    ctx: Context,
+    variables: dict,
+    workdir: Path,
+    stages: list[StageSpec],
+    bits: BitWidths | None,
+    source: str | None = None,
+) -> dict[str, Any]:
+    """The report of a finished run (written by the first process), scored at `bits` when
+    its last stage quantised, with agreement against `ctx.reference` where there is one."""
+    config = ctx.config
     report = build_report(
         ctx.exit_model,
         sharding.local_copy(variables),
@@ -443,9 +445,9 @@ def run_quantize(config: Any, workdir: str | Path) -> dict[str, Any]:
         ctx.test_labels,
         config.pipeline.threshold,
         config.train.eval_batch_size,
-        stages=[read_summary(workdir, stage)],
+        stages=[read_summary(workdir, s) for s in stages],
         source=source,
-        bits=builders.bit_widths_of(config),
+        bits=bits,
         reference=ctx.reference,
     )
     if is_primary():
