@@ -313,9 +313,15 @@ def test_force_restart_moves_the_old_run_aside(tmp_path):
 # --- the whole pipeline, SIGKILLed anywhere ---------------------------------------------
 
 
-def finish(workdir: Path, archive: Path, cache: Path, *overrides: str) -> None:
+def finish(
+    workdir: Path,
+    archive: Path,
+    cache: Path,
+    *overrides: str,
+    config: str = f"{TINY_CONFIG}:pipeline",
+) -> None:
     done = subprocess.run(
-        main_command(workdir, archive, *overrides),
+        main_command(workdir, archive, *overrides, config=config),
         env=main_env(cache),
         capture_output=True,
         text=True,
@@ -348,6 +354,18 @@ def run_killed_after(workdir: Path, archive: Path, cache: Path, epochs: int, del
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return True
+
+
+def kill_when_written(command: list[str], cache: Path, path: Path) -> None:
+    """Start `command`, SIGKILL it as soon as `path` exists (a checkpoint it writes)."""
+    proc = subprocess.Popen(
+        command, env=main_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 600
+    while proc.poll() is None and not path.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def assert_same_outcome(got: dict, want: dict) -> None:
@@ -432,15 +450,8 @@ def test_pipeline_16_steps_per_dispatch_killed_and_resumed_equals_one(
     )
     workdir = tmp_path / "sixteen"
     command = main_command(workdir, tiny_archive, *K_RUN, "--config.train.steps_per_dispatch=16")
-    proc = subprocess.Popen(
-        command, env=main_env(compile_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     first_epoch = workdir / "stage_a" / "checkpoints" / "20"
-    deadline = time.time() + 600
-    while proc.poll() is None and not first_epoch.exists() and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written(command, compile_cache, first_epoch)
     assert first_epoch.exists() and not (workdir / "stage_a" / "done.json").exists()
     finish(workdir, tiny_archive, compile_cache, *K_RUN, "--config.train.steps_per_dispatch=16")
     assert_same_outcome(pipeline_outcome(workdir), pipeline_outcome(tmp_path / "one"))
@@ -470,31 +481,10 @@ def test_quantize_stage_killed_and_resumed_equals_an_uninterrupted_run(
     assert "quantize" in [s["stage"] for s in report["stages"]]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        main_command(killed, tiny_archive, config=config),
-        env=main_env(compile_cache),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     first_epoch = killed / "quantize" / "checkpoints" / "5"
-    deadline = time.time() + 600
-    while proc.poll() is None and not first_epoch.exists() and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written(main_command(killed, tiny_archive, config=config), compile_cache, first_epoch)
     assert first_epoch.exists() and not (killed / "quantize" / "done.json").exists()
-    finish_config(killed, tiny_archive, compile_cache, config)
+    finish(killed, tiny_archive, compile_cache, config=config)
     assert_same_outcome(
         pipeline_outcome(killed, "quantized"), pipeline_outcome(reference, "quantized")
     )
-
-
-def finish_config(workdir: Path, archive: Path, cache: Path, config: str) -> None:
-    done = subprocess.run(
-        main_command(workdir, archive, config=config),
-        env=main_env(cache),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
