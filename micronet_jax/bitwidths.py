@@ -7,6 +7,8 @@ by parameter-path prefix (e.g. keep the stem's input and the classifier at 8 or 
 A depthwise conv's input may have a grid per channel (`depthwise_channels`): each output
 channel sees one input channel, so its per-channel input scale folds into the per-channel
 rescale of integer arithmetic, at the cost of a scale and a zero point per channel.
+Scales and zero points are stored at `scale_bits` (32, or 16: float16 scales, which the fake
+quantisation then rounds to, so the evaluation is of what is counted).
 
 The challenge's rules for them (SPEC §6b): the 16-bit freebie (everything counted at 16 bits)
 holds only while nothing is below 16 bits; quantise anything below and every value and
@@ -24,6 +26,7 @@ from micronet_jax.errors import ConfigError
 FULL = 32  # float32: not quantised
 FREEBIE = 16  # what every width counts as while nothing is below 16 bits
 INTEGER_BELOW = 16  # widths under this are integer grids with a scale (16 is fp16, exact)
+SCALE_WIDTHS = (16, 32)  # scales and zero points: float16 or float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +38,14 @@ class BitWidths:
     activations: int = FULL
     overrides: tuple[tuple[str, int, int], ...] = ()
     depthwise_channels: bool = True  # depthwise inputs: a grid per channel, not per tensor
+    scale_bits: int = FULL  # width of every scale and zero point (float32 or float16)
 
     def __post_init__(self) -> None:
         for bits in (self.weights, self.activations, *(b for o in self.overrides for b in o[1:])):
             if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= FULL:
                 raise ConfigError(f"bit widths must be integers in [2, {FULL}], got {bits!r}")
+        if self.scale_bits not in SCALE_WIDTHS:
+            raise ConfigError(f"scale widths must be one of {SCALE_WIDTHS}, got {self.scale_bits!r}")
 
     def of(self, path: str) -> tuple[int, int]:
         """(weight bits, input activation bits) of the layer whose kernel is at `path`."""
@@ -77,6 +83,8 @@ class BitWidths:
             text += f", {prefix} {w}/{a}"
         if self.activations < INTEGER_BELOW or any(a < INTEGER_BELOW for *_, a in self.overrides):
             text += "; depthwise inputs per " + ("channel" if self.depthwise_channels else "tensor")
+        if self.scale_bits != FULL:
+            text += f"; scales {self.scale_bits}-bit"
         return text
 
 
@@ -102,7 +110,8 @@ def bit_widths(
     activations: int = FULL,
     overrides: Sequence[str] = (),
     depthwise_channels: bool = True,
+    scale_bits: int = FULL,
 ) -> BitWidths:
     """A `BitWidths` from command-line style values."""
     parsed = tuple(parse_override(o) for o in overrides)
-    return BitWidths(weights, activations, parsed, depthwise_channels)
+    return BitWidths(weights, activations, parsed, depthwise_channels, scale_bits)

@@ -47,6 +47,20 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def round_scale(scale: jax.Array, scale_bits: int = FULL) -> jax.Array:
+    """A scale as stored: float16 for `scale_bits` 16 (so evaluation sees what is counted)."""
+    if scale_bits >= FULL:
+        return scale
+    return jnp.asarray(scale).astype(jnp.float16).astype(jnp.float32)
+
+
+def weight_codes(x: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
+    """The integer codes (as floats) of x on the grid scale·{-q..q}."""
+    q = qmax(bits)
+    scale = jnp.asarray(scale, x.dtype)
+    return jnp.round(jnp.clip(x, -q * scale, q * scale) / scale)
+
+
 def fake_quant(x: jax.Array, scale: jax.Array, bits: int, ste: bool = False) -> jax.Array:
     """x rounded to the grid scale·{-q..q}; with `ste`, the straight-through gradient."""
     if bits >= FULL:
@@ -57,29 +71,47 @@ def fake_quant(x: jax.Array, scale: jax.Array, bits: int, ste: bool = False) -> 
     q = qmax(bits)
     scale = jnp.asarray(scale, x.dtype)
     clipped = jnp.clip(x, -q * scale, q * scale)
-    y = jnp.round(clipped / scale) * scale
+    y = weight_codes(x, scale, bits) * scale
     return clipped + jax.lax.stop_gradient(y - clipped) if ste else y
 
 
-def fake_quant_range(x: jax.Array, bounds: jax.Array, bits: int, ste: bool = False) -> jax.Array:
+def activation_grid(
+    bounds: jax.Array, bits: int, scale_bits: int = FULL
+) -> tuple[jax.Array, jax.Array]:
+    """(step, zero point) of the affine grid of 2^bits levels spanning bounds = (low ≤ 0,
+    high ≥ 0): code k stands for (k − zero)·step, so 0 is exact."""
+    low, high = jnp.asarray(bounds[0], jnp.float32), jnp.asarray(bounds[1], jnp.float32)
+    step = round_scale(jnp.maximum(high - low, 1e-12) / (2**bits - 1), scale_bits)
+    return step, jnp.round(-low / step)
+
+
+def fake_quant_affine(
+    x: jax.Array, step: jax.Array, zero: jax.Array, bits: int, ste: bool = False
+) -> jax.Array:
+    """x on the affine grid (step, zero point) of 2^bits levels; with `ste`, the
+    straight-through gradient."""
+    step, zero = step.astype(x.dtype), zero.astype(x.dtype)
+    clipped = jnp.clip(x, -zero * step, (2**bits - 1 - zero) * step)
+    y = jnp.round(clipped / step) * step
+    return clipped + jax.lax.stop_gradient(y - clipped) if ste else y
+
+
+def fake_quant_range(
+    x: jax.Array, bounds: jax.Array, bits: int, ste: bool = False, scale_bits: int = FULL
+) -> jax.Array:
     """x on the affine grid of 2^bits levels spanning bounds = (low ≤ 0, high ≥ 0), 0 exact
     (a zero point); with `ste`, the straight-through gradient."""
     if bits >= INTEGER_BELOW:
         return fake_quant(x, 1.0, bits, ste)
-    low, high = bounds[0].astype(x.dtype), bounds[1].astype(x.dtype)
-    levels = 2**bits - 1
-    step = jnp.maximum(high - low, 1e-12) / levels
-    zero = jnp.round(-low / step)
-    clipped = jnp.clip(x, -zero * step, (levels - zero) * step)
-    y = (jnp.round(clipped / step) + zero - zero) * step
-    return clipped + jax.lax.stop_gradient(y - clipped) if ste else y
+    step, zero = activation_grid(bounds, bits, scale_bits)
+    return fake_quant_affine(x, step, zero, bits, ste)
 
 
-def channel_scales(kernel: jax.Array, bits: int) -> jax.Array:
+def channel_scales(kernel: jax.Array, bits: int, scale_bits: int = FULL) -> jax.Array:
     """Per-output-channel scales max|w_c| / q (1 where a channel is all zero)."""
     reduce = tuple(range(kernel.ndim - 1))
     peak = jnp.max(jnp.abs(kernel), axis=reduce)
-    return jnp.where(peak > 0, peak / qmax(bits), 1.0)
+    return round_scale(jnp.where(peak > 0, peak / qmax(bits), 1.0), scale_bits)
 
 
 def is_weight(path: str, leaf: Any) -> bool:
@@ -87,8 +119,36 @@ def is_weight(path: str, leaf: Any) -> bool:
     return path.endswith("kernel") and np.ndim(leaf) > 1
 
 
-def quantize_weights(params: Any, bits: BitWidths, ste: bool = False) -> Any:
-    """Every kernel on its own per-output-channel grid (scales from the kernel itself)."""
+@dataclasses.dataclass(frozen=True)
+class FakeQuant:
+    """How a kernel and a layer's input are put on their grids: simulated in float32.
+
+    An exporter subclasses it to emit quantise / dequantise nodes that compute the same; the
+    rest of the network is the same `model.apply` either way.
+    """
+
+    def weight(self, kernel: jax.Array, scale: jax.Array, bits: int, ste: bool) -> jax.Array:
+        return fake_quant(kernel, scale, bits, ste)
+
+    def activation(
+        self, x: jax.Array, step: jax.Array, zero: jax.Array, bits: int, ste: bool
+    ) -> jax.Array:
+        return fake_quant_affine(x, step, zero, bits, ste)
+
+
+FAKE_QUANT = FakeQuant()
+
+
+def quantize_weights(
+    params: Any,
+    bits: BitWidths,
+    ste: bool = False,
+    scales: dict[str, jax.Array] | None = None,
+    ops: FakeQuant = FAKE_QUANT,
+) -> Any:
+    """Every kernel on its own per-output-channel grid: with the given `scales` ({scale_key:
+    per-channel scale}, fixed by post-training quantisation), else scales from the kernel
+    itself (max |w| per channel)."""
 
     def one(key_path, leaf):
         path = path_name(key_path)
@@ -97,10 +157,26 @@ def quantize_weights(params: Any, bits: BitWidths, ste: bool = False) -> Any:
         weight_bits, _ = bits.of(path)
         if weight_bits >= INTEGER_BELOW:
             return fake_quant(leaf, 1.0, weight_bits, ste)
-        scale = jax.lax.stop_gradient(channel_scales(leaf, weight_bits))
-        return fake_quant(leaf, scale, weight_bits, ste)
+        if scales is None:
+            scale = jax.lax.stop_gradient(channel_scales(leaf, weight_bits, bits.scale_bits))
+        elif scale_key(path) in scales:
+            scale = scales[scale_key(path)]
+        else:
+            raise KeyError(f"no weight scale for {path} ({weight_bits}-bit)")
+        return ops.weight(leaf, scale, weight_bits, ste)
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def freeze_weight_scales(params: Any, bits: BitWidths) -> dict[str, jax.Array]:
+    """The per-channel scales `quantize_weights` would derive from each integer kernel."""
+    scales = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = path_name(key_path)
+        weight_bits, _ = bits.of(path)
+        if is_weight(path, leaf) and weight_bits < INTEGER_BELOW:
+            scales[scale_key(path)] = channel_scales(leaf, weight_bits, bits.scale_bits)
+    return scales
 
 
 def kernel_path(module: nn.Module) -> str:
@@ -114,7 +190,8 @@ def scale_key(path: str) -> str:
     return path.removesuffix("/kernel").replace("/", ".")
 
 
-def _intercepts(context: Any) -> bool:
+def is_layer_call(context: Any) -> bool:
+    """Whether an intercepted call is a conv or dense layer running (the quantised ones)."""
     return context.method_name == "__call__" and isinstance(context.module, Conv2d | Dense)
 
 
@@ -129,15 +206,19 @@ class ActivationQuantizer:
     bits: BitWidths
     ranges: dict[str, jax.Array]
     ste: bool = False
+    ops: FakeQuant = FAKE_QUANT
 
     def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-        if not _intercepts(context):
+        if not is_layer_call(context):
             return next_fun(*args, **kwargs)
         path = kernel_path(context.module)
         _, activation_bits = self.bits.of(path)
         x = args[0]
         if activation_bits < INTEGER_BELOW:
-            x = fake_quant_range(x, self.ranges[scale_key(path)], activation_bits, self.ste)
+            bounds = self.ranges[scale_key(path)]
+            with jax.ensure_compile_time_eval():  # constants when the ranges are (export)
+                step, zero = activation_grid(bounds, activation_bits, self.bits.scale_bits)
+            x = self.ops.activation(x, step, zero, activation_bits, self.ste)
         elif activation_bits < FULL:
             x = fake_quant(x, 1.0, activation_bits, self.ste)
         return next_fun(x, *args[1:], **kwargs)
@@ -151,7 +232,7 @@ class ActivationRecorder:
     found: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-        if _intercepts(context):
+        if is_layer_call(context):
             x = args[0].astype(jnp.float32)
             self.found[kernel_path(context.module)] = self.statistic(x)
         return next_fun(*args, **kwargs)
@@ -162,19 +243,24 @@ class QuantizedApply:
     """`model.apply` with weights and activations on their grids (fake quantisation).
 
     Called like `model.apply(variables, x, ...)`; the activation ranges ride in
-    `variables["quant"]` ({scale_key: (low, high)}), so this is hashable and `predict` and
-    the train steps take it as their `apply_fn`.
+    `variables["quant"]` ({scale_key: (low, high)}) and, when post-training quantisation
+    fixed them, the weight scales in `variables["weight_scales"]`, so this is hashable and
+    `predict` and the train steps take it as their `apply_fn`.
     """
 
     model: nn.Module
     bits: BitWidths
     ste: bool = False
+    ops: FakeQuant = FAKE_QUANT
 
     def __call__(self, variables: dict, x: jax.Array, **kwargs: Any) -> Any:
         variables = dict(variables)
         ranges = variables.pop("quant", {})
-        variables["params"] = quantize_weights(variables["params"], self.bits, self.ste)
-        with nn.intercept_methods(ActivationQuantizer(self.bits, ranges, self.ste)):
+        scales = variables.pop("weight_scales", None)
+        variables["params"] = quantize_weights(
+            variables["params"], self.bits, self.ste, scales, self.ops
+        )
+        with nn.intercept_methods(ActivationQuantizer(self.bits, ranges, self.ste, self.ops)):
             return self.model.apply(variables, x, **kwargs)
 
 

@@ -91,6 +91,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="one grid for a depthwise conv's whole input (default: one per channel, "
         "a scale and a zero point each)",
     )
+    parser.add_argument(
+        "--scale_bits",
+        type=int,
+        choices=(16, 32),
+        default=32,
+        help="width of every quantisation scale and zero point (16: stored as float16)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser.parse_args(argv)
 
@@ -113,7 +120,11 @@ def count_options(args: argparse.Namespace) -> dict[str, Any]:
         "include_upsample": args.include_upsample,
         "exit_ratio": args.exit_ratio,
         "bits": bit_widths(
-            args.weight_bits, args.activation_bits, args.bits, not args.depthwise_per_tensor
+            args.weight_bits,
+            args.activation_bits,
+            args.bits,
+            not args.depthwise_per_tensor,
+            args.scale_bits,
         ),
     }
 
@@ -128,6 +139,7 @@ def settings(args: argparse.Namespace, arch: Architecture) -> dict[str, Any]:
         "activation_bits": args.activation_bits,
         "bits": list(args.bits),
         "depthwise_per_tensor": args.depthwise_per_tensor,
+        "scale_bits": args.scale_bits,
     }
 
 

@@ -6,9 +6,10 @@ is quantised below 16 bits, parameters and multiplications count at `param_bits`
 `BitWidths`) quantising anything below 16 bits, every value and multiplication counts at its
 real width (SPEC §6b): a kernel at its weight width, a conv's multiplications at the wider
 of its weight and input widths, everything that stays float32 (biases, BN, swish, pooling,
-the scales themselves) at 32; an integer-quantised kernel stores one fp32 scale per output
+the scales themselves) at 32; an integer-quantised kernel stores one scale per output
 channel and an integer-quantised input a scale and a zero point per tensor (per channel for
-a depthwise conv's input with `BitWidths.depthwise_channels`).
+a depthwise conv's input with `BitWidths.depthwise_channels`), each at
+`BitWidths.scale_bits` (32, or 16 for float16 scales).
 
 Conventions (each one is needed for all four of the original's published rows to come out):
 - A tensor's mask (1 bit per element, n/32 params) is stored only when the tensor is sparse
@@ -232,10 +233,12 @@ def conv(
         vector * n_out, max(weight_bits, input_bits)
     )
     cost += Cost(mask_bits=float(n_weights) if d < 1 else 0.0, adds=(vector - 1) * n_out)
-    if weight_bits < INTEGER_BELOW:  # one fp32 scale per output channel
-        cost += rules.values(c_out)
-    if input_bits < INTEGER_BELOW:  # each input grid: an fp32 scale and a zero point
-        cost += rules.values(2 * rules.bits.input_grids(path, c_out))  # depthwise: c_in = c_out
+    scale_bits = rules.bits.scale_bits
+    if weight_bits < INTEGER_BELOW:  # one scale per output channel
+        cost += rules.values(c_out, scale_bits)
+    if input_bits < INTEGER_BELOW:  # each input grid: a scale and a zero point
+        grids = rules.bits.input_grids(path, c_out)  # depthwise: c_in = c_out
+        cost += rules.values(2 * grids, scale_bits)
     n_biases = int(bias) + int(bn and rules.bn_as_bias)
     cost += rules.values(n_biases * c_out) + Cost(adds=n_biases * n_out)
     if activation is not None:

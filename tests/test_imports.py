@@ -29,6 +29,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "pruning",
         "bitwidths",
         "quantization",
+        "ptq",
         "scoring",
         "torch_pickle",
         "convert",
@@ -48,12 +49,13 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "train.checkpoint",
         "train.sharding",
         "inference",
+        "onnx_export",
         "scorecard",
     ),
     "loop": ("train.loop", "stages", "workdir"),
     "pipeline": ("describe", "pipeline", "validate"),
     "report": ("plots", "report"),
-    "cli": ("main",),
+    "cli": ("main", "export"),
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}

@@ -40,7 +40,7 @@ def _output_size(size: int, kernel: int, stride: int, padding: tuple[int, int]) 
     return (size + padding[0] + padding[1] - kernel) // stride + 1
 
 
-def _shifted_windows(x: jax.Array, kernel: int, stride: int, padding: tuple[int, int]):
+def shifted_windows(x: jax.Array, kernel: int, stride: int, padding: tuple[int, int]):
     """Yield ((i, j), strided view) for every kernel tap of a padded NHWC input."""
     xp = _pad(x, padding)
     n, _, _, c = x.shape
@@ -104,7 +104,7 @@ def _depthwise_sum(
 ) -> jax.Array:
     k = kernel.shape[0]
     out = None
-    for (i, j), view in _shifted_windows(x, k, stride, padding):
+    for (i, j), view in shifted_windows(x, k, stride, padding):
         term = view * kernel[i, j, 0]
         out = term if out is None else out + term
     return out
@@ -189,7 +189,7 @@ def depthwise_kernel_grad(
         xb, dyb = pair
         taps = [
             jnp.sum(view * dyb, axis=(0, 1, 2), dtype=jnp.float32)
-            for _, view in _shifted_windows(xb, kernel_size, stride, padding)
+            for _, view in shifted_windows(xb, kernel_size, stride, padding)
         ]
         return total + jnp.stack(taps), None
 
@@ -202,7 +202,7 @@ def conv_im2col(
 ) -> jax.Array:
     """A dense conv as patch extraction + one matmul (for the stem's 3 input channels)."""
     k, _, cin, cout = kernel.shape
-    patches = jnp.concatenate([view for _, view in _shifted_windows(x, k, stride, padding)], -1)
+    patches = jnp.concatenate([view for _, view in shifted_windows(x, k, stride, padding)], -1)
     return jnp.einsum("nhwp,pd->nhwd", patches, kernel.reshape(k * k * cin, cout))
 
 

@@ -7,6 +7,9 @@ exit inference can run the tail on the samples that did not exit only.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -114,23 +117,34 @@ class MicroNet(nn.Module):
         exit_head = self.arch.exit_head
         return exit_head.after_block if exit_head is not None else len(self.arch.blocks) - 1
 
+    def stem(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Upsample, stem conv, BN, swish."""
+        x = upsample_nearest(x.astype(self.dtype), self.arch.image_size)
+        return swish(self.stem_bn(self.stem_conv(x), train))
+
+    def block(self, h: jax.Array, index: int, train: bool = False) -> jax.Array:
+        return self.blocks[index](h, train)
+
+    def head(self, h: jax.Array, train: bool = False) -> jax.Array:
+        """Head conv, BN, swish, pool, dropout and classifier."""
+        h = swish(self.head_bn(self.head_conv(h), train))
+        h = jnp.mean(h, axis=(1, 2))
+        h = self.dropout(h, deterministic=not train)
+        return self.fc(h).astype(jnp.float32)
+
     def trunk(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Upsample, stem and blocks up to and including the exit block."""
-        x = upsample_nearest(x.astype(self.dtype), self.arch.image_size)
-        h = swish(self.stem_bn(self.stem_conv(x), train))
-        for block in self.blocks[: self.split_block + 1]:
-            h = block(h, train)
+        h = self.stem(x, train)
+        for index in range(self.split_block + 1):
+            h = self.block(h, index, train)
         return h
 
     def tail(self, features: jax.Array, train: bool = False) -> jax.Array:
         """The remaining blocks, head, pool, dropout and classifier."""
         h = features
-        for block in self.blocks[self.split_block + 1 :]:
-            h = block(h, train)
-        h = swish(self.head_bn(self.head_conv(h), train))
-        h = jnp.mean(h, axis=(1, 2))
-        h = self.dropout(h, deterministic=not train)
-        return self.fc(h).astype(jnp.float32)
+        for index in range(self.split_block + 1, len(self.arch.blocks)):
+            h = self.block(h, index, train)
+        return self.head(h, train)
 
     def exit(self, features: jax.Array, train: bool = False) -> jax.Array:
         """Exit-head logits from the exit block's output."""
@@ -140,6 +154,39 @@ class MicroNet(nn.Module):
         features = self.trunk(x, train)
         exit_logits = self.exit(features, train) if self.arch.exit_head is not None else None
         return self.tail(features, train), exit_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One piece of the forward pass, in running order: `run(module, x, train)` maps the
+    output of segment `source` ('image': the normalised input) to this one's; its conv and
+    dense layers are those whose parameter paths start with one of `scopes`."""
+
+    name: str
+    source: str
+    run: Callable[..., jax.Array]
+    scopes: tuple[str, ...]
+
+
+def segments(arch: Architecture) -> tuple[Segment, ...]:
+    """MicroNet's forward pass as segments: stem, every block (the exit head right after the
+    exit block, reading its output), head. Segments after the first read the one before,
+    except the block after the exit head, which reads the exit block's output too."""
+    split = arch.exit_head.after_block if arch.exit_head is not None else None
+    out = [Segment("stem", "image", MicroNet.stem, ("stem_conv/",))]
+    for index in range(len(arch.blocks)):
+        source = out[-1].name if out[-1].name != "exit_head" else f"blocks_{split}"
+        run = functools.partial(_block, index=index)
+        out.append(Segment(f"blocks_{index}", source, run, (f"blocks_{index}/",)))
+        if index == split:
+            out.append(Segment("exit_head", out[-1].name, MicroNet.exit, ("exit_head/",)))
+    source = out[-1].name
+    out.append(Segment("head", source, MicroNet.head, ("head_conv/", "fc/")))
+    return tuple(out)
+
+
+def _block(module: MicroNet, h: jax.Array, train: bool = False, *, index: int) -> jax.Array:
+    return module.block(h, index, train)
 
 
 def create_model(arch: Architecture, **kwargs: Any) -> MicroNet:

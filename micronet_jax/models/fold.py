@@ -59,3 +59,15 @@ def fold_batch_norm(variables: dict, epsilon: float = EPSILON) -> dict:
 def folded_pairs(params: Any) -> int:
     """How many BN layers `fold_batch_norm` folds in this tree."""
     return len(_pairs(params))
+
+
+def bias_after(params: dict, kernel_path: str) -> tuple[str, ...]:
+    """The key path of the bias a conv or dense layer's output gets next: its own, or the BN
+    after it (once folded, a BN is that conv's bias)."""
+    *scope, layer, _ = kernel_path.split("/")
+    if "bias" in _scope(params, (*scope, layer)):
+        return (*scope, layer, "bias")
+    for pair_scope, conv, bn in _pairs(params):
+        if pair_scope == tuple(scope) and conv == layer:
+            return (*scope, bn, "bias")
+    raise KeyError(f"no bias or BN after {kernel_path}")

@@ -1,0 +1,240 @@
+"""MicroNet as an ONNX graph, float32 or with the project's own integer grids.
+
+The graph is the JAX evaluation itself, converted by jax2onnx: `model.apply` with XLA's
+convolutions (which become ONNX `Conv`), BN folded into the convs, and the normalisation and
+the 63-pixel upsampling inside, so the graph takes raw uint8 images (N×32×32×3, NHWC).
+
+A quantised network is `QuantizedApply` with `OnnxGrids` in place of the fake quantisation:
+two primitives whose JAX implementation *is* the fake quantisation, and which jax2onnx lowers
+(through the plugins registered here) to the standard QDQ form onnxruntime runs:
+
+- a kernel: its int8 codes stored as an int8 initializer → `DequantizeLinear` (per output
+  channel: `axis` on the kernel's last axis) — the same codes and scales JAX rounds to;
+- a layer's input: `QuantizeLinear` → `DequantizeLinear` with the calibrated scale and
+  zero point (uint8; per channel for a depthwise conv's input), after a clip to the grid's
+  range when it has fewer than 256 levels.
+
+Everything between grids (bias, swish, SE gating, pooling, residual sums) stays float32, as
+in the fake quantisation, so the runtime computes what JAX computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+from micronet_jax.bitwidths import BitWidths
+from micronet_jax.data.augment import eval_transform
+from micronet_jax.models.efficientnet import MicroNet
+from micronet_jax.quantization import FakeQuant, QuantizedApply, fake_quant_affine, weight_codes
+
+OPSET = 21  # QuantizeLinear / DequantizeLinear per axis, ReduceMean with axes as an input
+INPUT_NAME = "images"
+STORAGE_BITS = 8  # codes are stored in int8 (kernels) and uint8 (inputs)
+
+
+# --- primitives: the fake quantisation, named so that the converter can see it ---------------
+
+
+def _qdq_impl(x, step, zero, low, high, *, bits):
+    del low, high
+    return fake_quant_affine(x, step, zero.astype(jnp.float32), bits)
+
+
+def _dequantize_impl(codes, scale):
+    return codes.astype(jnp.float32) * scale
+
+
+def _primitive(name: str, impl, shape_of: int) -> Primitive:
+    primitive = Primitive(name)
+    primitive.def_impl(impl)
+    primitive.def_abstract_eval(
+        lambda *args, **_: jax.core.ShapedArray(args[shape_of].shape, jnp.float32)
+    )
+    mlir.register_lowering(primitive, mlir.lower_fun(impl, multiple_results=False))
+    return primitive
+
+
+quantize_dequantize_p = _primitive("micronet_quantize_dequantize", _qdq_impl, 0)
+dequantize_p = _primitive("micronet_dequantize", _dequantize_impl, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxGrids(FakeQuant):
+    """The fake quantisation as the two primitives above. Kernels, scales and ranges must be
+    constants (closed over, as the exporter does), so that codes are known when tracing."""
+
+    def weight(self, kernel: jax.Array, scale: jax.Array, bits: int, ste: bool) -> jax.Array:
+        if bits > STORAGE_BITS:
+            raise ValueError(f"kernels above {STORAGE_BITS} bits cannot be stored in int8")
+        with jax.ensure_compile_time_eval():
+            codes = np.asarray(weight_codes(kernel, scale, bits)).astype(np.int8)
+        return dequantize_p.bind(jnp.asarray(codes), jnp.asarray(scale, jnp.float32))
+
+    def activation(self, x, step, zero, bits, ste):
+        if bits > STORAGE_BITS:
+            raise ValueError(f"inputs above {STORAGE_BITS} bits cannot be stored in uint8")
+        step, zero = np.asarray(step, np.float32), np.asarray(zero, np.float32)
+        low, high = -zero * step, (2**bits - 1 - zero) * step
+        return quantize_dequantize_p.bind(
+            x,
+            jnp.asarray(step),
+            jnp.asarray(zero.astype(np.uint8)),
+            jnp.asarray(low),
+            jnp.asarray(high),
+            bits=bits,
+        )
+
+
+# --- their lowering to ONNX -------------------------------------------------------------------
+
+
+def _register_plugins() -> None:
+    """Teach jax2onnx the two primitives (imported here: jax2onnx is the `export` extra)."""
+    from jax2onnx.plugins.plugin_system import PrimitiveLeafPlugin, register_primitive
+
+    def emit(ctx, eqn, op, inputs, axis, hint):
+        values = [ctx.get_value_for_var(v, name_hint=ctx.fresh_name(hint)) for v in inputs]
+        out = eqn.outvars[0]
+        spec = ctx.get_value_for_var(out, name_hint=ctx.fresh_name(hint + "_out"))
+        result = getattr(ctx.builder, op)(*values, _outputs=[ctx.fresh_name(hint)], axis=axis)
+        result.type, result.shape = spec.type, spec.shape
+        return result
+
+    @register_primitive(
+        jaxpr_primitive=dequantize_p.name,
+        jax_doc="micronet_jax.onnx_export",
+        onnx=[{"component": "DequantizeLinear", "doc": ""}],
+        since="0",
+        context="primitives.micronet",
+        component="dequantize",
+        testcases=[],
+    )
+    class DequantizePlugin(PrimitiveLeafPlugin):
+        def lower(self, ctx, eqn):
+            codes, scale = eqn.invars
+            axis = len(codes.aval.shape) - 1
+            ctx.bind_value_for_var(
+                eqn.outvars[0], emit(ctx, eqn, "DequantizeLinear", (codes, scale), axis, "dq_w")
+            )
+
+    @register_primitive(
+        jaxpr_primitive=quantize_dequantize_p.name,
+        jax_doc="micronet_jax.onnx_export",
+        onnx=[
+            {"component": "QuantizeLinear", "doc": ""},
+            {"component": "DequantizeLinear", "doc": ""},
+        ],
+        since="0",
+        context="primitives.micronet",
+        component="quantize_dequantize",
+        testcases=[],
+    )
+    class QuantizeDequantizePlugin(PrimitiveLeafPlugin):
+        def lower(self, ctx, eqn):
+            x, step, zero, low, high = eqn.invars
+            bits = eqn.params["bits"]
+            axis = len(x.aval.shape) - 1
+            value = ctx.get_value_for_var(x, name_hint=ctx.fresh_name("qdq_in"))
+            if bits < STORAGE_BITS:  # fewer levels than uint8 holds: clip to the grid first
+                bounds = [ctx.get_value_for_var(v, name_hint="qdq_bound") for v in (low, high)]
+                value = ctx.builder.Max(value, bounds[0], _outputs=[ctx.fresh_name("qdq_lo")])
+                value = ctx.builder.Min(value, bounds[1], _outputs=[ctx.fresh_name("qdq_hi")])
+            scale, zero_point = (
+                ctx.get_value_for_var(v, name_hint=ctx.fresh_name("qdq")) for v in (step, zero)
+            )
+            codes = ctx.builder.QuantizeLinear(
+                value, scale, zero_point, _outputs=[ctx.fresh_name("q_x")], axis=axis
+            )
+            spec = ctx.get_value_for_var(eqn.outvars[0], name_hint=ctx.fresh_name("dq_x"))
+            result = ctx.builder.DequantizeLinear(
+                codes, scale, zero_point, _outputs=[ctx.fresh_name("dq_x")], axis=axis
+            )
+            result.type, result.shape = spec.type, spec.shape
+            ctx.bind_value_for_var(eqn.outvars[0], result)
+
+
+_PLUGINS: list[bool] = []
+
+
+def _ensure_plugins() -> None:
+    if not _PLUGINS:
+        _register_plugins()
+        _PLUGINS.append(True)
+
+
+# --- conversion -------------------------------------------------------------------------------
+
+
+def export_model(model: MicroNet) -> MicroNet:
+    """The same network with XLA's convolutions (ONNX `Conv`), whatever the host."""
+    return model.clone(conv_impl="xla")
+
+
+PARTS = ("full", "head", "tail")
+
+
+def _head(module: MicroNet, x: jax.Array, train: bool = False):
+    features = module.trunk(x, train)
+    return module.exit(features, train), features
+
+
+def _tail(module: MicroNet, features: jax.Array, train: bool = False):
+    return module.tail(features, train)
+
+
+def forward_fn(
+    model: MicroNet, variables: dict, bits: BitWidths | None = None, part: str = "full"
+):
+    """The function exported, `variables` closed over: uint8 NHWC images -> (logits, exit
+    logits when the network has an exit head). With `bits`, the quantised network on
+    `OnnxGrids`. For early exit decided by the caller, `part` 'head' is images -> (exit
+    logits, the exit block's features) and 'tail' is features -> logits."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    model = export_model(model)
+    apply = model.apply if bits is None else QuantizedApply(model, bits, ops=OnnxGrids())
+    method = {"head": {"method": _head}, "tail": {"method": _tail}}.get(part, {})
+
+    def forward(inputs):
+        x = inputs if part == "tail" else eval_transform(inputs)
+        outputs = apply(variables, x, train=False, **method)
+        if isinstance(outputs, tuple):
+            return tuple(o for o in outputs if o is not None)
+        return outputs
+
+    return forward
+
+
+def to_onnx(
+    forward,
+    input_shape: Sequence[Any],
+    input_dtype: Any,
+    output_names: Sequence[str],
+    input_name: str = INPUT_NAME,
+) -> Any:
+    """The ONNX ModelProto of `forward` (first axis of `input_shape` may be a name: dynamic)."""
+    import jax2onnx
+    import onnx
+
+    _ensure_plugins()
+    spec = jax.ShapeDtypeStruct(tuple(input_shape), input_dtype)
+    model = jax2onnx.to_onnx(
+        forward,
+        [spec],
+        model_name="micronet",
+        opset=OPSET,
+        input_names=[input_name],
+        output_names=list(output_names),
+    )
+    dims = [d if isinstance(d, str) else int(d) for d in input_shape]
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(input_dtype))
+    model.graph.input[0].CopyFrom(onnx.helper.make_tensor_value_info(input_name, elem, dims))
+    return model
