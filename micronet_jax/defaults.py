@@ -14,6 +14,9 @@ def default_config() -> ConfigDict:
     config.mode = "train"  # train | pipeline | test | quantize (quantize stage alone)
     config.seed = 0
     config.distributed = False  # multi-host: call jax.distributed.initialize() first
+    # Seconds a multi-host process waits to join the job (exit 2 after it) and to hear from a
+    # lost peer before it ends itself (exit 1); the runtime's own timeouts are set beyond it.
+    config.distributed_timeout_s = 60
     config.compilation_cache = ""  # empty: ~/.cache/micronet_jax/xla; "none": off
     # On a CPU, N > 1 gives the process N CPU devices (0: one per core) and eval splits its
     # batches over them. Training is slower split that way: train/pipeline runs need

@@ -19,3 +19,8 @@ class CheckpointError(MicronetError):
 
 class ConfigError(MicronetError):
     """A configuration value is invalid."""
+
+
+class LaunchError(MicronetError):
+    """The processes of a multi-host job cannot start together (no coordinator, a missing
+    peer, processes started with different configs). The command line exits with status 2."""

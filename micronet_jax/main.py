@@ -2,9 +2,11 @@
 
 `config.mode` picks the job: `train` (stage A), `pipeline` (the whole recipe), `test`
 (evaluate and score a checkpoint) or `quantize` (quantisation-aware training of a checkpoint).
-Mistakes a user can make are printed as one message: bad flags exit with status 2, bad values,
-data or checkpoints with 1, and a run stopped by SIGINT/SIGTERM (after saving a checkpoint to
-resume from) with 128 + the signal number.
+Mistakes a user can make are printed as one message: bad flags and multi-host launches that
+cannot start (no coordinator, a missing peer, processes with different configs) exit with
+status 2, bad values, data or checkpoints with 1, and a run stopped by SIGINT/SIGTERM (after
+saving a checkpoint to resume from) with 128 + the signal number; a multi-host job that a
+preemption notice stopped at one agreed step exits with 0.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import sys
 from pathlib import Path
 
 from absl import app, flags, logging
+from jax.errors import JaxRuntimeError
 from ml_collections import config_flags
 
-from micronet_jax.errors import MicronetError
+from micronet_jax.errors import LaunchError, MicronetError
+from micronet_jax.launch import LAUNCH_STATUS, check_same_launch, join
 from micronet_jax.runtime import enable_compilation_cache, use_cpu_cores
 from micronet_jax.train.guard import Interrupted
-from micronet_jax.train.sharding import initialize_distributed
 from micronet_jax.validate import validate_config
 from micronet_jax.workdir import check_resume
 
@@ -72,18 +75,30 @@ def main(argv: list[str]) -> None:
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/reproduce.py")
     logging.set_verbosity(logging.WARNING)
+    job, status, message = None, 0, None
     try:
         if config.cpu_devices != 1:
             use_cpu_cores(config.cpu_devices or None)
         enable_compilation_cache(config.compilation_cache)
-        initialize_distributed(config.distributed)
+        job = join(config)
+        check_same_launch(job, config, _WORKDIR.value)
         run(config, _WORKDIR.value)
     except Interrupted as exc:
-        print(f"interrupted: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        status, message = exc.exit_code, f"interrupted: {exc}"
+    except LaunchError as exc:
+        status, message = LAUNCH_STATUS, f"error: {exc}"
     except MicronetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        status, message = 1, f"error: {exc}"
+    except JaxRuntimeError:
+        if job is not None:  # a collective failed: most likely a peer is gone
+            job.explain_failure()
+        raise
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    if job is not None:
+        job.leave(finished=status == 0)  # stopped together or finished: leave together
+    if status:
+        sys.exit(status)
 
 
 def _unquote(text: str) -> str:

@@ -35,11 +35,12 @@ class NonFiniteError(MicronetError):
 
 
 class Interrupted(MicronetError):
-    """A stop signal arrived; a checkpoint was saved. `exit_code` is 128 + signal number."""
+    """A stop signal arrived; a checkpoint was saved. `exit_code` is 128 + signal number, or
+    0 for a preemption notice that every process of a multi-host job stopped at together."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int | None):
         super().__init__(message)
-        self.exit_code = 128 + int(signum)
+        self.exit_code = 0 if signum is None else 128 + int(signum)
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -114,6 +115,12 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+    agreed = False  # a stop of this process alone (see preemption.AgreedStop for a job's)
+
+    def should_stop(self) -> bool:
+        """Asked at every dispatch boundary: has a signal arrived?"""
+        return self.requested
 
 
 @dataclasses.dataclass
@@ -206,7 +213,7 @@ class Watch:
 
     policy: str
     check_every: int
-    signals: StopSignals
+    signals: Any  # StopSignals, or preemption.AgreedStop in a job of several processes
     stage: str
     steps_per_epoch: int
 
@@ -237,4 +244,4 @@ class Watch:
         """True when the loop should stop at this boundary (a signal arrived)."""
         if self.due(progress):
             self.check(progress, lag=1)
-        return self.signals.requested
+        return self.signals.should_stop()

@@ -26,6 +26,7 @@ from micronet_jax.train import metrics as metrics_io
 from micronet_jax.train.checkpoint import Checkpointer
 from micronet_jax.train.guard import EpochProgress, GuardedStep, Interrupted, StopSignals, Watch
 from micronet_jax.train.metrics import ScalarWriter
+from micronet_jax.train.preemption import AgreedStop
 from micronet_jax.train.progress import StageBar
 from micronet_jax.train.state import SHUFFLE_STREAM, STEP_STREAM, stream_key
 
@@ -255,8 +256,9 @@ def fit(
     A step with a non-finite loss or parameters is never applied (see `guard.GuardedStep`);
     `nan_policy` 'stop' raises NonFiniteError, 'skip' counts it in `skipped_steps`. SIGINT
     or SIGTERM saves a checkpoint at the next dispatch boundary and raises
-    `guard.Interrupted`; the rerun resumes mid-epoch from it. `progress` is a `StageBar`, or
-    True/False for a plain bar named `desc` / lines only.
+    `guard.Interrupted`; the rerun resumes mid-epoch from it. In a job of several processes
+    they all stop at the boundary they agree on (`preemption.AgreedStop`) and save it once.
+    `progress` is a `StageBar`, or True/False for a plain bar named `desc` / lines only.
     """
     workdir = Path(workdir)
     primary = is_primary()
@@ -289,7 +291,7 @@ def fit(
     bar.quiet = bar.quiet or not primary
     scalars = ScalarWriter(workdir, done_epochs) if primary else None
     wall_start = time.time()
-    signals = StopSignals()
+    signals = AgreedStop() if jax.process_count() > 1 else StopSignals()
     watch = Watch(nan_policy, max(1, nan_check_every), signals, desc, spe)
 
     def at_boundary(partial: EpochProgress) -> bool:
@@ -309,7 +311,7 @@ def fit(
             watch.check(partial)  # before anything is saved: the flags of the last steps
             bar.observe(partial.latest)
             if partial.index < spe:
-                _save_interrupted(ckpt, state, partial, best_accuracy, signals.signum)
+                _save_interrupted(ckpt, state, partial, best_accuracy, signals)
             train_metrics, skipped, partial = partial.averages(), partial.skipped, None
             seconds = time.perf_counter() - tic
             record: dict[str, Any] = {
@@ -378,7 +380,7 @@ def _resumed_partial(
 
 
 def _save_interrupted(
-    ckpt: Checkpointer, state: Any, partial: EpochProgress, best_accuracy: float, signum: int
+    ckpt: Checkpointer, state: Any, partial: EpochProgress, best_accuracy: float, signals: Any
 ) -> None:
     """Save the state at this dispatch boundary with the partial epoch's sums, then stop."""
     step = int(state.step)
@@ -386,10 +388,17 @@ def _save_interrupted(
     meta["partial"] = partial.to_json()
     if ckpt.latest_step() != step:
         ckpt.save(step, state, meta)
+    where = f"in epoch {partial.epoch} after batch {partial.index}"
+    saved = f"saved checkpoint {ckpt.directory}/{step}"
+    if signals.agreed:
+        raise Interrupted(
+            f"preemption notice: all {jax.process_count()} processes stopped at step {step} "
+            f"({where}); {saved}; rerun the same command on every host to resume",
+            None,
+        )
     raise Interrupted(
-        f"stopped by signal {signum} in epoch {partial.epoch} after batch {partial.index}; "
-        f"saved checkpoint {ckpt.directory}/{step}; rerun the same command to resume",
-        signum,
+        f"stopped by signal {signals.signum} {where}; {saved}; rerun the same command to resume",
+        signals.signum,
     )
 
 

@@ -17,27 +17,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def initialize_distributed(enabled: bool) -> None:
-    """Join a multi-host job when `enabled`: on TPU pods and SLURM/Open MPI clusters JAX finds
-    the coordinator itself; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process 0),
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID in each process's environment."""
-    if not enabled:
-        return
-    import os
-
-    env = os.environ
-    kwargs: dict[str, Any] = {}
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
-    if env.get("JAX_NUM_PROCESSES"):
-        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
-    if env.get("JAX_PROCESS_ID"):
-        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
-    if jax.config.jax_platforms == "cpu" or env.get("JAX_PLATFORMS") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs)
-
-
 def make_mesh(devices: Any = None) -> Mesh:
     """A 1-D mesh over all (global) devices, named 'data'."""
     devices = jax.devices() if devices is None else devices
@@ -61,12 +40,17 @@ def _global_array(x: Any, sharding: NamedSharding) -> jax.Array:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Place every array leaf of `tree` (e.g. the train state) on all devices."""
+    """Place every array leaf of `tree` (e.g. the train state) on all devices. A Python number
+    (a fresh state's step counter) is placed as an array too: the step returns it as one, and
+    a first call given a number would compile the step a second time for the later calls."""
     sharding = replicated(mesh)
-    return jax.tree_util.tree_map(
-        lambda x: _global_array(x, sharding) if isinstance(x, jax.Array | np.ndarray) else x,
-        tree,
-    )
+
+    def place(x: Any) -> Any:
+        if isinstance(x, int | float):
+            x = jax.numpy.asarray(x)
+        return _global_array(x, sharding) if isinstance(x, jax.Array | np.ndarray) else x
+
+    return jax.tree_util.tree_map(place, tree)
 
 
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
