@@ -295,7 +295,7 @@ def adaround(
     moments: dict,
     bits: int,
     iterations: int = 2000,
-    regularisation: float = 0.01,
+    regularisation: float = 1.0,
     learning_rate: float = 0.01,
 ) -> jax.Array:
     """Integer codes (G, n, m) of `weights` on `scale`·{-q..q}, each rounded down or up as
@@ -492,11 +492,11 @@ def _round_layer(path, params, kernel, scale, moments, bits, method, iterations)
     mask = (w != 0).astype(jnp.float32)
     m = {k: jnp.asarray(getattr(moments, k), jnp.float32) for k in QUAD}
     nearest = nearest_codes(w, s, bits) * mask
+    error_nearest = float(output_error(nearest * s, w, m))
     if method.rounding == "adaround":
         codes = adaround(w, mask, s, m, bits, iterations=iterations)
     else:
         codes = nearest
-    error_nearest = float(output_error(nearest * s, w, m))
     error = float(output_error(codes * s, w, m))
     shift = 0.0
     if method.bias_correction:
