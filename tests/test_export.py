@@ -1,0 +1,225 @@
+"""ONNX export: the float32 graph is the JAX network, the int8 graph carries the project's own
+codes and grids as int8 initializers and QDQ nodes, and the command refuses bad input in one
+line without leaving anything behind."""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_ptq import pruned_tiny
+
+from micronet_jax.bitwidths import BitWidths
+from micronet_jax.export import write_graphs
+from micronet_jax.models.fold import fold_batch_norm
+from micronet_jax.ptq import parse_method, post_training_quantize
+from micronet_jax.quantization import QuantizedApply, scale_key
+from micronet_jax.train.steps import predict
+
+onnx = pytest.importorskip("onnx", reason="the export extra (onnx, onnxruntime, jax2onnx)")
+ort = pytest.importorskip("onnxruntime", reason="the export extra")
+
+
+def session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@functools.cache
+def exported(tmp_root: str, bits_text: str | None):
+    """The tiny pruned network's graphs (and its quantised variables) in a folder."""
+    from pathlib import Path
+
+    model, variables, images = pruned_tiny()
+    folder = Path(tmp_root) / (bits_text or "float")
+    folder.mkdir()
+    if bits_text is None:
+        write_graphs(folder, model, fold_batch_norm(variables), None, "", ["logits", "exit_logits"])
+        return folder, model, fold_batch_norm(variables)
+    weights, activations = (int(b) for b in bits_text.split("x"))
+    bits = BitWidths(weights, activations)
+    quantized, _ = post_training_quantize(
+        model, variables, images[:32], bits, parse_method("nearest"), batch_size=16
+    )
+    write_graphs(folder, model, quantized, bits, "_int8", ["logits", "exit_logits"])
+    return folder, model, quantized
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("onnx"))
+
+
+def test_float_graph_takes_raw_images_and_equals_the_jax_network(root):
+    folder, model, _ = exported(root, None)
+    _, variables, images = pruned_tiny()
+    proto = onnx.load(folder / "model.onnx")
+    assert proto.opset_import[0].version >= 17
+    (image_input,) = proto.graph.input
+    dims = [d.dim_param or d.dim_value for d in image_input.type.tensor_type.shape.dim]
+    assert (image_input.name, image_input.type.tensor_type.elem_type, dims) == (
+        "images",
+        onnx.TensorProto.UINT8,
+        ["N", 32, 32, 3],
+    )
+    assert [o.name for o in proto.graph.output] == ["logits", "exit_logits"]
+    logits, exit_logits = session(folder / "model.onnx").run(None, {"images": images})
+    reference = predict(model.apply, variables, images, 48)  # BN as trained, not folded
+    np.testing.assert_allclose(logits, reference[0], atol=1e-4)
+    np.testing.assert_allclose(exit_logits, reference[1], atol=1e-4)
+
+
+def test_early_exit_pair_is_the_whole_graph_split(root):
+    folder, *_ = exported(root, None)
+    images = pruned_tiny()[2]
+    logits, exit_logits = session(folder / "model.onnx").run(None, {"images": images})
+    head_exit, features = session(folder / "early_exit" / "head.onnx").run(None, {"images": images})
+    (tail_logits,) = session(folder / "early_exit" / "tail.onnx").run(
+        None, {"features": features[:5]}
+    )
+    np.testing.assert_allclose(head_exit, exit_logits, atol=1e-5)
+    np.testing.assert_allclose(tail_logits, logits[:5], atol=1e-5)
+
+
+def int8_codes(proto) -> list[np.ndarray]:
+    return [
+        onnx.numpy_helper.to_array(t)
+        for t in proto.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8
+    ]
+
+
+def test_weights_only_int8_graph_stores_the_codes_and_is_exact(root):
+    folder, model, quantized = exported(root, "8x32")
+    proto = onnx.load(folder / "model_int8.onnx")
+    codes = int8_codes(proto)
+    kernels = {k: v for k, v in quantized["weight_scales"].items()}
+    assert len(codes) == len(kernels)
+    ours = sorted(
+        np.sort(np.rint(np.asarray(_kernel(quantized, key)) / np.asarray(scale)).ravel())
+        .astype(np.int8)
+        .tobytes()
+        for key, scale in kernels.items()
+    )
+    assert sorted(np.sort(c.ravel()).tobytes() for c in codes) == ours
+    ops = {n.op_type for n in proto.graph.node}
+    assert "DequantizeLinear" in ops and "QuantizeLinear" not in ops
+    images = pruned_tiny()[2]
+    logits, _ = session(folder / "model_int8.onnx").run(None, {"images": images})
+    jax_logits, _ = predict(QuantizedApply(model, BitWidths(8, 32)), quantized, images, 48)
+    np.testing.assert_allclose(logits, jax_logits, atol=1e-4)
+
+
+def _kernel(variables, key):
+    node = variables["params"]
+    for part in key.split("."):
+        node = node[part]
+    return node["kernel"]
+
+
+def test_int8_graph_quantises_every_layer_input_as_jax_does(root):
+    folder, model, quantized = exported(root, "8x8")
+    proto = onnx.load(folder / "model_int8.onnx")
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") == len(quantized["quant"])
+    assert ops.count("DequantizeLinear") == len(quantized["quant"]) + len(
+        quantized["weight_scales"]
+    )
+    zero_points = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
+    assert len(zero_points) == len(quantized["quant"])
+    images = pruned_tiny()[2]
+    logits, exit_logits = session(folder / "model_int8.onnx").run(None, {"images": images})
+    jax_logits, jax_exit = predict(QuantizedApply(model, BitWidths(8, 8)), quantized, images, 48)
+    assert np.mean(logits.argmax(-1) == jax_logits.argmax(-1)) >= 0.95
+    assert np.median(np.abs(logits - jax_logits)) < 1e-4  # most logits agree to float noise
+    assert scale_key("stem_conv/kernel") in quantized["quant"]
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def export_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "micronet_jax.export", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def bad_inputs(tmp_path, archive):
+    garbage = tmp_path / "not_a_micronet.pth"
+    garbage.write_bytes(b"PK\x03\x04 this is not a torch checkpoint")
+    truncated = tmp_path / "cifar-10-python.tar.gz"
+    truncated.write_bytes(archive.read_bytes()[:5000])
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    return {
+        "not a MicroNet": ([f"--checkpoint={garbage}"], "not_a_micronet.pth"),
+        "bits out of range": ([f"--checkpoint={garbage}", "--bits=9x8"], "--bits"),
+        "bits not WxA": ([f"--checkpoint={garbage}", "--bits=int8"], "--bits"),
+        "bits without calibration": ([f"--checkpoint={garbage}", "--bits=8x8"], "--calibration"),
+        "calibration missing": (
+            [f"--checkpoint={garbage}", "--bits=8x8", f"--calibration={tmp_path}/none.tar.gz"],
+            "none.tar.gz",
+        ),
+        "calibration malformed": (
+            [f"--checkpoint={garbage}", "--bits=8x8", f"--calibration={truncated}"],
+            "cifar-10-python.tar.gz",
+        ),
+        "output exists": ([f"--checkpoint={garbage}", f"--out={existing}"], "--overwrite"),
+    }
+
+
+CASES = (
+    "not a MicroNet",
+    "bits out of range",
+    "bits not WxA",
+    "bits without calibration",
+    "calibration missing",
+    "calibration malformed",
+    "output exists",
+)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, tiny_archive):
+    args, named = bad_inputs(tmp_path, tiny_archive)[case]
+    out = tmp_path / "out"
+    if not any(a.startswith("--out=") for a in args):
+        args = [*args, f"--out={out}"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = export_command(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing new, nothing partial
+
+
+@pytest.mark.slow
+def test_export_of_a_finished_run_writes_both_graphs_and_the_card(
+    tiny_pipeline, tiny_archive, tmp_path
+):
+    _, workdir, _ = tiny_pipeline
+    out = tmp_path / "export"
+    result = export_command(
+        f"--checkpoint={workdir}",
+        f"--out={out}",
+        "--bits=8x8",
+        f"--calibration={tiny_archive}",
+        "--num_calibration=64",
+        "--method=mse+adaround+bias",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = json.loads((out / "card.json").read_text())
+    assert set(card["files"]) >= {"model.onnx", "model_int8.onnx"}
+    assert card["files"]["model_int8.onnx"] < card["files"]["model.onnx"]
+    quantized = card["quantized"]
+    assert quantized["method"] == "mse+adaround+bias" and quantized["bits"] == "8x8"
+    assert quantized["calibration"]["images"] == 64
+    assert 0 < quantized["score"]["total"] < card["float32"]["score"]["total"]
+    assert card["float32"]["onnx_vs_jax"]["max_logit_difference"] < 1e-4
+    assert [p.name for p in out.parent.iterdir()] == ["export"]
