@@ -166,40 +166,14 @@ def time_batches(fn: Callable, images: np.ndarray, batch: int) -> float:
 
 
 def static_peer(onnx_dir: Path, calibration: np.ndarray) -> Path:
-    """onnxruntime's own static int8 quantisation of model.onnx (per channel, MinMax), the
-    peer the project's int8 file is held against; built once."""
+    """onnxruntime's own static int8 quantisation of model.onnx (per channel, MinMax on the
+    same calibration images), built once."""
+    from micronet_jax.onnx_export import static_quantize_peer
+
     path = onnx_dir / "peer" / "model_ort_static.onnx"
-    if path.exists():
-        return path
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 64)))
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {"images": batch}
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prepared = path.parent / "model_prepared.onnx"
-    quant_pre_process(str(onnx_dir / "model.onnx"), str(prepared))
-    quantize_static(
-        str(prepared),
-        str(path),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
-    prepared.unlink()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        static_quantize_peer(str(onnx_dir / "model.onnx"), str(path), calibration)
     return path
 
 

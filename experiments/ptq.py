@@ -1,21 +1,27 @@
-"""Post-training quantisation of both released checkpoints, scored by the rules.
+"""Post-training quantisation of both released checkpoints: every method, every width.
 
-    python -m experiments.ptq --out=runs/ptq [--data=…/cifar-10-python.tar.gz] [--bits 8x8 4x8]
+    python -m experiments.ptq --out=runs/ptq [--data=…/cifar-10-python.tar.gz]
+        [--bits 8x8 6x6 4x8 4x4] [--methods nearest mse bias adaround mse+adaround+bias]
 
-Weights per output channel, symmetric; the input of every conv and dense layer on an affine
-grid per tensor (a depthwise conv's input per channel, or per tensor with `WxA/tensor`),
-calibrated on 1,000 CIFAR-10 training images (the measured images are the test set's).
-Pruning masks are kept exactly (a pruned weight is 0 on every grid). Each row gives top-1
-agreement with the float32 network on real CIFAR-10 test images (outside its classes, so
-agreement, not accuracy; `confident_agreement` counts only the images the float32 network
-is sure of), and the honest MicroNet score: each tensor's real mask, BN counted as a bias,
-the exit ratio measured at the recipe's threshold on these images, and at the ratio the
-checkpoint was published with (CIFAR-100's).
+BN folded into the convs, weights per output channel (symmetric), the input of every conv and
+dense layer on an affine grid (a depthwise conv's input per channel, or per tensor with
+`WxA/tensor`), calibrated on `--num_calibration` CIFAR-10 training images; the methods
+(`micronet_jax.ptq`): rounding to nearest on max scales, MSE-chosen weight clipping, bias
+correction, AdaRound's learned rounding, and all three. Agreement is measured on the test
+images, which calibration never sees. Pruning masks are kept exactly (a pruned weight is 0
+on every grid). Each row gives top-1 agreement with the float32 network on real CIFAR-10 test
+images (outside its classes, so agreement, not accuracy; `confident_agreement` counts only the
+images the float32 network is sure of), and the honest MicroNet score: each tensor's real
+mask, BN counted as a bias, the exit ratio measured at the recipe's threshold on these images,
+and at the ratio the checkpoint was published with (CIFAR-100's). `--scale_bits 16` adds the
+last method's rows with float16 scales; `--peers` adds onnxruntime's own static int8
+quantisation of the float32 export (MinMax, Entropy, Percentile) at 8x8.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,13 +31,18 @@ import numpy as np
 from experiments import agreement
 from micronet_jax.bitwidths import BitWidths, parse_override
 from micronet_jax.data.augment import eval_transform
-from micronet_jax.quantization import QuantizedApply, calibrate, quantize_weights
+from micronet_jax.models.fold import fold_batch_norm
+from micronet_jax.ptq import parse_method, post_training_quantize
+from micronet_jax.quantization import QuantizedApply, calibrate
 from micronet_jax.scoring import count_micronet
 
-DEFAULT_BITS = ("8x8/tensor", "8x8", "6x6", "4x8", "4x4")
+DEFAULT_BITS = ("8x8", "6x6", "4x8", "4x4")
+DEFAULT_METHODS = ("nearest", "mse", "bias", "adaround", "mse+adaround+bias")
+PEERS = ("MinMax", "Entropy", "Percentile")
 COLUMNS = (
     "checkpoint",
     "bits",
+    "method",
     "main_agreement",
     "exit_agreement",
     "combined_agreement",
@@ -41,10 +52,11 @@ COLUMNS = (
     "score_published_ratio",
     "param_score",
     "math_score_published_ratio",
+    "seconds",
 )
 
 
-def parse_bits(text: str, keep: Sequence[str]) -> BitWidths:
+def parse_bits(text: str, keep: Sequence[str], scale_bits: int = 32) -> BitWidths:
     """'8x8' (weights x activations; depthwise inputs per channel) or '8x8/tensor' (one grid
     per depthwise input), plus overrides such as 'stem_conv=8,32'."""
     widths, _, grids = text.partition("/")
@@ -52,7 +64,7 @@ def parse_bits(text: str, keep: Sequence[str]) -> BitWidths:
         raise SystemExit(f"error: --bits {text!r}: after '/' comes channel or tensor")
     weights, _, activations = widths.partition("x")
     overrides = tuple(parse_override(k) for k in keep)
-    return BitWidths(int(weights), int(activations), overrides, grids != "tensor")
+    return BitWidths(int(weights), int(activations), overrides, grids != "tensor", scale_bits)
 
 
 def honest_score(arch, params, bits: BitWidths, ratio: float):
@@ -65,30 +77,79 @@ def measure(args: argparse.Namespace) -> list[dict]:
     images, calibration_images = agreement.measured_images(
         args.data, args.num_test, args.num_calibration
     )
-    batches = np.array_split(calibration_images, max(1, len(calibration_images) // 100))
+    batches = [calibration_images[i : i + 64] for i in range(0, len(calibration_images), 64)]
     rows = []
-    for name in agreement.CHECKPOINTS:
+    for name in args.only or agreement.CHECKPOINTS:
         loaded = load_original(agreement.checkpoint_path(args.checkpoints, name))
         model, variables = loaded.model, loaded.variables
         reference = agreement.run(model.apply, variables, images, args.batch_size)
-        calibration = calibrate(model, variables, batches, eval_transform)
+        calibration = calibrate(model, fold_batch_norm(variables), batches, eval_transform)
         published = agreement.PUBLISHED_RATIO[name]
         float_count = honest_score(loaded.arch, variables["params"], BitWidths(), published)
         rows.append(
-            {"checkpoint": name, "bits": "float32 (16-bit freebie)"}
+            {"checkpoint": name, "bits": "float32 (16-bit freebie)", "method": ""}
             | _scores(float_count, None, published)
         )
-        for text in args.bits:
+        runs = [(text, method, 32) for text in args.bits for method in args.methods]
+        runs += [(text, args.methods[-1], bits) for text in args.bits for bits in args.scale_bits]
+        for text, method_text, scale_bits in runs:
             tic = time.perf_counter()
-            bits = parse_bits(text, args.keep)
-            ranges = calibration.ranges(bits, args.method)
-            quantized = {**variables, "quant": ranges}
+            bits = parse_bits(text, args.keep, scale_bits)
+            quantized, _ = post_training_quantize(
+                model,
+                variables,
+                calibration_images,
+                bits,
+                parse_method(method_text),
+                calibration=calibration,
+                iterations=args.iterations,
+            )
             got = agreement.run(QuantizedApply(model, bits), quantized, images, args.batch_size)
-            params = quantize_weights(variables["params"], bits)
-            row = {"checkpoint": name, "bits": text + "".join(f" {k}" for k in args.keep)}
+            label = text + "".join(f" {k}" for k in args.keep)
+            label += f", scales {scale_bits}-bit" if scale_bits != 32 else ""
+            row = {"checkpoint": name, "bits": label, "method": method_text}
             row |= agreement.agreement(got, reference)
+            params = quantized["params"]
             measured = honest_score(loaded.arch, params, bits, row["exit_ratio"])
             row |= _scores(honest_score(loaded.arch, params, bits, published), measured, published)
+            row["seconds"] = time.perf_counter() - tic
+            rows.append(row)
+            print(agreement.proxy.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
+        if args.peers:
+            rows += peer_rows(name, loaded, calibration_images, images, reference, args)
+    return rows
+
+
+def peer_rows(name, loaded, calibration_images, images, reference, args) -> list[dict]:
+    """onnxruntime's own static int8 quantisation of the float32 export, at 8x8."""
+    import onnx
+    import onnxruntime as ort
+
+    from micronet_jax import onnx_export
+
+    rows = []
+    variables = fold_batch_norm(loaded.variables)
+    forward = onnx_export.forward_fn(loaded.model, variables)
+    outputs = ["logits", "exit_logits"]
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = str(Path(tmp) / "model.onnx")
+        onnx.save(onnx_export.to_onnx(forward, ("N", 32, 32, 3), np.uint8, outputs), float_path)
+        for peer in PEERS:
+            tic = time.perf_counter()
+            path = str(Path(tmp) / f"{peer}.onnx")
+            onnx_export.static_quantize_peer(float_path, path, calibration_images, peer)
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            parts = [
+                session.run(None, {"images": images[i : i + args.batch_size]})
+                for i in range(0, len(images), args.batch_size)
+            ]
+            got = agreement.Outputs(*(np.concatenate(p) for p in zip(*parts, strict=True)))
+            row = {
+                "checkpoint": name,
+                "bits": "8x8 (onnxruntime quantize_static, per channel)",
+                "method": f"onnxruntime {peer}",
+            }
+            row |= agreement.agreement(got, reference)
             row["seconds"] = time.perf_counter() - tic
             rows.append(row)
             print(agreement.proxy.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
@@ -119,15 +180,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="WxA, e.g. 8x8 (or 8x8/tensor: one grid per depthwise input)",
     )
     parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help="nearest, or '+'-joined mse, adaround, bias (the last one is also run with "
+        "--scale_bits)",
+    )
+    parser.add_argument(
+        "--scale_bits", nargs="*", type=int, default=[16], help="extra rows: scales at 16 bits"
+    )
+    parser.add_argument(
         "--keep", nargs="*", default=[], help="overrides, e.g. stem_conv=8,32 fc=8,32"
     )
-    parser.add_argument("--num_calibration", type=int, default=1000)
-    parser.add_argument("--method", choices=("mse", "max"), default="mse")
+    parser.add_argument("--num_calibration", type=int, default=1024)
+    parser.add_argument(
+        "--only", nargs="*", choices=agreement.CHECKPOINTS, help="these checkpoints (default: both)"
+    )
+    parser.add_argument("--iterations", type=int, default=2000, help="AdaRound's, per layer")
+    parser.add_argument(
+        "--peers", action="store_true", help="add onnxruntime's quantize_static rows (8x8)"
+    )
     args = parser.parse_args(argv)
     rows = measure(args)
     notes = [
         f"{args.num_test:,} real CIFAR-10 test images (agreement with the float32 network); "
-        f"activation scales from {args.num_calibration:,} training images ({args.method}); "
+        f"calibration on {args.num_calibration:,} training images; "
         "scores: real masks, BN as bias, upsample not counted. Command: "
         "`python -m experiments.ptq`.",
     ]

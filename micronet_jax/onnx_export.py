@@ -166,6 +166,11 @@ _PLUGINS: list[bool] = []
 
 def _ensure_plugins() -> None:
     if not _PLUGINS:
+        import logging
+
+        # jax2onnx announces, with a traceback each, the plugins of libraries it cannot load
+        # (dm-pix's on this JAX); none of them is used here
+        logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
         _register_plugins()
         _PLUGINS.append(True)
 
@@ -190,9 +195,7 @@ def _tail(module: MicroNet, features: jax.Array, train: bool = False):
     return module.tail(features, train)
 
 
-def forward_fn(
-    model: MicroNet, variables: dict, bits: BitWidths | None = None, part: str = "full"
-):
+def forward_fn(model: MicroNet, variables: dict, bits: BitWidths | None = None, part: str = "full"):
     """The function exported, `variables` closed over: uint8 NHWC images -> (logits, exit
     logits when the network has an exit head). With `bits`, the quantised network on
     `OnnxGrids`. For early exit decided by the caller, `part` 'head' is images -> (exit
@@ -238,3 +241,70 @@ def to_onnx(
     elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(input_dtype))
     model.graph.input[0].CopyFrom(onnx.helper.make_tensor_value_info(input_name, elem, dims))
     return model
+
+
+def static_quantize_peer(
+    float_model: str, out: str, images: np.ndarray, calibration_method: str = "MinMax"
+) -> str:
+    """onnxruntime's own static int8 quantisation of a float32 export (per channel, QDQ,
+    `calibration_method` MinMax, Entropy or Percentile on `images`): integer kernels end to
+    end, the peer a quantised export is held against."""
+    import os
+    import tempfile
+
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(np.array_split(images, max(1, len(images) // 64)))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, widened = os.path.join(tmp, "prepared.onnx"), os.path.join(tmp, "gemm.onnx")
+        _widen_gemm_biases(float_model, widened)
+        quant_pre_process(widened, prepared, skip_optimization=True)
+        quantize_static(
+            prepared,
+            out,
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, calibration_method),
+            # its weight-scale adjustment for int32 biases fails on the scalar biases
+            # jax2onnx writes; the scales stay as calibrated
+            extra_options={"QDQDisableWeightAdjustForInt32Bias": True},
+        )
+    return out
+
+
+def _widen_gemm_biases(path: str, out: str) -> None:
+    """jax2onnx gives each Gemm a scalar zero bias (the real one follows in an Add), which
+    onnxruntime's quantiser cannot take: write it as a vector of the output width."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    initializers = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3:
+            continue
+        bias, weight = initializers.get(node.input[2]), initializers.get(node.input[1])
+        if bias is None or weight is None or len(bias.dims) != 0:
+            continue
+        transposed = any(a.name == "transB" and a.i for a in node.attribute)
+        width = weight.dims[0] if transposed else weight.dims[1]
+        value = np.full(width, numpy_helper.to_array(bias), np.float32)
+        bias.CopyFrom(numpy_helper.from_array(value, bias.name))
+    onnx.save(model, out)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -47,6 +47,7 @@ from micronet_jax.models.layers import Conv2d
 from micronet_jax.pruning import path_name
 from micronet_jax.quantization import (
     ActivationQuantizer,
+    Calibration,
     calibrate,
     channel_scales,
     fake_quant,
@@ -365,8 +366,9 @@ def post_training_quantize(
     method: Method = Method(),
     batch_size: int = 64,
     prepare: Callable[[jax.Array], jax.Array] | None = None,
-    progress: Callable[[Iterable], Iterable] | None = None,
+    progress: Callable[[int], Any] | None = None,
     iterations: int = 2000,
+    calibration: Calibration | None = None,
 ) -> tuple[dict, list[LayerReport]]:
     """The network on its grids, by `method`, calibrated on uint8 `images` (training images:
     never the ones it is measured on); see the module docstring. Returns (variables for
@@ -374,12 +376,15 @@ def post_training_quantize(
 
     Segment by segment (stem, each block, the exit head, the head): each segment's input is
     kept for all calibration images, in the quantised network and in the float32 one, so a
-    layer's moments cost one pass over its own segment, not over the network before it."""
+    layer's moments cost one pass over its own segment, not over the network before it.
+    `calibration` (of the BN-folded network on the same images) saves recomputing the
+    activation histograms; `progress(total)` makes a bar (`update`, `set_postfix_str`)."""
     if prepare is None:
         from micronet_jax.data.augment import eval_transform as prepare
     folded = fold_batch_norm(variables)
     image_batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    calibration = calibrate(model, folded, image_batches, prepare)
+    if calibration is None:
+        calibration = calibrate(model, folded, image_batches, prepare)
     ranges = calibration.ranges(bits, method.activation_clip)
     params = {k: np.asarray(v) for k, v in _flat(folded["params"]).items()}
     order = layer_order(model, folded, inputs_shape(images))
@@ -494,7 +499,7 @@ def _round_layer(path, params, kernel, scale, moments, bits, method, iterations)
     nearest = nearest_codes(w, s, bits) * mask
     error_nearest = float(output_error(nearest * s, w, m))
     if method.rounding == "adaround":
-        codes = adaround(w, mask, s, m, bits, iterations=iterations)
+        codes = _padded_adaround(w, mask, s, m, bits, iterations)
     else:
         codes = nearest
     error = float(output_error(codes * s, w, m))
@@ -511,6 +516,32 @@ def _round_layer(path, params, kernel, scale, moments, bits, method, iterations)
     return ungrouped_kernel(np.asarray(codes), shape, depthwise), LayerReport(
         path, error_nearest, error, shift
     )
+
+
+def _padded_adaround(w, mask, scale, moments, bits, iterations):
+    """`adaround` on the problem padded with pruned weights to a few shapes (groups to 32s,
+    inputs and outputs to 16s), so that the network's layers share a few programs."""
+    shape = w.shape
+    padded = tuple(
+        size if size == 1 else -(-size // unit) * unit
+        for size, unit in zip(shape, (32, 16, 16), strict=True)
+    )
+
+    def pad(x, dims, value=0.0):
+        widths = [(0, padded[d] - x.shape[i]) for i, d in enumerate(dims)]
+        return jnp.pad(x, widths, constant_values=value)
+
+    m = {k: pad(v, (0, 1, 1)) for k, v in moments.items()}
+    scale = jnp.broadcast_to(scale, shape)
+    codes = adaround(
+        pad(w, (0, 1, 2)),
+        pad(mask, (0, 1, 2)),
+        pad(scale, (0, 1, 2), 1.0),
+        m,
+        bits,
+        iterations=iterations,
+    )
+    return codes[: shape[0], : shape[1], : shape[2]]
 
 
 def _flat(tree: dict) -> dict[str, Any]:
