@@ -1,4 +1,4 @@
-"""Install micronet_jax: `pip install -e .` (extras: test, bench, tfds, cuda, tpu)."""
+"""Install micronet_jax: `pip install -e .` (extras: test, bench, export, tfds, cuda, tpu)."""
 
 from setuptools import find_packages, setup
 
@@ -34,7 +34,11 @@ setup(
             "nbformat",
             "ipykernel",
             "qwix",
+            "onnx>=1.17",
+            "onnxruntime>=1.20",
+            "jax2onnx>=0.13,<0.14",
         ],
+        "export": ["onnx>=1.17", "onnxruntime>=1.20", "jax2onnx>=0.13,<0.14"],
         "experiments": ["optuna", "matplotlib"],
         "bench": ["torch==2.13.0", "pillow"],
         "tfds": ["tensorflow-datasets"],

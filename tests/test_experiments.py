@@ -174,12 +174,13 @@ def test_ptq_table_scores_what_it_quantised(original_checkpoints, archive, tmp_p
 
     out = tmp_path / "ptq"
     argv = [f"--out={out}", f"--data={archive}", f"--checkpoints={original_checkpoints}"]
-    assert ptq.main([*argv, "--num_test=40", "--num_calibration=40", "--bits", "8x8"]) == 0
+    options = ["--num_test=40", "--num_calibration=40", "--bits", "8x8", "--methods", "nearest"]
+    assert ptq.main([*argv, *options, "--scale_bits"]) == 0
     rows = read_csv(out / "ptq.csv")
-    assert [(r["checkpoint"], r["bits"]) for r in rows] == [
-        (name, bits)
+    assert [(r["checkpoint"], r["bits"], r["method"]) for r in rows] == [
+        (name, bits, method)
         for name in ("first_submission", "final_ee50")
-        for bits in ("float32 (16-bit freebie)", "8x8")
+        for bits, method in (("float32 (16-bit freebie)", ""), ("8x8", "nearest"))
     ]
     final = load_original(original_checkpoints / "final_ee50" / "trained_model.pth")
     params = quantize_weights(final.variables["params"], BitWidths(8, 8))
