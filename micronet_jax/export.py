@@ -40,9 +40,9 @@ THRESHOLD = 0.85  # the recipe's exit threshold
 CONFIDENT = 0.5
 
 
-def parse_bits(text: str) -> Any:
+def parse_bits(text: str, scale_bits: int = 32) -> Any:
     """'WxA' (weights x activations, each 2..8 bits; a depthwise conv's input on a grid per
-    channel) or 'WxA/tensor' (one grid per depthwise input)."""
+    channel) or 'WxA/tensor' (one grid per depthwise input); scales at `scale_bits`."""
     from micronet_jax.bitwidths import BitWidths
 
     widths, _, grids = text.partition("/")
@@ -57,7 +57,7 @@ def parse_bits(text: str) -> Any:
         raise ConfigError(
             f"--bits {text!r}: expected WxA or WxA/tensor with W and A in 2..8 (e.g. 8x8, 6x6, 4x8)"
         )
-    return BitWidths(int(weights), int(activations), (), grids != "tensor")
+    return BitWidths(int(weights), int(activations), (), grids != "tensor", scale_bits)
 
 
 def file_sha256(paths: Sequence[Path]) -> str:
@@ -159,7 +159,7 @@ def agreement(
 def export(args: argparse.Namespace) -> dict[str, Any]:
     """Write the files into a staging folder, then put it in place; the card."""
     out = Path(args.out)
-    bits = parse_bits(args.bits) if args.bits else None
+    bits = parse_bits(args.bits, args.scale_bits) if args.bits else None
     if bits is not None and not args.calibration:
         raise ConfigError(
             "--bits needs --calibration (an archive whose training images set the grids)"
@@ -320,6 +320,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--method",
         default="mse+adaround+bias",
         help="nearest, or '+'-joined mse (weight clipping), adaround, bias (correction)",
+    )
+    parser.add_argument(
+        "--scale_bits",
+        type=int,
+        choices=(16, 32),
+        default=32,
+        help="scales and zero points as float16 values (16) or float32 (counted so)",
     )
     parser.add_argument("--num_calibration", type=int, default=1024)
     parser.add_argument("--num_test", type=int, default=10_000)

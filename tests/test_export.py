@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from test_ptq import pruned_tiny
 
+from micronet_jax import onnx_export
 from micronet_jax.bitwidths import BitWidths
 from micronet_jax.export import write_graphs
 from micronet_jax.models.fold import fold_batch_norm
@@ -53,6 +54,7 @@ def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("onnx"))
 
 
+@pytest.mark.slow
 def test_float_graph_takes_raw_images_and_equals_the_jax_network(root):
     folder, model, _ = exported(root, None)
     _, variables, images = pruned_tiny()
@@ -72,6 +74,7 @@ def test_float_graph_takes_raw_images_and_equals_the_jax_network(root):
     np.testing.assert_allclose(exit_logits, reference[1], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_early_exit_pair_is_the_whole_graph_split(root):
     folder, *_ = exported(root, None)
     images = pruned_tiny()[2]
@@ -92,6 +95,7 @@ def int8_codes(proto) -> list[np.ndarray]:
     ]
 
 
+@pytest.mark.slow
 def test_weights_only_int8_graph_stores_the_codes_and_is_exact(root):
     folder, model, quantized = exported(root, "8x32")
     proto = onnx.load(folder / "model_int8.onnx")
@@ -120,6 +124,7 @@ def _kernel(variables, key):
     return node["kernel"]
 
 
+@pytest.mark.slow
 def test_int8_graph_quantises_every_layer_input_as_jax_does(root):
     folder, model, quantized = exported(root, "8x8")
     proto = onnx.load(folder / "model_int8.onnx")
@@ -186,17 +191,53 @@ CASES = (
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, tiny_archive):
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, tiny_archive, capsys):
+    from micronet_jax.export import main
+
     args, named = bad_inputs(tmp_path, tiny_archive)[case]
     out = tmp_path / "out"
     if not any(a.startswith("--out=") for a in args):
         args = [*args, f"--out={out}"]
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = export_command(*args)
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    assert not captured.out
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing new, nothing partial
+
+
+def test_the_grids_convert_to_quantize_dequantize_nodes_that_compute_the_same(tmp_path):
+    """One kernel (int8 codes, a scale per output channel) and one input (uint8, per
+    channel, fewer levels than 256): onnxruntime computes what the fake quantisation does."""
+    import jax.numpy as jnp
+
+    from micronet_jax.quantization import FAKE_QUANT, activation_grid
+
+    rng = np.random.default_rng(0)
+    kernel = jnp.asarray(rng.normal(size=(6, 4)).astype(np.float32))
+    scale = jnp.max(jnp.abs(kernel), axis=0) / 127
+    bounds = jnp.asarray(
+        np.stack([[-0.3, -1.0, 0.0, -2.0, -0.1, -0.5], [2.0, 1.0, 3.0, 0.5, 1.0, 4.0]]), jnp.float32
+    )
+    step, zero = activation_grid(bounds, 6)
+
+    def network(ops):
+        def forward(x):
+            return ops.activation(x, step, zero, 6, False) @ ops.weight(kernel, scale, 8, False)
+
+        return forward
+
+    x = rng.normal(size=(50, 6)).astype(np.float32) * 2
+    proto = onnx_export.to_onnx(network(onnx_export.OnnxGrids()), ("N", 6), np.float32, ["y"])
+    ops = sorted(n.op_type for n in proto.graph.node)
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2
+    assert [t.data_type for t in proto.graph.initializer].count(onnx.TensorProto.INT8) == 1
+    path = tmp_path / "grids.onnx"
+    onnx.save(proto, path)
+    (got,) = session(path).run(None, {"images": x})
+    expected = np.asarray(network(FAKE_QUANT)(jnp.asarray(x)))
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -191,7 +191,9 @@ def quantized_tiny(method: str):
     )
 
 
-@pytest.mark.parametrize("method", ["nearest", "mse+adaround+bias"])
+@pytest.mark.parametrize(
+    "method", ["nearest", pytest.param("mse+adaround+bias", marks=pytest.mark.slow)]
+)
 def test_every_kernel_is_on_its_grid_with_pruned_weights_kept(method):
     model, variables, images = pruned_tiny()
     quantized, reports = quantized_tiny(method)
@@ -223,12 +225,14 @@ def test_every_kernel_is_on_its_grid_with_pruned_weights_kept(method):
     np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(direct[0]))
 
 
+@pytest.mark.slow
 def test_learned_rounding_lowers_every_layers_error():
-    _, reports = quantized_tiny("adaround")
+    _, reports = quantized_tiny("mse+adaround+bias")
     assert all(r.error <= r.error_nearest * (1 + 1e-5) + 1e-12 for r in reports)
     assert sum(r.error for r in reports) < 0.99 * sum(r.error_nearest for r in reports)
 
 
+@pytest.mark.slow
 def test_bias_correction_cancels_the_mean_shift_of_the_first_layer():
     """The stem's output (before its swish), averaged over the calibration images, is the
     float32 network's once the mean shift its rounding left is taken off the bias."""
