@@ -223,9 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     modes = ("full", "exit")
     b1: dict = {(r, m): [] for r in runners for m in modes}
     bn: dict = {(r, m): [] for r in runners for m in modes}
-    for runner in runners.values():  # warm-up: every shape compiled or planned once
+    for runner in runners.values():  # warm-up: every program compiled, every shape planned
         runner.full(images[:1])
         runner.full(images[: args.batch])
+        if getattr(runner, "head_session", True) is not None:
+            time_batch1(lambda x, r=runner: r.exit(x, threshold), images[: args.images])
+            time_batches(lambda x, r=runner: r.exit(x, threshold), images, args.batch)
     for repeat in range(args.repeats):
         for name, runner in runners.items():
             for mode in modes:

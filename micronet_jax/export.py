@@ -37,6 +37,7 @@ from micronet_jax.errors import CheckpointError, ConfigError, DataError, Microne
 
 INT8_WIDTHS = range(2, 9)  # widths a code fits in int8 (kernels) and uint8 (inputs)
 THRESHOLD = 0.85  # the recipe's exit threshold
+CONTROL_IMAGES = 2000
 CONFIDENT = 0.5
 
 
@@ -255,12 +256,29 @@ def _write(staging, model, variables, bits, method, images, args) -> dict[str, A
             "score": _score(count_micronet, model, quantized["params"], ratio, bits),
             "agreement_with_float32": versus_float,
             "onnx_vs_jax_fake_quantisation": agreement(runtime, fake),
+            "jax_xla_conv_vs_jax_fake_quantisation": _lowering_control(
+                model, bits, quantized, test[:CONTROL_IMAGES], fake
+            ),
         }
     card["files"] = {
         p.relative_to(staging).as_posix(): p.stat().st_size for p in sorted(staging.rglob("*.onnx"))
     }
     card["seconds"] = round(time.perf_counter() - tic, 1)
     return card
+
+
+def _lowering_control(model, bits, quantized, images, fake) -> dict[str, Any]:
+    """The same fake-quantised network in JAX with XLA's convolutions (the graph's) instead
+    of the CPU's shifted sums: how far two lowerings of one network move predictions, the
+    yardstick for the runtime's parity (the grids turn float rounding differences into
+    whole steps wherever a value lies near a grid boundary)."""
+    from micronet_jax import onnx_export
+    from micronet_jax.quantization import QuantizedApply
+    from micronet_jax.train.steps import predict
+
+    apply = QuantizedApply(onnx_export.export_model(model), bits)
+    other = tuple(r for r in predict(apply, quantized, images, 500) if r is not None)
+    return agreement(other, tuple(f[: len(images)] for f in fake)) | {"images": len(images)}
 
 
 def _score(count_micronet, model, params, ratio, bits) -> dict[str, Any]:

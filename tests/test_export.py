@@ -264,3 +264,47 @@ def test_export_of_a_finished_run_writes_both_graphs_and_the_card(
     assert 0 < quantized["score"]["total"] < card["float32"]["score"]["total"]
     assert card["float32"]["onnx_vs_jax"]["max_logit_difference"] < 1e-4
     assert [p.name for p in out.parent.iterdir()] == ["export"]
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_released_network_exports_and_onnxruntime_computes_what_jax_does(
+    original_checkpoints, cifar10_archive, tmp_path
+):
+    """The acceptance run on the original's final network (rounding to nearest, to keep the
+    test short; the rounding method does not change what the graph computes): the float32
+    graph's logits within 1e-4 of JAX on 2,000 real images, the int8 file smaller and
+    holding the codes, its predictions those of the fake quantisation (up to the grid
+    boundaries the runtimes' own float arithmetic lands on differently; see README)."""
+    from micronet_jax import export
+    from micronet_jax.convert import load_original
+    from micronet_jax.data.cifar import load_train_test
+
+    pth = original_checkpoints / "final_ee50" / "trained_model.pth"
+    out = tmp_path / "export"
+    card = export.export(
+        export.parse_args(
+            [
+                f"--checkpoint={pth}",
+                f"--out={out}",
+                "--bits=8x8",
+                f"--calibration={cifar10_archive}",
+                "--num_calibration=256",
+                "--num_test=2000",
+                "--method=nearest",
+            ]
+        )
+    )
+    assert json.loads((out / "card.json").read_text()) == json.loads(json.dumps(card))
+    _, test = load_train_test("cifar10", str(cifar10_archive), download=False)
+    images = test.images[:2000]
+    loaded = load_original(pth)
+    reference = predict(loaded.model.apply, loaded.variables, images, 500)
+    got = export.run_onnx(session(out / "model.onnx"), images)
+    for ours, theirs in zip(got, reference, strict=True):
+        assert np.max(np.abs(ours - theirs)) < 1e-4
+    assert card["files"]["model_int8.onnx"] < 0.4 * card["files"]["model.onnx"]
+    parity = card["quantized"]["onnx_vs_jax_fake_quantisation"]
+    assert parity["confident"] >= 0.99
+    assert parity["combined"] >= 0.95
+    assert card["source"]["sha256"] == export.file_sha256([pth])
