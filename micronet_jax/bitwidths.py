@@ -45,7 +45,9 @@ class BitWidths:
             if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= FULL:
                 raise ConfigError(f"bit widths must be integers in [2, {FULL}], got {bits!r}")
         if self.scale_bits not in SCALE_WIDTHS:
-            raise ConfigError(f"scale widths must be one of {SCALE_WIDTHS}, got {self.scale_bits!r}")
+            raise ConfigError(
+                f"scale widths must be one of {SCALE_WIDTHS}, got {self.scale_bits!r}"
+            )
 
     def of(self, path: str) -> tuple[int, int]:
         """(weight bits, input activation bits) of the layer whose kernel is at `path`."""
