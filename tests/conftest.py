@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tiny_run import FAST_COMPILE
 
 REPO = Path(__file__).resolve().parents[1]
+# The suite is bound by XLA's compile times, not by running what it compiles: without LLVM's
+# optimisation passes the tiny network's train step compiles in ~60% of the time (8.5 s
+# against 13 s here). Every run a test compares is compiled under the same flags (the test
+# process and the runs it starts, which inherit them; `tiny_run.xla_flags` for a child that
+# sets flags of its own).
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
 SHARED = Path(os.environ.get("MICRONET_SHARED", REPO.parent / "shared"))
 REQUIRE_SHARED = os.environ.get("MICRONET_REQUIRE_SHARED") == "1"
 
@@ -51,27 +66,81 @@ def compile_cache() -> Path:
     return default_cache_dir()
 
 
+def _session_root(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this session sees: the session's base temp
+    folder, or under xdist its parent (each worker's base temp is a folder inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    with lock.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name` of this session, filled by `build(folder)` by the first worker that
+    asks for it; any other worker waits for it and then reads the same folder. So a costly
+    artefact (a compiled and trained run) is made once per session, not once per worker."""
+    root = _session_root(tmp_path_factory)
+    folder, complete = root / name, root / f"{name}.complete"
+    with _exclusive(root / f"{name}.lock"):
+        if not complete.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            complete.touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def build_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path]:
+    """`build_once(name, build)`: `built_once` for a test module's own costly reference."""
+    return lambda name, build: built_once(tmp_path_factory, name, build)
+
+
 @pytest.fixture(scope="session")
 def tiny_archive(tmp_path_factory) -> Path:
     """A generated CIFAR-10 archive in the standard layout, sized for the tiny network's runs
-    (160 training and 32 test images). Runs only read it."""
+    (160 training and 32 test images), one for the whole session. Runs only read it."""
     from archives import make_cifar10_python_archive
 
-    path = tmp_path_factory.mktemp("data") / "cifar-10-python.tar.gz"
-    make_cifar10_python_archive(path, n_train=160, n_test=32)
-    return path
+    def build(folder: Path) -> None:
+        make_cifar10_python_archive(folder / "cifar-10-python.tar.gz", n_train=160, n_test=32)
+
+    return built_once(tmp_path_factory, "data", build) / "cifar-10-python.tar.gz"
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory, tiny_archive, compile_cache):
-    """A finished run of `tests/configs/tiny.py:pipeline` on `tiny_archive`:
-    (config, workdir, report). The pipeline and report tests share it; they read it, add
-    plots beside it, or rerun it (which changes no stage)."""
-    from tiny_run import tiny_config
+    """A finished run of `tests/configs/tiny.py:pipeline` on `tiny_archive`, run once per
+    session from the command line as a user runs it: (config, workdir, report). The
+    pipeline, report, TensorBoard and kill/resume tests read it; a test that writes into the
+    run (plots, a rerun) takes `tiny_pipeline_copy` instead, since other workers read it too."""
+    from tiny_run import main_command, main_env, tiny_config
 
-    from micronet_jax.pipeline import run_pipeline
+    def build(folder: Path) -> None:
+        done = subprocess.run(
+            main_command(folder / "run", tiny_archive),
+            env=main_env(compile_cache),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
 
+    workdir = built_once(tmp_path_factory, "tiny_pipeline", build) / "run"
     config = tiny_config("pipeline")
     config.data.dir = str(tiny_archive)
-    workdir = tmp_path_factory.mktemp("pipeline") / "run"
-    return config, workdir, run_pipeline(config, workdir)
+    return config, workdir, json.loads((workdir / "report.json").read_text())
+
+
+@pytest.fixture
+def tiny_pipeline_copy(tiny_pipeline, tmp_path) -> Path:
+    """This test's own copy of the finished tiny pipeline's workdir, to write into."""
+    return Path(shutil.copytree(tiny_pipeline[1], tmp_path / "run"))

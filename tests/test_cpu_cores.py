@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from tiny_run import FAST_COMPILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,7 @@ CHILD = textwrap.dedent(
 @pytest.fixture(scope="module")
 def child() -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = FAST_COMPILE  # no simulated device count: one device per core
     proc = subprocess.run(
         [sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True
     )

@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from tiny_run import TINY, main_command, main_env, stable, tiny_config
+from tiny_run import TINY, main_command, main_env, stable, tiny_config, xla_flags
 
 from micronet_jax import builders
 from micronet_jax.models.efficientnet import init_variables
@@ -41,13 +41,9 @@ from micronet_jax.train.optim import make_optimizer
 from micronet_jax.train.state import create_train_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multihost")]
-EPOCHS = 3
+EPOCHS = 2
 STEPS_PER_EPOCH = 5  # 160 images, batches of 32
 TIMEOUT_S = 10  # --config.distributed_timeout_s of these runs
-# Compiled without LLVM's optimisation passes: process 1's programs never reach the
-# persistent cache (jax writes it from process 0 only), so every launch compiles them again.
-# Every run compared here is compiled the same way.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def free_port() -> int:
@@ -133,7 +129,6 @@ def start(
             JAX_COORDINATOR_ADDRESS=address,
             JAX_NUM_PROCESSES="2",
             JAX_PROCESS_ID=str(rank),
-            XLA_FLAGS=FAST_COMPILE,
         )
         args = command(
             workdir,
@@ -163,7 +158,7 @@ def run_one_process(workdir: Path, archive: Path, cache: Path) -> None:
     env = main_env(cache)
     env.update(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}",
+        XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
     )
     done = subprocess.run(command(workdir, archive), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -335,12 +335,14 @@ def epochs_recorded(workdir: Path) -> int:
     return sum(len(metrics_io.read_records(path)) for path in workdir.glob("*/metrics.jsonl"))
 
 
-def run_killed_after(workdir: Path, archive: Path, cache: Path, epochs: int, delay: float) -> bool:
+def run_killed_after(
+    workdir: Path, archive: Path, cache: Path, epochs: int, delay: float, *overrides: str
+) -> bool:
     """Start the pipeline (resuming), SIGKILL it `delay` seconds after its `epochs`-th epoch
     record (a moment set by the run's progress, not the clock, so a busy machine moves it no
     later in the run); False when it finished first."""
     proc = subprocess.Popen(
-        main_command(workdir, archive),
+        main_command(workdir, archive, *overrides),
         env=main_env(cache),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -378,40 +380,44 @@ def assert_same_outcome(got: dict, want: dict) -> None:
             assert got[key] == want[key], key
 
 
-@pytest.fixture(scope="module")
-def pipeline_reference(tmp_path_factory, tiny_archive, compile_cache):
-    root = tmp_path_factory.mktemp("pipeline")
-    tic = time.time()
-    finish(root / "reference", tiny_archive, compile_cache)
-    return root, tiny_archive, compile_cache, time.time() - tic
+# The killed run dispatches its steps 4 at a time: each 5-step epoch runs as one 4-step
+# program (a lax.scan) and a single step; the reference runs them one at a time.
+FOUR_PER_DISPATCH = "--config.train.steps_per_dispatch=4"
 
 
 @pytest.mark.slow
-def test_pipeline_killed_anywhere_resumes_exactly(pipeline_reference):
+def test_pipeline_at_4_steps_per_dispatch_killed_anywhere_resumes_exactly_as_one(
+    tiny_pipeline, tmp_path, tiny_archive, compile_cache
+):
     """Three SIGKILLs, each a random fraction of a second after a random epoch of the five
-    stages ended: while it evaluates, writes a checkpoint, a summary or the next stage's
-    start. (Kills inside an epoch: the train-loop and K-step tests; at random wall-clock
-    moments: `python -m benchmarks.kill_resume`.)"""
-    root, archive, cache, _ = pipeline_reference
-    workdir = root / "killed"
+    stages (baseline, two pruning rounds, exit head, exit pruning) ended: while it evaluates,
+    writes a checkpoint, a summary or the next stage's start, or inside the next epoch's
+    group of steps. The resumed run ends bit-identical to the uninterrupted one, which ran
+    its steps one per dispatch: the results depend neither on the kills nor on K. (Kills at
+    a chosen step inside a group and K with a partial last batch: the K-step tests above;
+    at random wall-clock moments: `python -m benchmarks.kill_resume`.)"""
+    reference, archive, cache = tiny_pipeline[1], tiny_archive, compile_cache
+    workdir = tmp_path / "killed"
     rng = random.Random(1234)
     moments = sorted(rng.sample(range(1, 5), 3))
     kills = sum(
-        run_killed_after(workdir, archive, cache, epochs, rng.uniform(0.0, 1.5))
+        run_killed_after(workdir, archive, cache, epochs, rng.uniform(0.0, 1.5), FOUR_PER_DISPATCH)
         for epochs in moments
     )
     assert kills >= 3, "the run finished before it could be killed three times"
-    finish(workdir, archive, cache)
-    assert_same_outcome(pipeline_outcome(workdir), pipeline_outcome(root / "reference"))
+    finish(workdir, archive, cache, FOUR_PER_DISPATCH)
+    assert_same_outcome(pipeline_outcome(workdir), pipeline_outcome(reference))
 
 
 @pytest.mark.slow
-def test_cli_reports_when_every_checkpoint_is_damaged(pipeline_reference, tmp_path):
-    root, archive, cache, _ = pipeline_reference
+def test_cli_reports_when_every_checkpoint_is_damaged(
+    tiny_pipeline, tmp_path, tiny_archive, compile_cache
+):
+    reference, archive, cache = tiny_pipeline[1], tiny_archive, compile_cache
     workdir = tmp_path / "run"
     workdir.mkdir()
-    shutil.copy(root / "reference" / "config.json", workdir)
-    shutil.copytree(root / "reference" / "stage_a", workdir / "stage_a")
+    shutil.copy(reference / "config.json", workdir)
+    shutil.copytree(reference / "stage_a", workdir / "stage_a")
     (workdir / "stage_a" / "done.json").unlink()
     shutil.rmtree(workdir / "stage_a" / "final")
     for step_dir in (workdir / "stage_a" / "checkpoints").iterdir():
@@ -426,35 +432,6 @@ def test_cli_reports_when_every_checkpoint_is_damaged(pipeline_reference, tmp_pa
     assert done.returncode == 1
     assert f"error: no readable checkpoint in {workdir}/stage_a/checkpoints" in done.stderr
     assert "Traceback" not in done.stderr
-
-
-# 19 batches of 8 and a last one of 4 per epoch; stage A runs 2 epochs, then a pruning round
-# and the exit head 1 each
-K_RUN = (
-    "--config.train.batch_size=8",
-    "--config.data.num_train=156",
-    "--config.pipeline.epoch_scale=0.00167",
-    "--config.pipeline.prune_targets=(30.0,)",
-    "--config.pipeline.exit_prune_targets=()",
-)
-
-
-@pytest.mark.slow
-def test_pipeline_16_steps_per_dispatch_killed_and_resumed_equals_one(
-    tmp_path, tiny_archive, compile_cache
-):
-    """K = 16 runs each epoch as one 16-step program, 3 single steps and the partial batch;
-    SIGKILLed inside stage A's second epoch and resumed, it ends bit-identical to K = 1."""
-    finish(
-        tmp_path / "one", tiny_archive, compile_cache, *K_RUN, "--config.train.steps_per_dispatch=1"
-    )
-    workdir = tmp_path / "sixteen"
-    command = main_command(workdir, tiny_archive, *K_RUN, "--config.train.steps_per_dispatch=16")
-    first_epoch = workdir / "stage_a" / "checkpoints" / "20"
-    kill_when_written(command, compile_cache, first_epoch)
-    assert first_epoch.exists() and not (workdir / "stage_a" / "done.json").exists()
-    finish(workdir, tiny_archive, compile_cache, *K_RUN, "--config.train.steps_per_dispatch=16")
-    assert_same_outcome(pipeline_outcome(workdir), pipeline_outcome(tmp_path / "one"))
 
 
 @pytest.mark.slow

@@ -34,8 +34,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture
-def run_dir(tiny_pipeline) -> Path:
-    return tiny_pipeline[1]
+def run_dir(tiny_pipeline_copy) -> Path:
+    """The finished tiny pipeline, copied: these tests write plots (and a sweep) into it."""
+    return tiny_pipeline_copy
 
 
 @pytest.mark.slow

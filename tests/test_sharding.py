@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from tiny_run import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ CHILD = textwrap.dedent(
 
 def run_child(autoaugment: bool) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = xla_flags("--xla_force_host_platform_device_count=8")
     env["JAX_PLATFORMS"] = "cpu"
     code = CHILD.format(tests=str(ROOT / "tests"), autoaugment=autoaugment)
     proc = subprocess.run(

@@ -17,6 +17,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.py"
 VOLATILE = {"images_per_sec", "wall_time"}  # metrics that depend on the machine's speed
+FAST_COMPILE = "--xla_backend_optimization_level=0"  # the suite's XLA flag (see conftest)
 
 
 def tiny_config(variant: str = "") -> Any:
@@ -45,6 +46,12 @@ def main_command(
         f"--config.data.dir={archive}",
         *overrides,
     ]
+
+
+def xla_flags(*flags: str) -> str:
+    """`flags` added to this process's XLA_FLAGS (the suite's compile flags, see conftest), for
+    a child that needs flags of its own (a number of simulated devices)."""
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
 
 
 def main_env(cache: Path) -> dict[str, str]:

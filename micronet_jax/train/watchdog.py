@@ -153,9 +153,9 @@ class PeerWatch:
         return None
 
     def wait_for_loss(self) -> bool:
-        """Block until the watch finds a lost peer (True; by default the process has ended by
-        then) or `timeout` and two checks have passed without one (False). For a collective
-        that failed: its error names a socket, the watch names the process."""
+        """Block until the watch has handled a lost peer (by default it ends the process, so
+        this never returns then) or `timeout` and two checks have passed without one (False).
+        For a collective that failed: its error names a socket, the watch names the process."""
         return self._fired.wait(self.timeout + 2 * self.interval + 1)
 
     def _check(self) -> None:
@@ -163,10 +163,10 @@ class PeerWatch:
             why = self.lost()
             if why is not None:
                 self._stop.set()
-                self._fired.set()
                 self.on_lost(
                     f"{why}. This process stops too; the last complete checkpoint is kept: "
                     "rerun the same command on every host to resume from it",
                     LOST_PEER_STATUS,
                 )
+                self._fired.set()  # only reached when on_lost returns (not end_process)
                 return
