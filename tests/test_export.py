@@ -261,7 +261,11 @@ def test_export_of_a_finished_run_writes_both_graphs_and_the_card(
     quantized = card["quantized"]
     assert quantized["method"] == "mse+adaround+bias" and quantized["bits"] == "8x8"
     assert quantized["calibration"]["images"] == 64
-    assert 0 < quantized["score"]["total"] < card["float32"]["score"]["total"]
+    control = quantized["jax_xla_conv_vs_jax_fake_quantisation"]  # every test image (32)
+    assert control["images"] == 32 and 0.0 <= control["main"] <= 1.0
+    # 8-bit kernels with their scales store less than the 16-bit freebie (the math score
+    # can rise: below 16 bits additions count at 32)
+    assert 0 < quantized["score"]["param"] < card["float32"]["score"]["param"]
     assert card["float32"]["onnx_vs_jax"]["max_logit_difference"] < 1e-4
     assert [p.name for p in out.parent.iterdir()] == ["export"]
 
@@ -289,8 +293,9 @@ def test_released_network_exports_and_onnxruntime_computes_what_jax_does(
                 f"--out={out}",
                 "--bits=8x8",
                 f"--calibration={cifar10_archive}",
-                "--num_calibration=256",
+                "--num_calibration=128",
                 "--num_test=2000",
+                "--num_control=0",
                 "--method=nearest",
             ]
         )

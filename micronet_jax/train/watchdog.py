@@ -139,10 +139,14 @@ class PeerWatch:
             silent = now - self._answered
             stale = {p: now - t for p, (_, t) in self._seen.items()}
         n = self.num_processes
-        if self.process_id != 0 and silent > self.timeout:
+        # The coordinator's count stops a beat before its store does: a stale process 0
+        # whose store has stopped answering too is the coordinator lost, not a peer.
+        coordinator_stale = stale.get(0, 0.0) > self.timeout and silent > 2 * self.interval
+        if self.process_id != 0 and (silent > self.timeout or coordinator_stale):
             return (
                 f"lost process 0 of {n} (the coordinator): its key-value store has not "
-                f"answered for {silent:.0f} s; its host died, was killed or is unreachable"
+                f"answered for {silent:.0f} s and its heartbeat stopped "
+                f"{stale.get(0, silent):.0f} s ago; its host died, was killed or is unreachable"
             )
         for peer, seconds in sorted(stale.items()):
             if seconds > self.timeout:
