@@ -271,7 +271,7 @@ def static_quantize_peer(
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared, widened = os.path.join(tmp, "prepared.onnx"), os.path.join(tmp, "gemm.onnx")
-        _widen_gemm_biases(float_model, widened)
+        _prepare_for_quantizer(float_model, widened)
         quant_pre_process(widened, prepared, skip_optimization=True)
         quantize_static(
             prepared,
@@ -289,13 +289,48 @@ def static_quantize_peer(
     return out
 
 
-def _widen_gemm_biases(path: str, out: str) -> None:
-    """jax2onnx gives each Gemm a scalar zero bias (the real one follows in an Add), which
-    onnxruntime's quantiser cannot take: write it as a vector of the output width."""
+def _prepare_for_quantizer(path: str, out: str) -> None:
+    """The float32 export as onnxruntime's quantiser needs it: every kernel a constant in the
+    layout its op reads, and every Gemm bias a vector (see the two helpers below)."""
     import onnx
-    from onnx import numpy_helper
 
     model = onnx.load(path)
+    _fold_kernel_transposes(model)
+    _widen_gemm_biases(model)
+    onnx.save(model, out)
+
+
+def _fold_kernel_transposes(model: Any) -> None:
+    """jax2onnx passes each conv kernel (stored HWIO, as flax holds it) through a Transpose
+    to OIHW. The quantiser takes a kernel that is not an initializer for an activation: one
+    scale for the whole tensor, calibrated like an activation, which leaves the network at
+    chance (2% agreement here). Store the transposed kernels instead."""
+    from onnx import helper, numpy_helper
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    kept = []
+    for node in model.graph.node:
+        source = initializers.get(node.input[0]) if node.op_type == "Transpose" else None
+        if source is None or readers[source.name] != 1:
+            kept.append(node)
+            continue
+        perm = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "perm")
+        value = np.transpose(numpy_helper.to_array(source), perm)
+        model.graph.initializer.remove(source)
+        model.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+
+
+def _widen_gemm_biases(model: Any) -> None:
+    """jax2onnx gives each Gemm a scalar zero bias (the real one follows in an Add), which
+    onnxruntime's quantiser cannot take: write it as a vector of the output width."""
+    from onnx import numpy_helper
+
     initializers = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type != "Gemm" or len(node.input) < 3:
@@ -307,4 +342,3 @@ def _widen_gemm_biases(path: str, out: str) -> None:
         width = weight.dims[0] if transposed else weight.dims[1]
         value = np.full(width, numpy_helper.to_array(bias), np.float32)
         bias.CopyFrom(numpy_helper.from_array(value, bias.name))
-    onnx.save(model, out)

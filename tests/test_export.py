@@ -313,3 +313,38 @@ def test_released_network_exports_and_onnxruntime_computes_what_jax_does(
     assert parity["confident"] >= 0.99
     assert parity["combined"] >= 0.95
     assert card["source"]["sha256"] == export.file_sha256([pth])
+
+
+def test_the_quantize_static_peer_quantises_each_kernel_per_output_channel(tmp_path):
+    """onnxruntime's own quantiser, the peer in experiments.ptq and benchmarks.deploy, sees
+    each conv kernel as a constant (jax2onnx's kernel transposes folded) and so gives it int8
+    codes with a scale per output channel; the peer then stays close to its float graph."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 6)).astype(np.float32))
+    dense = jnp.asarray(rng.normal(size=(6 * 8 * 8, 5)).astype(np.float32) * 0.05)
+
+    def forward(x):
+        y = jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", None, None, ("NHWC", "HWIO", "NHWC")
+        )
+        return jax.nn.relu(y).reshape(x.shape[0], -1) @ dense + 0.1
+
+    x = rng.normal(size=(64, 8, 8, 4)).astype(np.float32)
+    float_path, peer_path = tmp_path / "float.onnx", tmp_path / "peer.onnx"
+    onnx.save(onnx_export.to_onnx(forward, ("N", 8, 8, 4), np.float32, ["y"]), float_path)
+    onnx_export.static_quantize_peer(str(float_path), str(peer_path), x[:32])
+    peer = onnx.load(peer_path)
+    initializers = {t.name: t for t in peer.graph.initializer}
+    made_by = {o: n for n in peer.graph.node for o in n.output}
+    (conv,) = [n for n in peer.graph.node if n.op_type == "Conv"]
+    dequantize = made_by[conv.input[1]]
+    assert dequantize.op_type == "DequantizeLinear"
+    codes, scales = initializers[dequantize.input[0]], initializers[dequantize.input[1]]
+    assert codes.data_type == onnx.TensorProto.INT8 and list(codes.dims) == [6, 4, 3, 3]
+    assert list(scales.dims) == [6]
+    (want,) = session(float_path).run(None, {"images": x})
+    (got,) = session(peer_path).run(None, {"images": x})
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
