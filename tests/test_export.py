@@ -263,9 +263,12 @@ def test_export_of_a_finished_run_writes_both_graphs_and_the_card(
     assert quantized["calibration"]["images"] == 64
     control = quantized["jax_xla_conv_vs_jax_fake_quantisation"]  # every test image (32)
     assert control["images"] == 32 and 0.0 <= control["main"] <= 1.0
-    # 8-bit kernels with their scales store less than the 16-bit freebie (the math score
-    # can rise: below 16 bits additions count at 32)
-    assert 0 < quantized["score"]["param"] < card["float32"]["score"]["param"]
+    # counted at the widths exported (the tiny network's per-channel scales can outweigh
+    # what 8-bit kernels save: the released network's test compares the bytes)
+    assert (
+        "8-bit" in quantized["score"]["widths"] and "16-bit" in card["float32"]["score"]["widths"]
+    )
+    assert quantized["score"]["total"] > 0
     assert card["float32"]["onnx_vs_jax"]["max_logit_difference"] < 1e-4
     assert [p.name for p in out.parent.iterdir()] == ["export"]
 
@@ -313,6 +316,9 @@ def test_released_network_exports_and_onnxruntime_computes_what_jax_does(
     for ours, theirs in zip(got, reference, strict=True):
         assert np.max(np.abs(ours - theirs)) < 1e-4
     assert card["files"]["model_int8.onnx"] < 0.4 * card["files"]["model.onnx"]
+    # 8-bit kernels with their scales store less than the 16-bit freebie (the math score
+    # rises: below 16 bits additions count at 32)
+    assert card["quantized"]["score"]["param"] < card["float32"]["score"]["param"]
     parity = card["quantized"]["onnx_vs_jax_fake_quantisation"]
     assert parity["confident"] >= 0.99
     assert parity["combined"] >= 0.95

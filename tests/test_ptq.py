@@ -191,8 +191,12 @@ def quantized_tiny(method: str):
     )
 
 
+# the tests of the learned rounding share one worker, so `quantized_tiny` runs it once
+LEARNED = pytest.mark.xdist_group("tiny_learned_rounding")
+
+
 @pytest.mark.parametrize(
-    "method", ["nearest", pytest.param("mse+adaround+bias", marks=pytest.mark.slow)]
+    "method", ["nearest", pytest.param("mse+adaround+bias", marks=[pytest.mark.slow, LEARNED])]
 )
 def test_every_kernel_is_on_its_grid_with_pruned_weights_kept(method):
     model, variables, images = pruned_tiny()
@@ -226,6 +230,7 @@ def test_every_kernel_is_on_its_grid_with_pruned_weights_kept(method):
 
 
 @pytest.mark.slow
+@LEARNED
 def test_learned_rounding_lowers_every_layers_error():
     _, reports = quantized_tiny("mse+adaround+bias")
     assert all(r.error <= r.error_nearest * (1 + 1e-5) + 1e-12 for r in reports)
