@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from micronet_jax.inference import top_probability
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CHECKPOINT = SHARED / "reference" / "osi_ai" / "final_ee50" / "trained_model.pth"
 ARCHIVE = SHARED / "data" / "cifar-10-python.tar.gz"
@@ -71,11 +73,6 @@ def calibration_images(archive: Path, count: int) -> np.ndarray:
     return train.images[:count]
 
 
-def confidence(exit_logits: np.ndarray) -> np.ndarray:
-    z = exit_logits - exit_logits.max(-1, keepdims=True)
-    return 1.0 / np.exp(z).sum(-1)
-
-
 class OnnxRunner:
     """One precision in onnxruntime: the whole graph, and the early-exit pair."""
 
@@ -99,7 +96,7 @@ class OnnxRunner:
 
     def exit(self, images: np.ndarray, threshold: float) -> np.ndarray:
         exit_logits, features = self.head_session.run(None, {"images": images})
-        exited = confidence(exit_logits) > threshold
+        exited = top_probability(exit_logits) > threshold
         predictions = exit_logits.argmax(-1)
         if not exited.all():
             rest = self.tail_session.run(None, {"features": features[~exited]})[0]
@@ -142,7 +139,7 @@ class JaxRunner:
             ).predictions
         exit_logits, features = self._head(images)
         exit_logits = np.asarray(exit_logits)
-        if confidence(exit_logits)[0] > threshold:
+        if top_probability(exit_logits)[0] > threshold:
             return exit_logits.argmax(-1)
         return np.asarray(self._tail(features)).argmax(-1)
 
@@ -219,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     _, exit_logits = jax_runner.full(images[: args.batch_images])
-    threshold = float(np.quantile(confidence(exit_logits), 1.0 - args.ratio))
+    threshold = float(np.quantile(top_probability(exit_logits), 1.0 - args.ratio))
     modes = ("full", "exit")
     b1: dict = {(r, m): [] for r in runners for m in modes}
     bn: dict = {(r, m): [] for r in runners for m in modes}

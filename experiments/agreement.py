@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 
 from experiments import proxy
-from micronet_jax.inference import select_predictions
+from micronet_jax.inference import CONFIDENT, select_predictions, top_probability
 from micronet_jax.train.steps import predict
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "osi_ai"
 CHECKPOINTS = ("first_submission", "final_ee50")
 THRESHOLD = 0.85
-CONFIDENT = 0.5  # float32 top probability from which an image counts as one it is sure of
 # the exit ratios each checkpoint was published with (CIFAR-100 test set)
 PUBLISHED_RATIO = {"first_submission": 0.3217, "final_ee50": 0.2929}
 
@@ -50,11 +49,6 @@ def run(apply_fn: Callable, variables: dict, images: np.ndarray, batch: int = 50
     return Outputs(np.asarray(main, np.float32), np.asarray(exits, np.float32))
 
 
-def _top_probability(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(-1, keepdims=True)
-    return 1.0 / np.exp(shifted).sum(-1)
-
-
 def agreement(got: Outputs, reference: Outputs) -> dict[str, float]:
     """Top-1 agreement of each path and of the combined prediction, the exit decisions that
     changed, and the largest logit differences. `confident_agreement` is the main path's on
@@ -66,7 +60,7 @@ def agreement(got: Outputs, reference: Outputs) -> dict[str, float]:
         == select_predictions(reference.main, reference.exit, reference.threshold).exited
     )
     same_main = got.main.argmax(-1) == reference.main.argmax(-1)
-    confident = _top_probability(reference.main) >= CONFIDENT
+    confident = top_probability(reference.main) >= CONFIDENT
     return {
         "main_agreement": float(np.mean(same_main)),
         "exit_agreement": float(np.mean(got.exit.argmax(-1) == reference.exit.argmax(-1))),
@@ -84,7 +78,7 @@ def near_ties(reference: Outputs) -> str:
     """How close the float32 network's main-path decisions are on the measured images."""
     top2 = np.sort(reference.main, axis=-1)[:, -2:]
     gap = np.median(top2[:, 1] - top2[:, 0])
-    top = _top_probability(reference.main)
+    top = top_probability(reference.main)
     return (
         f"median gap between the two largest logits {gap:.2f}, median top probability "
         f"{np.median(top):.2f}, {np.mean(top >= CONFIDENT):.1%} of the images at or above "

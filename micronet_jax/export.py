@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from micronet_jax.bitwidths import SCALE_WIDTHS
 from micronet_jax.errors import CheckpointError, ConfigError, DataError, MicronetError
 
 INT8_WIDTHS = range(2, 9)  # widths a code fits in int8 (kernels) and uint8 (inputs)
 THRESHOLD = 0.85  # the recipe's exit threshold
 CONTROL_IMAGES = 2000
-CONFIDENT = 0.5
 
 
 def parse_bits(text: str, scale_bits: int = 32) -> Any:
@@ -140,12 +140,10 @@ def agreement(
 ) -> dict[str, float]:
     """Top-1 agreement of each head and of the combined prediction at the exit threshold;
     `confident`: the main head's on images the reference is sure of."""
-    from micronet_jax.inference import select_predictions
+    from micronet_jax.inference import CONFIDENT, select_predictions, top_probability
 
     out = {"main": float(np.mean(got[0].argmax(-1) == reference[0].argmax(-1)))}
-    probabilities = np.exp(reference[0] - reference[0].max(-1, keepdims=True))
-    top = 1.0 / probabilities.sum(-1)
-    sure = top >= CONFIDENT
+    sure = top_probability(reference[0]) >= CONFIDENT
     out["confident"] = float(np.mean((got[0].argmax(-1) == reference[0].argmax(-1))[sure]))
     if len(got) > 1:
         a = select_predictions(got[0], got[1], threshold)
@@ -343,7 +341,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--scale_bits",
         type=int,
-        choices=(16, 32),
+        choices=SCALE_WIDTHS,
         default=32,
         help="scales and zero points as float16 values (16) or float32 (counted so)",
     )

@@ -49,6 +49,16 @@ class ExitResult:
         return float(np.mean(self.exited))
 
 
+# the top probability from which a prediction counts as confident (the agreement measures)
+CONFIDENT = 0.5
+
+
+def top_probability(logits: np.ndarray) -> np.ndarray:
+    """Each sample's max softmax probability, in NumPy (for code outside a jitted program)."""
+    shifted = logits - logits.max(-1, keepdims=True)
+    return 1.0 / np.exp(shifted).sum(-1)
+
+
 def exit_confidence(exit_logits: jax.Array) -> jax.Array:
     """The exit head's confidence in each sample: its max softmax probability."""
     return jax.nn.softmax(exit_logits, axis=-1).max(-1)
