@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 from test_ptq import pruned_tiny
+from tiny_run import optimised_env
 
 from micronet_jax import onnx_export
 from micronet_jax.bitwidths import BitWidths
@@ -276,34 +277,31 @@ def test_export_of_a_finished_run_writes_both_graphs_and_the_card(
 @pytest.mark.slow
 @pytest.mark.shared
 def test_released_network_exports_and_onnxruntime_computes_what_jax_does(
-    original_checkpoints, cifar10_archive, tmp_path
+    original_checkpoints, cifar10_archive, tmp_path, compile_cache
 ):
-    """The acceptance run on the original's final network (rounding to nearest, to keep the
-    test short; the rounding method does not change what the graph computes): the float32
-    graph's logits within 1e-4 of JAX on 2,000 real images (500 of them rechecked here), the
-    int8 file smaller and holding the codes, its predictions those of the fake quantisation
-    (up to the grid boundaries the runtimes' own float arithmetic lands on differently; see
-    README)."""
+    """The acceptance run on the original's final network, from the command line (rounding
+    to nearest, to keep the test short; the rounding method does not change what the graph
+    computes): the float32 graph's logits within 1e-4 of JAX on 2,000 real images (500 of
+    them rechecked here), the int8 file smaller and holding the codes, its predictions those
+    of the fake quantisation (up to the grid boundaries the runtimes' own float arithmetic
+    lands on differently; see README)."""
     from micronet_jax import export
     from micronet_jax.convert import load_original
     from micronet_jax.data.cifar import load_train_test
 
     pth = original_checkpoints / "final_ee50" / "trained_model.pth"
     out = tmp_path / "export"
-    card = export.export(
-        export.parse_args(
-            [
-                f"--checkpoint={pth}",
-                f"--out={out}",
-                "--bits=8x8",
-                f"--calibration={cifar10_archive}",
-                "--num_calibration=128",
-                "--num_test=2000",
-                "--num_control=0",
-                "--method=nearest",
-            ]
-        )
-    )
+    done = subprocess.run(
+        [sys.executable, "-m", "micronet_jax.export", f"--checkpoint={pth}", f"--out={out}",
+         "--bits=8x8", f"--calibration={cifar10_archive}", "--num_calibration=128",
+         "--num_test=2000", "--num_control=0", "--method=nearest"],
+        env=optimised_env(compile_cache),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = json.loads(done.stdout)
     assert json.loads((out / "card.json").read_text()) == json.loads(json.dumps(card))
     assert card["measured_on"]["test_images"] == 2000
     assert card["float32"]["onnx_vs_jax"]["max_logit_difference"] < 1e-4  # on all 2,000

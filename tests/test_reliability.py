@@ -439,7 +439,9 @@ def test_quantize_stage_killed_and_resumed_equals_an_uninterrupted_run(
     tmp_path, tiny_archive, compile_cache
 ):
     """A pipeline ending in the quantize stage (4-bit weights, 8-bit activations): its report
-    carries the quantised score, and SIGKILLed inside that stage it resumes bit-identically."""
+    carries the quantised score, and SIGKILLed inside that stage it resumes bit-identically.
+    The killed run starts from the reference's finished earlier stages (a copy without the
+    quantize stage and the report), so only the stage under test runs twice."""
     config = f"{TINY_CONFIG}:quantized"
     reference = tmp_path / "reference"
     done = subprocess.run(
@@ -457,7 +459,10 @@ def test_quantize_stage_killed_and_resumed_equals_an_uninterrupted_run(
     assert {"main_agreement", "exit_agreement", "combined_agreement"} <= set(report["metrics"])
     assert "quantize" in [s["stage"] for s in report["stages"]]
 
-    killed = tmp_path / "killed"
+    killed = Path(shutil.copytree(reference, tmp_path / "killed"))
+    shutil.rmtree(killed / "quantize")
+    for name in ("report.json", "report.md"):
+        (killed / name).unlink()
     first_epoch = killed / "quantize" / "checkpoints" / "5"
     kill_when_written(main_command(killed, tiny_archive, config=config), compile_cache, first_epoch)
     assert first_epoch.exists() and not (killed / "quantize" / "done.json").exists()

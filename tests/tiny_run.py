@@ -62,6 +62,15 @@ def main_env(cache: Path) -> dict[str, str]:
     return env
 
 
+def optimised_env(cache: Path) -> dict[str, str]:
+    """`main_env` without the suite's fast-compile flag: for a child that runs the released
+    network over thousands of images, where XLA's optimisation passes pay for themselves
+    (its predictions run ~6x faster for ~1 s more compile)."""
+    env = main_env(cache)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(FAST_COMPILE, "").strip()
+    return env
+
+
 def pipeline_outcome(workdir: Path, variant: str = "pipeline") -> dict:
     """Everything a tiny pipeline run produces that must not depend on interruptions: each
     stage's metrics and summary, the report's metrics and scores, the final stage's
