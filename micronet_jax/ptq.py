@@ -114,6 +114,15 @@ def parse_method(text: str) -> Method:
 # --- weight scales ------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "scale_bits", "clip"))
+def weight_scales(kernel: jax.Array, bits: int, scale_bits: int, clip: str) -> jax.Array:
+    """A kernel's per-output-channel scales by `clip` ('max' or 'mse'), one program per
+    kernel shape (eagerly, each of their few operations would compile on its own)."""
+    if clip == "mse":
+        return mse_channel_scales(kernel, bits, scale_bits)
+    return channel_scales(kernel, bits, scale_bits)
+
+
 def mse_channel_scales(kernel: jax.Array, bits: int, scale_bits: int, steps: int = 80) -> jax.Array:
     """Per-output-channel scales whose grid clips each channel where its squared rounding
     error is least (a search over clip ratios from 0.2 to 1 of max |w|)."""
@@ -344,6 +353,25 @@ def nearest_codes(weights: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
     return jnp.round(jnp.clip(weights, -q * scale, q * scale) / scale)
 
 
+_nearest_codes = jax.jit(nearest_codes, static_argnames="bits")
+
+
+@functools.partial(jax.jit, static_argnames="bits")
+def _nearest_on_groups(w: jax.Array, scale: jax.Array, moments: dict, bits: int):
+    """(mask of kept weights, codes rounded to nearest, their output error) of a grouped
+    kernel (G, n, m): one program per layer shape."""
+    mask = (w != 0).astype(jnp.float32)
+    nearest = nearest_codes(w, scale, bits) * mask
+    return mask, nearest, output_error(nearest * scale, w, moments)
+
+
+@jax.jit
+def _codes_error(codes: jax.Array, scale: jax.Array, w: jax.Array, moments: dict):
+    """(the codes' values, their output error)."""
+    values = codes * scale
+    return values, output_error(values, w, moments)
+
+
 # --- the whole network --------------------------------------------------------------------
 
 
@@ -404,10 +432,7 @@ def post_training_quantize(
             for path in paths:
                 weight_bits = bits.of(path)[0]
                 kernel = jnp.asarray(params[path])
-                if method.weight_clip == "mse":
-                    scale = mse_channel_scales(kernel, weight_bits, bits.scale_bits)
-                else:
-                    scale = channel_scales(kernel, weight_bits, bits.scale_bits)
+                scale = weight_scales(kernel, weight_bits, bits.scale_bits, method.weight_clip)
                 if method.needs_data:
                     moments = layer_moments(
                         model,
@@ -424,9 +449,9 @@ def post_training_quantize(
                         path, params, kernel, scale, moments, weight_bits, method, iterations
                     )
                 else:
-                    codes = nearest_codes(kernel, scale, weight_bits)
+                    codes = np.asarray(_nearest_codes(kernel, scale, weight_bits))
                     report = LayerReport(path, float("nan"), float("nan"))
-                params[path] = np.asarray(codes * scale, np.float32)
+                params[path] = (codes * np.asarray(scale)).astype(np.float32)
                 scales[scale_key(path)] = jnp.asarray(scale, jnp.float32)
                 reports.append(report)
                 bar(path)
@@ -493,19 +518,18 @@ def _round_layer(path, params, kernel, scale, moments, bits, method, iterations)
     `params` in place."""
     depthwise = is_depthwise(path)
     w = jnp.asarray(grouped_kernel(np.asarray(kernel), depthwise))
-    s = scale.reshape(-1, 1, 1) if depthwise else scale.reshape(1, 1, -1)
-    mask = (w != 0).astype(jnp.float32)
-    m = {k: jnp.asarray(getattr(moments, k), jnp.float32) for k in QUAD}
-    nearest = nearest_codes(w, s, bits) * mask
-    error_nearest = float(output_error(nearest * s, w, m))
+    s = np.asarray(scale).reshape((-1, 1, 1) if depthwise else (1, 1, -1))
+    m = {k: np.asarray(getattr(moments, k), np.float32) for k in QUAD}
+    mask, nearest, error_nearest = _nearest_on_groups(w, s, m, bits)
     if method.rounding == "adaround":
         codes = _padded_adaround(w, mask, s, m, bits, iterations)
     else:
         codes = nearest
-    error = float(output_error(codes * s, w, m))
+    values, error = _codes_error(codes, s, w, m)
+    error_nearest, error = float(error_nearest), float(error)
     shift = 0.0
     if method.bias_correction:
-        quantized = np.asarray(codes * s, np.float64)
+        quantized = np.asarray(values, np.float64)
         mean_shift = np.einsum("gn,gnm->gm", moments.mean_q, quantized) - np.einsum(
             "gn,gnm->gm", moments.mean_f, np.asarray(w, np.float64)
         )
@@ -527,12 +551,12 @@ def _padded_adaround(w, mask, scale, moments, bits, iterations):
         for size, unit in zip(shape, (32, 16, 16), strict=True)
     )
 
-    def pad(x, dims, value=0.0):
+    def pad(x, dims, value=0.0):  # in NumPy: eager jnp.pad would compile per shape
         widths = [(0, padded[d] - x.shape[i]) for i, d in enumerate(dims)]
-        return jnp.pad(x, widths, constant_values=value)
+        return np.pad(np.asarray(x), widths, constant_values=value)
 
     m = {k: pad(v, (0, 1, 1)) for k, v in moments.items()}
-    scale = jnp.broadcast_to(scale, shape)
+    scale = np.broadcast_to(np.asarray(scale), shape)
     codes = adaround(
         pad(w, (0, 1, 2)),
         pad(mask, (0, 1, 2)),
@@ -541,7 +565,7 @@ def _padded_adaround(w, mask, scale, moments, bits, iterations):
         bits,
         iterations=iterations,
     )
-    return codes[: shape[0], : shape[1], : shape[2]]
+    return np.asarray(codes)[: shape[0], : shape[1], : shape[2]]
 
 
 def _flat(tree: dict) -> dict[str, Any]:
