@@ -58,13 +58,6 @@ def pytest_configure(config) -> None:
     enable_compilation_cache()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow tests first, in their order otherwise: pytest-xdist hands tests out in this
-    order, so the long runs start while both workers are busy and the short tests fill the
-    last minutes (in file order, a long run handed out last kept one worker busy alone)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(scope="session")
 def compile_cache() -> Path:
     """That cache's folder, for the runs the tests start on the command line."""
