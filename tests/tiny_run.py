@@ -17,8 +17,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.py"
 VOLATILE = {"images_per_sec", "wall_time"}  # metrics that depend on the machine's speed
-# the suite's XLA flags (see conftest): no LLVM optimisation passes, XLA's older fusion emitter
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+FAST_COMPILE = "--xla_backend_optimization_level=0"  # the suite's XLA flag (see conftest)
 
 
 def tiny_config(variant: str = "") -> Any:
