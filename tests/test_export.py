@@ -147,12 +147,15 @@ def test_int8_graph_quantises_every_layer_input_as_jax_does(root):
 # --- the command ------------------------------------------------------------------------------
 
 
-def export_command(*args: str) -> subprocess.CompletedProcess:
+def export_command(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "micronet_jax.export", *args],
+        env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
 
 
@@ -291,15 +294,18 @@ def test_released_network_exports_and_onnxruntime_computes_what_jax_does(
 
     pth = original_checkpoints / "final_ee50" / "trained_model.pth"
     out = tmp_path / "export"
-    done = subprocess.run(
-        [sys.executable, "-m", "micronet_jax.export", f"--checkpoint={pth}", f"--out={out}",
-         "--bits=8x8", f"--calibration={cifar10_archive}", "--num_calibration=128",
-         "--num_test=2000", "--num_control=0", "--method=nearest"],
+    done = export_command(
+        f"--checkpoint={pth}",
+        f"--out={out}",
+        "--bits=8x8",
+        f"--calibration={cifar10_archive}",
+        "--num_calibration=128",
+        "--num_test=2000",
+        "--num_control=0",
+        "--method=nearest",
         env=optimised_env(compile_cache),
-        capture_output=True,
-        text=True,
         timeout=900,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     card = json.loads(done.stdout)
     assert json.loads((out / "card.json").read_text()) == json.loads(json.dumps(card))
