@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from tiny_run import FAST_COMPILE
+from tiny_run import with_fast_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ CHILD = textwrap.dedent(
 @pytest.fixture(scope="module")
 def child() -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = FAST_COMPILE  # no simulated device count: one device per core
+    env["XLA_FLAGS"] = with_fast_compile("")  # no simulated device count: one device per core
     proc = subprocess.run(
         [sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True
     )

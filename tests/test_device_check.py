@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_run import FAST_COMPILE
+from tiny_run import with_fast_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("environment", "checks", "train_steps", "epoch", "learning", "inference")
@@ -27,7 +27,7 @@ def test_smoke_run_writes_every_part(tmp_path, compile_cache):
         timeout=600,
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "JAX_PLATFORMS": "cpu",
              "MICRONET_CACHE_DIR": str(compile_cache), "PYTHONPATH": str(ROOT),
-             "XLA_FLAGS": FAST_COMPILE},
+             "XLA_FLAGS": with_fast_compile("")},
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (result,) = tmp_path.glob("*-smoke.json")

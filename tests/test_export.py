@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 from test_ptq import pruned_tiny
-from tiny_run import optimised_env
+from tiny_run import user_env
 
 from micronet_jax import onnx_export
 from micronet_jax.bitwidths import BitWidths
@@ -303,7 +303,7 @@ def test_released_network_exports_and_onnxruntime_computes_what_jax_does(
         "--num_test=2000",
         "--num_control=0",
         "--method=nearest",
-        env=optimised_env(compile_cache),
+        env=user_env(compile_cache),
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,7 +1,8 @@
 """Runs survive signals, kills, damaged checkpoints, NaNs, full disks and config changes.
 
-Most tests drive `fit` in-process with a toy linear model (compiles in a second); the
-kill-anywhere test runs the whole tiny pipeline through the command line.
+Most tests drive `fit` in-process with a toy linear model (`toy_run`, compiles in a second);
+the K-steps-per-dispatch comparisons run the toy in a child compiled with XLA's default flags;
+the kill-anywhere test runs the whole tiny pipeline through the command line.
 """
 
 from __future__ import annotations
@@ -9,75 +10,29 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from tiny_run import TINY as TINY_CONFIG
-from tiny_run import main_command, main_env, pipeline_outcome, stable, tiny_config
+from tiny_run import main_command, main_env, pipeline_outcome, stable, tiny_config, user_env
+from toy_run import BATCH, EPOCHS, K_CASES, N, SignalAt, params_of, toy_fit, toy_state
 
 from micronet_jax.errors import CheckpointError, ConfigError
 from micronet_jax.train import loop
 from micronet_jax.train import metrics as metrics_io
 from micronet_jax.train.checkpoint import Checkpointer
 from micronet_jax.train.guard import Interrupted, NonFiniteError
-from micronet_jax.train.progress import StageBar
-from micronet_jax.train.state import create_train_state
 from micronet_jax.workdir import check_resume, record_config
 
-EPOCHS, BATCH, N = 4, 8, 40  # 5 steps per epoch
-
-
-# --- a toy model: fit's behaviour does not depend on the network ------------------------
-
-
-def toy_step(state, batch, key):
-    """Softmax regression on the raw pixels, with a little noise from the step key."""
-    x = batch["image"].reshape(batch["image"].shape[0], -1).astype(jnp.float32) / 255.0
-    x = x + 0.01 * jax.random.normal(key, x.shape)
-
-    def loss_fn(params):
-        logits = x @ params["w"] + params["b"]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        return loss, logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return state, {"loss": loss, "accuracy": accuracy}
-
-
-def toy_data(n: int = N) -> loop.DeviceData:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
-    return loop.DeviceData.from_numpy(images, rng.integers(0, 10, n))
-
-
-def toy_state():
-    variables = {"params": {"w": jnp.zeros((48, 10)), "b": jnp.zeros(10)}}
-    return create_train_state(None, variables, optax.sgd(0.5, momentum=0.9), seed=3)
-
-
-def toy_fit(workdir: Path, n: int = N, **kwargs):
-    schedule = loop.Schedule(
-        epochs=EPOCHS, batch_size=BATCH, num_examples=n, batch_multiple=1, eval_every=1,
-        checkpoint_every=1,
-    )  # fmt: skip
-    kwargs.setdefault("keep_checkpoints", 10)
-    kwargs.setdefault("progress", False)
-    return loop.fit(toy_state(), toy_step, toy_data(n), schedule, workdir, **kwargs)
-
-
-def params_of(state) -> list[np.ndarray]:
-    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -85,20 +40,6 @@ def toy_reference(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("toy") / "run"
     state, records = toy_fit(workdir)
     return workdir, state, records
-
-
-class SignalAt(StageBar):
-    """A silent progress bar that sends `signum` to this process once `count` steps ran."""
-
-    def __init__(self, count: int, signum: int):
-        super().__init__("train", total=EPOCHS * 5, enabled=False, quiet=True)
-        self.count, self.signum = count, signum
-
-    def advance(self, steps: int, images: int) -> None:
-        before = self.done
-        super().advance(steps, images)
-        if before < self.count <= self.done:
-            os.kill(os.getpid(), self.signum)
 
 
 @pytest.mark.parametrize("signum, at_step", [(signal.SIGTERM, 7), (signal.SIGINT, 13)])
@@ -164,32 +105,44 @@ def test_dispatch_groups_cover_the_epoch_with_two_programs():
     assert [g[2] for g in loop.dispatch_groups(sizes, 0, 1)] == [1] * 6
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("n, k", [(N, 4), (N + 4, 2)])  # 5 steps of 8; 5 of 8 and one of 4
-def test_k_steps_per_dispatch_are_bit_identical_to_one(tmp_path, n, k):
-    one, one_records = toy_fit(tmp_path / "one", n=n)
-    grouped, grouped_records = toy_fit(tmp_path / "k", n=n, steps_per_dispatch=k)
-    assert (
-        int(grouped.step)
-        == int(one.step)
-        == EPOCHS * len(loop.Schedule(1, BATCH, n, batch_multiple=1).batch_sizes)
+@pytest.fixture(scope="module")
+def k_step_runs(tmp_path_factory, compile_cache) -> dict:
+    """`toy_run.k_step_runs` in a child compiled with XLA's default flags, as a user's run
+    is: the suite's fast-compile flags break the identity (`tiny_run.user_env`)."""
+    out = tmp_path_factory.mktemp("k_steps") / "runs.pickle"
+    env = user_env(compile_cache)
+    env["PYTHONPATH"] = f"{TESTS}{os.pathsep}{env['PYTHONPATH']}"
+    done = subprocess.run(
+        [sys.executable, str(TESTS / "toy_run.py"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    for got, want in zip(params_of(grouped), params_of(one), strict=True):
+    assert done.returncode == 0, done.stderr[-3000:]
+    return pickle.loads(out.read_bytes())
+
+
+@pytest.mark.xdist_group("toy_k_steps")
+@pytest.mark.parametrize("n, k", K_CASES)
+def test_k_steps_per_dispatch_are_bit_identical_to_one(k_step_runs, n, k):
+    one, grouped = k_step_runs[n, 1], k_step_runs[n, k]
+    steps = EPOCHS * len(loop.Schedule(1, BATCH, n, batch_multiple=1).batch_sizes)
+    assert grouped["step"] == one["step"] == steps
+    for got, want in zip(grouped["params"], one["params"], strict=True):
         np.testing.assert_array_equal(got, want)
-    assert stable(grouped_records) == stable(one_records)
+    assert grouped["records"] == one["records"]
 
 
-def test_k_steps_signal_stops_at_a_group_boundary_and_resumes_exactly(toy_reference, tmp_path):
-    _, ref_state, ref_records = toy_reference
-    workdir = tmp_path / "run"
-    with pytest.raises(Interrupted):  # the signal lands inside epoch 2's group of steps 5-8
-        toy_fit(workdir, steps_per_dispatch=4, progress=SignalAt(7, signal.SIGTERM))
-    ckpt = Checkpointer(workdir / "checkpoints")
-    assert ckpt.latest_step() == 9
-    ckpt.close()
-    state, records = toy_fit(workdir, steps_per_dispatch=4)
-    assert stable(records) == stable(ref_records)
-    for got, want in zip(params_of(state), params_of(ref_state), strict=True):
+@pytest.mark.xdist_group("toy_k_steps")
+def test_k_steps_signal_stops_at_a_group_boundary_and_resumes_exactly(k_step_runs):
+    """SIGTERM after step 7, inside the group of steps 5-8: the run stops at the group's
+    end, checkpoints step 9, and resuming at K = 4 ends as the uninterrupted K = 1 run."""
+    stopped, reference = k_step_runs["signal"], k_step_runs[N, 1]
+    assert stopped["exit_code"] == 128 + signal.SIGTERM
+    assert stopped["latest_step"] == 9
+    assert stopped["records"] == reference["records"]
+    for got, want in zip(stopped["params"], reference["params"], strict=True):
         np.testing.assert_array_equal(got, want)
 
 
@@ -319,10 +272,12 @@ def finish(
     cache: Path,
     *overrides: str,
     config: str = f"{TINY_CONFIG}:pipeline",
+    env: dict[str, str] | None = None,
 ) -> None:
+    """Run (or resume) the pipeline to its end; `env` defaults to `main_env(cache)`."""
     done = subprocess.run(
         main_command(workdir, archive, *overrides, config=config),
-        env=main_env(cache),
+        env=env or main_env(cache),
         capture_output=True,
         text=True,
         timeout=900,
@@ -336,14 +291,20 @@ def epochs_recorded(workdir: Path) -> int:
 
 
 def run_killed_after(
-    workdir: Path, archive: Path, cache: Path, epochs: int, delay: float, *overrides: str
+    workdir: Path,
+    archive: Path,
+    cache: Path,
+    epochs: int,
+    delay: float,
+    *overrides: str,
+    env: dict[str, str] | None = None,
 ) -> bool:
     """Start the pipeline (resuming), SIGKILL it `delay` seconds after its `epochs`-th epoch
     record (a moment set by the run's progress, not the clock, so a busy machine moves it no
-    later in the run); False when it finished first."""
+    later in the run); False when it finished first. `env` defaults to `main_env(cache)`."""
     proc = subprocess.Popen(
         main_command(workdir, archive, *overrides),
-        env=main_env(cache),
+        env=env or main_env(cache),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -395,17 +356,20 @@ def test_pipeline_at_4_steps_per_dispatch_killed_anywhere_resumes_exactly_as_one
     group of steps. The resumed run ends bit-identical to the uninterrupted one, which ran
     its steps one per dispatch: the results depend neither on the kills nor on K. (Kills at
     a chosen step inside a group and K with a partial last batch: the K-step tests above;
-    at random wall-clock moments: `python -m benchmarks.kill_resume`.)"""
+    at random wall-clock moments: `python -m benchmarks.kill_resume`.) Compiled, like the
+    reference, with XLA's default flags, as a user's runs are (`tiny_run.user_env`)."""
     reference, archive, cache = tiny_pipeline[1], tiny_archive, compile_cache
-    workdir = tmp_path / "killed"
+    workdir, env = tmp_path / "killed", user_env(cache)
     rng = random.Random(1234)
     moments = sorted(rng.sample(range(1, 5), 3))
     kills = sum(
-        run_killed_after(workdir, archive, cache, epochs, rng.uniform(0.0, 1.5), FOUR_PER_DISPATCH)
+        run_killed_after(
+            workdir, archive, cache, epochs, rng.uniform(0.0, 1.5), FOUR_PER_DISPATCH, env=env
+        )
         for epochs in moments
     )
     assert kills >= 3, "the run finished before it could be killed three times"
-    finish(workdir, archive, cache, FOUR_PER_DISPATCH)
+    finish(workdir, archive, cache, FOUR_PER_DISPATCH, env=env)
     assert_same_outcome(pipeline_outcome(workdir), pipeline_outcome(reference))
 
 
