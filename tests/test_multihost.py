@@ -58,14 +58,25 @@ def command(workdir: Path, archive: Path, *extra: str, epochs: int = EPOCHS) -> 
     return main_command(workdir, archive, *options, *extra, config=str(TINY))
 
 
+RUNTIME_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")  # `W1203 12:00:00.000000 ...`
+# gloo's connection notice, written piece by piece from several threads: two notices can
+# interleave ("[Gloo] Rank [Gloo] Rank 3 is connected to 3 ... : 3", then "2 is connected
+# to 3 ... : 3"), so a line made only of the notice's pieces is one.
+GLOO_NOTICE = re.compile(
+    r"(?:\[Gloo\] Rank |\d+| is connected to | peer ranks\. Expected number of connected peer"
+    r" ranks is : )+"
+)
+
+
 def own_lines(output: str) -> list[str]:
     """What the program printed: no collective library's connection notices and no lines of
-    the runtime's C++ log (`W1203 12:00:00.000000 ...`)."""
-    runtime_log = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")
+    the runtime's C++ log."""
     return [
         line
         for line in output.splitlines()
-        if line.strip() and not line.startswith("[Gloo]") and not runtime_log.match(line)
+        if line.strip()
+        and not RUNTIME_LOG.match(line)
+        and not (GLOO_NOTICE.fullmatch(line) and not line.isdigit())
     ]
 
 
