@@ -110,11 +110,9 @@ def k_step_runs(tmp_path_factory, compile_cache) -> dict:
     """`toy_run.k_step_runs` in a child compiled with XLA's default flags, as a user's run
     is: the suite's fast-compile flags break the identity (`tiny_run.user_env`)."""
     out = tmp_path_factory.mktemp("k_steps") / "runs.pickle"
-    env = user_env(compile_cache)
-    env["PYTHONPATH"] = f"{TESTS}{os.pathsep}{env['PYTHONPATH']}"
-    done = subprocess.run(
+    done = subprocess.run(  # the script's folder, tests/, is on the child's path
         [sys.executable, str(TESTS / "toy_run.py"), str(out)],
-        env=env,
+        env=user_env(compile_cache),
         capture_output=True,
         text=True,
         timeout=600,
