@@ -28,10 +28,10 @@ def first_step(model_size: str, batch: int) -> float:
     import jax
     import numpy as np
 
-    from micronet_jax import builders
-    from micronet_jax.defaults import default_config
+    from micronet_jax.backend import enable_compilation_cache
+    from micronet_jax.config import builders
+    from micronet_jax.config.defaults import default_config
     from micronet_jax.models.efficientnet import init_variables
-    from micronet_jax.runtime import enable_compilation_cache
     from micronet_jax.train.loop import _run_batch, step_config_from
     from micronet_jax.train.optim import make_optimizer
     from micronet_jax.train.state import create_train_state

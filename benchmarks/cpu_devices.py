@@ -24,7 +24,7 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from micronet_jax.runtime import use_cpu_cores  # noqa: E402
+from micronet_jax.backend import use_cpu_cores  # noqa: E402
 
 
 def eval_rates(images, repeats: int) -> dict[str, float]:
@@ -69,9 +69,9 @@ def eval_rates(images, repeats: int) -> dict[str, float]:
 def train_rates(images, repeats: int) -> dict[str, float]:
     import numpy as np
 
+    from micronet_jax.distributed import sharding
     from micronet_jax.models.architecture import build_architecture
     from micronet_jax.models.efficientnet import MicroNet, init_variables
-    from micronet_jax.train import sharding
     from micronet_jax.train.loop import DeviceData, Schedule, run_epoch
     from micronet_jax.train.optim import make_optimizer
     from micronet_jax.train.state import create_train_state

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from micronet_jax.inference import top_probability
+from micronet_jax.evaluation.early_exit import top_probability
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CHECKPOINT = SHARED / "reference" / "osi_ai" / "final_ee50" / "trained_model.pth"
@@ -131,7 +131,7 @@ class JaxRunner:
         return np.asarray(logits), np.asarray(exit_logits)
 
     def exit(self, images, threshold):
-        from micronet_jax.inference import exit_predict_fast
+        from micronet_jax.evaluation.early_exit import exit_predict_fast
 
         if len(images) > 1:
             return exit_predict_fast(
@@ -165,7 +165,7 @@ def time_batches(fn: Callable, images: np.ndarray, batch: int) -> float:
 def static_peer(onnx_dir: Path, calibration: np.ndarray) -> Path:
     """onnxruntime's own static int8 quantisation of model.onnx (per channel, MinMax on the
     same calibration images), built once."""
-    from micronet_jax.onnx_export import static_quantize_peer
+    from micronet_jax.deploy.onnx_graph import static_quantize_peer
 
     path = onnx_dir / "peer" / "model_ort_static.onnx"
     if not path.exists():
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
 
-    from micronet_jax.convert import load_original
+    from micronet_jax.models.torch_import import load_original
 
     onnx_dir = ensure_exported(args)
     images = test_images(Path(args.calibration), max(args.images, args.batch_images))

@@ -46,12 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from micronet_jax.builders import DTYPES
+from micronet_jax.backend import enable_compilation_cache
+from micronet_jax.config.builders import DTYPES
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.conv import resolve_impl
 from micronet_jax.models.efficientnet import MicroNet, init_variables
-from micronet_jax.runtime import enable_compilation_cache
-from micronet_jax.scoring import count_micronet
+from micronet_jax.scoring.counter import count_micronet
 from micronet_jax.train import loop
 from micronet_jax.train.guard import GuardedStep
 from micronet_jax.train.optim import make_optimizer
@@ -203,7 +203,7 @@ def checkpoint_parity(payload: Path | None) -> dict[str, Any]:
     reference = payload / "reference" / "logits.npz" if payload else None
     if reference is None or not reference.exists():
         return {"skipped": "no payload (python -m benchmarks.device_payload)"}
-    from micronet_jax.convert import load_original
+    from micronet_jax.models.torch_import import load_original
 
     saved = np.load(reference)
     images, out = saved["images"], {}
@@ -246,7 +246,7 @@ def bf16_check(sizes: Sizes) -> dict[str, Any]:
 def sharding_check(sizes: Sizes) -> dict[str, Any]:
     if jax.device_count() < 2:
         return {"skipped": f"{jax.device_count()} device: nothing to split over"}
-    from micronet_jax.train import sharding
+    from micronet_jax.distributed import sharding
 
     model = MicroNet(sizes.arch.with_exit_head(None))
     rng = np.random.default_rng(0)
@@ -450,8 +450,8 @@ def learning_run(
         archive = make_smoke_archive(workdir)
     elif archive is None or not archive.exists():
         return {"skipped": "no payload: no real images to learn from"}
-    from micronet_jax.defaults import default_config
-    from micronet_jax.pipeline import train_and_evaluate
+    from micronet_jax.config.defaults import default_config
+    from micronet_jax.recipe.pipeline import train_and_evaluate
 
     config = default_config()
     config.data.name, config.data.dir, config.data.download = "cifar10", str(archive), False
@@ -497,14 +497,14 @@ def make_smoke_archive(folder: Path) -> Path:
 def inference(sizes: Sizes, payload: Path | None) -> dict[str, Any]:
     """Full network against fast early exit, ~32% exiting, at each batch size."""
     from benchmarks.early_exit import interleaved_times, run_fast, run_full
-    from micronet_jax.inference import exit_confidence
+    from micronet_jax.evaluation.early_exit import exit_confidence
 
     source = "random init"
     model = MicroNet(sizes.arch)
     variables = init_variables(model, jax.random.key(0))
     pth = payload / "reference" / "first_submission.pth" if payload else None
     if pth is not None and pth.exists() and not sizes.smoke:
-        from micronet_jax.convert import load_original
+        from micronet_jax.models.torch_import import load_original
 
         loaded = load_original(pth)
         model, variables, source = loaded.model, loaded.variables, "first-submission checkpoint"

@@ -27,13 +27,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from micronet_jax.backend import use_cpu_cores
 from micronet_jax.data.augment import eval_transform
-from micronet_jax.inference import exit_confidence, exit_predict_fast, select_predictions
+from micronet_jax.evaluation.early_exit import (
+    exit_confidence,
+    exit_predict_fast,
+    select_predictions,
+)
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.efficientnet import MicroNet, init_variables
 from micronet_jax.models.microbatch import map_eval_batch
-from micronet_jax.runtime import use_cpu_cores
-from micronet_jax.scoring import count_micronet
+from micronet_jax.scoring.counter import count_micronet
 from micronet_jax.train.steps import predict
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -42,7 +46,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 def load_model() -> tuple[MicroNet, dict, str]:
     pth = SHARED / "reference" / "osi_ai" / "first_submission" / "trained_model.pth"
     if pth.exists():
-        from micronet_jax.convert import load_original
+        from micronet_jax.models.torch_import import load_original
 
         ckpt = load_original(pth)
         return ckpt.model, ckpt.variables, "original first-submission checkpoint"
@@ -86,9 +90,9 @@ def _trunk(model: MicroNet, variables: dict, images: jax.Array) -> jax.Array:
 def use_cheap_swish() -> None:
     """Swap swish for hard swish, x·clip(0.5 + 0.2x, 0, 1), in every model module (before
     anything is traced): the same shape of function without the exponential."""
-    from micronet_jax.models import early_exit, efficientnet, layers
+    from micronet_jax.models import efficientnet, exit_head, layers
 
-    for module in (layers, efficientnet, early_exit):
+    for module in (layers, efficientnet, exit_head):
         module.swish = lambda x: x * jnp.clip(0.5 + 0.2 * x, 0.0, 1.0)
 
 

@@ -77,7 +77,7 @@ def stage_starts(reference: Path) -> list[int]:
 
 
 def stages_of() -> list[str]:
-    from micronet_jax.stages import plan_stages
+    from micronet_jax.recipe.stages import plan_stages
 
     return [s.name for s in plan_stages(tiny_config("pipeline"))]
 

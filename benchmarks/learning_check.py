@@ -27,7 +27,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 
 def recipe_config(args: argparse.Namespace):
-    from micronet_jax.defaults import default_config
+    from micronet_jax.config.defaults import default_config
 
     config = default_config()
     config.data.name = "cifar10"
@@ -42,7 +42,7 @@ def recipe_config(args: argparse.Namespace):
 
 
 def run_jax(args: argparse.Namespace) -> dict:
-    from micronet_jax.pipeline import train_and_evaluate
+    from micronet_jax.recipe.pipeline import train_and_evaluate
 
     config = recipe_config(args)
     with tempfile.TemporaryDirectory() as workdir:
@@ -65,7 +65,7 @@ def run_torch(args: argparse.Namespace) -> dict:
     import pil_reference
 
     from benchmarks import torch_micronet
-    from micronet_jax import builders
+    from micronet_jax.config import builders
     from micronet_jax.data.policy import CIFAR100_ROWS
 
     config = recipe_config(args)

@@ -75,7 +75,7 @@ class JaxStep:
         import jax
         import jax.numpy as jnp
 
-        from micronet_jax.builders import DTYPES
+        from micronet_jax.config.builders import DTYPES
         from micronet_jax.models.efficientnet import MicroNet, init_variables
         from micronet_jax.train.optim import make_optimizer
         from micronet_jax.train.state import create_train_state

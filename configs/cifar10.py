@@ -1,6 +1,6 @@
 """The recipe on CIFAR-10 (10 classes; everything else as on CIFAR-100)."""
 
-from micronet_jax.defaults import default_config
+from micronet_jax.config.defaults import default_config
 
 
 def get_config(variant: str = ""):

@@ -1,6 +1,6 @@
 """Stage A of the recipe: the dense baseline, 1200 epochs on CIFAR-100."""
 
-from micronet_jax.defaults import default_config
+from micronet_jax.config.defaults import default_config
 
 
 def get_config():

@@ -14,7 +14,7 @@ classifier at 8, as the track's winner kept its first and last layers wider).
 
 from pathlib import Path
 
-from micronet_jax.defaults import default_config
+from micronet_jax.config.defaults import default_config
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FINAL = SHARED / "reference" / "osi_ai" / "final_ee50" / "trained_model.pth"

@@ -7,7 +7,7 @@ after the exit head, 60 epochs of quantisation-aware training with 8-bit weights
 activations (other widths: --config.quant.weight_bits=4 …), scored at its real widths.
 """
 
-from micronet_jax.defaults import default_config
+from micronet_jax.config.defaults import default_config
 
 
 def get_config(variant: str = ""):

@@ -6,7 +6,7 @@ stage of the recipe with epoch counts scaled down.
 
 from pathlib import Path
 
-from micronet_jax.defaults import default_config
+from micronet_jax.config.defaults import default_config
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -4,7 +4,7 @@ python -m micronet_jax.main --config=configs/test.py \
     --config.checkpoint=PATH [--config.data.dir=DIR]
 """
 
-from micronet_jax.defaults import default_config
+from micronet_jax.config.defaults import default_config
 
 
 def get_config():

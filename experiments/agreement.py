@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from experiments import proxy
-from micronet_jax.inference import CONFIDENT, select_predictions, top_probability
+from micronet_jax.evaluation.early_exit import CONFIDENT, select_predictions, top_probability
 from micronet_jax.train.steps import predict
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "osi_ai"

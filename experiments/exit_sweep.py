@@ -32,10 +32,10 @@ import numpy as np
 
 from experiments import proxy
 from micronet_jax.data.cifar import load_cifar
-from micronet_jax.inference import exit_metrics, select_predictions
+from micronet_jax.evaluation.early_exit import exit_metrics, select_predictions
 from micronet_jax.models.architecture import Architecture
 from micronet_jax.models.efficientnet import MicroNet, init_variables
-from micronet_jax.scoring import count_micronet, measured_sparsity
+from micronet_jax.scoring.counter import count_micronet, measured_sparsity
 from micronet_jax.train.optim import cosine_per_epoch, make_optimizer
 from micronet_jax.train.state import create_exit_state, full_variables
 from micronet_jax.train.steps import StepConfig, exit_train_step, predict
@@ -112,7 +112,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def load_source(args: argparse.Namespace) -> tuple[Architecture, dict, str]:
     """(architecture with its exit head, variables, label) of the checkpoint or workdir."""
     if args.checkpoint:
-        from micronet_jax.convert import load_original
+        from micronet_jax.models.torch_import import load_original
 
         loaded = load_original(args.checkpoint)
         return loaded.arch, loaded.variables, str(args.checkpoint)
@@ -123,7 +123,8 @@ def load_workdir(workdir: Path) -> tuple[Architecture, dict]:
     """The last finished exit stage of a pipeline run, rebuilt from its config.json."""
     from ml_collections import ConfigDict
 
-    from micronet_jax import builders, stages
+    from micronet_jax.config import builders
+    from micronet_jax.recipe import stages
 
     config = ConfigDict(json.loads((workdir / "config.json").read_text()))
     stage = stages.last_exit_stage(config, workdir)
@@ -280,7 +281,7 @@ def sweep(args: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
 def write(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace, in_domain: bool) -> None:
     """JSON, CSV, Markdown and the Pareto plot. Out of domain, accuracy means nothing, so the
     plot shows how often the combined prediction agrees with the full network's instead."""
-    from micronet_jax.plots import plot_exit_tradeoff
+    from micronet_jax.evaluation.plots import plot_exit_tradeoff
 
     proxy.write_json(out / "exit_sweep.json", rows)
     domain = (

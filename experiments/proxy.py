@@ -164,7 +164,7 @@ def write_json(path: Path, data: Any) -> Path:
 def trial_plot(path: Path, rows: Sequence[dict[str, Any]], title: str) -> Path:
     """Validation loss per trial and the best so far (how the search went); with MicroNet
     scores, a second panel of loss against score (what each candidate would cost)."""
-    from micronet_jax.plots import pyplot
+    from micronet_jax.evaluation.plots import pyplot
 
     plt = pyplot()
     with_score = "score" in rows[0]
@@ -285,7 +285,7 @@ def split_from(args: Any) -> Split:
 
 def prepare(args: Any) -> Path:
     """Output folder and compilation cache, before anything compiles."""
-    from micronet_jax.runtime import enable_compilation_cache
+    from micronet_jax.backend import enable_compilation_cache
 
     enable_compilation_cache(args.cache)
     out = Path(args.out)
@@ -295,7 +295,7 @@ def prepare(args: Any) -> Path:
 
 def micronet_numbers(arch: Architecture) -> dict[str, float]:
     """The dense MicroNet count of a candidate (16-bit, BN not counted, as `score` prints)."""
-    from micronet_jax.scoring import count_micronet
+    from micronet_jax.scoring.counter import count_micronet
 
     count = count_micronet(arch)
     return {

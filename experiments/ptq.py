@@ -6,7 +6,7 @@
 BN folded into the convs, weights per output channel (symmetric), the input of every conv and
 dense layer on an affine grid (a depthwise conv's input per channel, or per tensor with
 `WxA/tensor`), calibrated on `--num_calibration` CIFAR-10 training images; the methods
-(`micronet_jax.ptq`): rounding to nearest on max scales, MSE-chosen weight clipping, bias
+(`micronet_jax.quant.ptq`): rounding to nearest on max scales, MSE-chosen weight clipping, bias
 correction, AdaRound's learned rounding, and all three. Agreement is measured on the test
 images, which calibration never sees. Pruning masks are kept exactly (a pruned weight is 0
 on every grid). Each row gives top-1 agreement with the float32 network on real CIFAR-10 test
@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from experiments import agreement
-from micronet_jax.bitwidths import BitWidths, parse_override
 from micronet_jax.data.augment import eval_transform
 from micronet_jax.models.fold import fold_batch_norm
-from micronet_jax.ptq import parse_method, post_training_quantize
-from micronet_jax.quantization import QuantizedApply, calibrate
-from micronet_jax.scoring import count_micronet
+from micronet_jax.quant.fake import QuantizedApply, calibrate
+from micronet_jax.quant.ptq import parse_method, post_training_quantize
+from micronet_jax.quant.widths import BitWidths, parse_override
+from micronet_jax.scoring.counter import count_micronet
 
 DEFAULT_BITS = ("8x8", "6x6", "4x8", "4x4")
 DEFAULT_METHODS = ("nearest", "mse", "bias", "adaround", "mse+adaround+bias")
@@ -75,7 +75,7 @@ def honest_score(arch, params, bits: BitWidths, ratio: float):
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
-    from micronet_jax.convert import load_original
+    from micronet_jax.models.torch_import import load_original
 
     images, calibration_images = agreement.measured_images(
         args.data, args.num_test, args.num_calibration
@@ -128,20 +128,20 @@ def peer_rows(name, loaded, calibration_images, images, reference, args) -> list
     import onnx
     import onnxruntime as ort
 
-    from micronet_jax import onnx_export
+    from micronet_jax.deploy import onnx_graph
 
     rows = []
     variables = fold_batch_norm(loaded.variables)
-    forward = onnx_export.forward_fn(loaded.model, variables)
+    forward = onnx_graph.forward_fn(loaded.model, variables)
     outputs = ["logits", "exit_logits"]
     with tempfile.TemporaryDirectory() as tmp:
         float_path = str(Path(tmp) / "model.onnx")
-        onnx.save(onnx_export.to_onnx(forward, ("N", 32, 32, 3), np.uint8, outputs), float_path)
+        onnx.save(onnx_graph.to_onnx(forward, ("N", 32, 32, 3), np.uint8, outputs), float_path)
         for peer in PEERS:
             tic = time.perf_counter()
             path = str(Path(tmp) / f"{peer}.onnx")
             peer_images = calibration_images[:PEER_CALIBRATION]
-            onnx_export.static_quantize_peer(float_path, path, peer_images, peer)
+            onnx_graph.static_quantize_peer(float_path, path, peer_images, peer)
             session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             parts = [
                 session.run(None, {"images": images[i : i + args.batch_size]})

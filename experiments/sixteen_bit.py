@@ -23,10 +23,10 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from experiments import agreement
-from micronet_jax.bitwidths import BitWidths
 from micronet_jax.models.efficientnet import MicroNet
 from micronet_jax.models.fold import fold_batch_norm
-from micronet_jax.quantization import QuantizedApply
+from micronet_jax.quant.fake import QuantizedApply
+from micronet_jax.quant.widths import BitWidths
 
 COLUMNS = (
     "checkpoint",
@@ -52,7 +52,7 @@ def apply_fn(arch, variant: str):
 
 
 def measure(args: argparse.Namespace, notes: list[str] | None = None) -> list[dict]:
-    from micronet_jax.convert import load_original
+    from micronet_jax.models.torch_import import load_original
 
     images, _ = agreement.measured_images(args.data, args.num_test, 0)
     rows = []

@@ -1,12 +1,26 @@
-"""Errors a user can cause (bad config, missing or damaged data or checkpoints).
+"""Errors a user can cause (bad flags or config, missing or damaged data or checkpoints), and
+how every command reports them.
 
-Raised with one clear message naming the bad value and what is expected; the command-line
-entry points print the message and exit non-zero instead of showing a traceback.
+Each is raised with one clear message naming the bad value and what is expected. Every
+command (`main`, `export`, `score`, `report`) prints it as one line, `error: <message>`, on
+stderr and exits with the error's `exit_status`: 2 for input the user can fix and rerun, 1
+for a run that failed on its own (training diverged, a host of the job was lost). No
+traceback for either.
 """
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+BAD_INPUT = 2  # exit status for a bad flag, config value, data set or checkpoint
 
 
 class MicronetError(ValueError):
     """A problem with the user's input, explained in its message."""
+
+    exit_status = BAD_INPUT
 
 
 class DataError(MicronetError):
@@ -23,4 +37,36 @@ class ConfigError(MicronetError):
 
 class LaunchError(MicronetError):
     """The processes of a multi-host job cannot start together (no coordinator, a missing
-    peer, processes started with different configs). The command line exits with status 2."""
+    peer, processes started with different configs)."""
+
+
+def fail(message: str, status: int = BAD_INPUT) -> NoReturn:
+    """Print `error: <message>` as one line on stderr and exit with `status`."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def report(error: MicronetError) -> int:
+    """Print `error` as one line on stderr; its exit status."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    return error.exit_status
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse as every command uses it: `--help` shows each flag's default; a bad flag is
+    one line (`error: …`) and exit status 2, like any other bad input."""
+
+    def __init__(self, prog: str, description: str, epilog: str | None = None) -> None:
+        super().__init__(
+            prog=prog,
+            description=description,
+            epilog=epilog,
+            formatter_class=_HelpFormatter,
+        )
+
+    def error(self, message: str) -> NoReturn:
+        fail(message)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag's help; the description's line breaks kept."""

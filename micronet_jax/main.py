@@ -2,11 +2,16 @@
 
 `config.mode` picks the job: `train` (stage A), `pipeline` (the whole recipe), `test`
 (evaluate and score a checkpoint) or `quantize` (quantisation-aware training of a checkpoint).
-Mistakes a user can make are printed as one message: bad flags and multi-host launches that
-cannot start (no coordinator, a missing peer, processes with different configs) exit with
-status 2, bad values, data or checkpoints with 1, and a run stopped by SIGINT/SIGTERM (after
-saving a checkpoint to resume from) with 128 + the signal number; a multi-host job that a
-preemption notice stopped at one agreed step exits with 0.
+Mistakes a user can make are printed as one line, `error: …`: bad flags, bad config values,
+missing or damaged data or checkpoints and multi-host launches that cannot start (no
+coordinator, a missing peer, processes with different configs) exit with status 2; a run that
+failed on its own (training diverged, a host was lost) with 1; a run stopped by SIGINT/SIGTERM
+(after saving a checkpoint to resume from) with 128 + the signal number; a multi-host job
+that a preemption notice stopped at one agreed step with 0.
+
+The flags are absl's, since `--config=FILE[:VARIANT]` and its `--config.KEY=VALUE` overrides
+come from ml_collections' config flags; `--help` prints the same layout as every other
+command's.
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ from absl import app, flags, logging
 from jax.errors import JaxRuntimeError
 from ml_collections import config_flags
 
-from micronet_jax.errors import LaunchError, MicronetError
-from micronet_jax.launch import LAUNCH_STATUS, check_same_launch, join
-from micronet_jax.runtime import enable_compilation_cache, use_cpu_cores
+from micronet_jax.backend import enable_compilation_cache, use_cpu_cores
+from micronet_jax.config.validate import validate_config
+from micronet_jax.config.workdir import check_resume
+from micronet_jax.errors import CommandParser, MicronetError, fail
+from micronet_jax.recipe.launch import check_same_launch, join
 from micronet_jax.train.guard import Interrupted
-from micronet_jax.validate import validate_config
-from micronet_jax.workdir import check_resume
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file.", lock_config=True
@@ -37,19 +42,19 @@ def run(config, workdir: str | None) -> None:
     check_resume(config, workdir)
     mode = config.mode
     if mode == "train":
-        from micronet_jax.pipeline import train_and_evaluate
+        from micronet_jax.recipe.pipeline import train_and_evaluate
 
         train_and_evaluate(config, workdir)
     elif mode == "pipeline":
-        from micronet_jax.pipeline import run_pipeline
+        from micronet_jax.recipe.pipeline import run_pipeline
 
         run_pipeline(config, workdir)
     elif mode == "test":
-        from micronet_jax.pipeline import run_test
+        from micronet_jax.recipe.pipeline import run_test
 
         run_test(config, workdir)
     elif mode == "quantize":
-        from micronet_jax.pipeline import run_quantize
+        from micronet_jax.recipe.pipeline import run_quantize
 
         run_quantize(config, workdir)
     else:
@@ -64,16 +69,15 @@ def _loaded_config():
     except OSError as exc:  # ml_collections defers the loading error to the first access
         cause = exc.__cause__ or exc.__context__ or exc
         reason = str(cause).strip().splitlines()[-1].strip()
-        print(f"error: --config could not be loaded: {reason}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"--config could not be loaded: {reason}")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
     config = _loaded_config()
     if config is None:
-        raise app.UsageError("--config is required, e.g. --config=configs/reproduce.py")
+        fail("--config is required, e.g. --config=configs/reproduce.py")
     logging.set_verbosity(logging.WARNING)
     job, status, message = None, 0, None
     try:
@@ -84,11 +88,9 @@ def main(argv: list[str]) -> None:
         check_same_launch(job, config, _WORKDIR.value)
         run(config, _WORKDIR.value)
     except Interrupted as exc:
-        status, message = exc.exit_code, f"interrupted: {exc}"
-    except LaunchError as exc:
-        status, message = LAUNCH_STATUS, f"error: {exc}"
+        status, message = exc.exit_status, f"interrupted: {exc}"
     except MicronetError as exc:
-        status, message = 1, f"error: {exc}"
+        status, message = exc.exit_status, f"error: {exc}"
     except JaxRuntimeError:
         if job is not None:  # a collective failed: most likely a peer is gone
             job.explain_failure()
@@ -150,20 +152,43 @@ def check_config_file(argv: list[str]) -> None:
         return
     known = existing_configs(path)
     hint = f"; configs: {', '.join(known)}" if known else ""
-    print(f"error: --config: no config file {path}{hint}", file=sys.stderr)
-    sys.exit(2)
+    fail(f"--config: no config file {path}{hint}")
+
+
+def help_parser() -> CommandParser:
+    """The command line as `--help` shows it, laid out as every other command's help."""
+    parser = CommandParser(
+        prog="python -m micronet_jax.main",
+        description="Train, prune, evaluate or quantise a MicroNet: the job is the config's "
+        "`mode` (train: stage A; pipeline: the whole recipe; test: evaluate and score a "
+        "checkpoint; quantize: quantisation-aware training of one).",
+        epilog="configs: " + ", ".join(existing_configs("configs/x.py"))
+        + ". Example: python -m micronet_jax.main --config=configs/reproduce.py "
+        "--workdir=runs/repro",
+    )
+    parser.add_argument("--config", metavar="FILE[:VARIANT]", help=_CONFIG.help)
+    parser.add_argument(
+        "--config.KEY",
+        metavar="VALUE",
+        help="override one config field, e.g. --config.train.batch_size=256 (repeatable; "
+        "unknown keys and wrong types are refused)",
+    )
+    parser.add_argument("--workdir", metavar="DIR", help=_WORKDIR.help)
+    parser.add_argument("--helpfull", action="store_true", help="absl's list of every flag")
+    return parser
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, but a bad override (unknown key, wrong type) or a missing config file is
-    one line, no traceback."""
+    """absl's parsing, but `--help` in the commands' shared layout, and a bad override
+    (unknown key, wrong type) or a missing config file one line, no traceback."""
+    if any(arg in ("-h", "--help") for arg in argv[1:]):
+        help_parser().print_help()
+        sys.exit(0)
     check_config_file(argv)
     try:
         return flags.FLAGS(argv)
     except Exception as exc:  # noqa: BLE001 - ml_collections raises Key/Attribute/Type errors
-        print(f"error: bad command line: {_flag_message(exc, argv)}", file=sys.stderr)
-        print("Pass --helpfull to see the flags.", file=sys.stderr)
-        sys.exit(2)
+        fail(f"bad command line: {_flag_message(exc, argv)} (--help lists the flags)")
 
 
 if __name__ == "__main__":

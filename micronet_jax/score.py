@@ -18,16 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from micronet_jax.bitwidths import bit_widths
-from micronet_jax.errors import CheckpointError, ConfigError, MicronetError
+from micronet_jax.errors import CheckpointError, CommandParser, ConfigError, MicronetError, report
 from micronet_jax.models.architecture import Architecture, build_architecture
-from micronet_jax.scoring import MicroNetCount, count_micronet, measured_sparsity
-
-COLUMNS = ("layer", "share", "params", "mults", "adds", "math ops", "storage", "math (32-bit)")
+from micronet_jax.quant.widths import bit_widths
+from micronet_jax.scoring.counter import count_micronet, measured_sparsity
+from micronet_jax.scoring.table import conventions_line, format_comparison, format_table
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m micronet_jax.score",
         description="MicroNet Challenge count: per-layer table and scores.",
     )
@@ -143,70 +142,6 @@ def settings(args: argparse.Namespace, arch: Architecture) -> dict[str, Any]:
     }
 
 
-def describe(opts: dict[str, Any], arch: Architecture, sparsity: str) -> str:
-    """One line saying which conventions a table was counted with."""
-    parts = [sparsity, "BN as bias" if opts["bn_as_bias"] else "BN not counted"]
-    parts.append("upsample counted" if opts["include_upsample"] else "upsample not counted")
-    if opts["bits"].quantised:
-        parts.append(opts["bits"].describe())
-    if arch.exit_head is not None:
-        ratio = opts["exit_ratio"] or 0.0
-        parts.append(f"exit head after block {arch.exit_head.after_block}, exit ratio {ratio:g}")
-    return ", ".join(parts)
-
-
-def _number(x: float) -> str:
-    return f"{round(x):,}" if abs(x - round(x)) < 1e-6 else f"{x:,.1f}"
-
-
-def format_table(count: MicroNetCount, title: str) -> str:
-    """Per-layer rows, totals, 32-bit storage and the three scores."""
-    rows = [COLUMNS]
-    for layer in count.layers:
-        rows.append(
-            (
-                layer.name,
-                f"{layer.share:.4f}",
-                _number(layer.params),
-                _number(layer.mults),
-                _number(layer.adds),
-                _number(layer.math_ops),
-                f"{layer.storage:,.1f}",
-                f"{layer.math_storage:,.1f}",
-            )
-        )
-    rows.append(
-        (
-            "total",
-            "",
-            _number(count.params),
-            _number(count.mults),
-            _number(count.adds),
-            _number(count.math_ops),
-            f"{count.param_storage:,.1f}",
-            f"{count.math_storage:,.1f}",
-        )
-    )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = [title]
-    for i, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
-        ]
-        lines.append("  ".join(cells))
-        if i == 0 or i == len(rows) - 2:
-            lines.append("-" * len(lines[-1]))
-    lines += [
-        f"masks: {_number(count.mask_bits)} bits; widths: {count.widths}; adds 32-bit",
-        f"parameter storage  {count.param_storage:,.1f} (32-bit units)",
-        f"math operations    {count.math_storage:,.1f} (32-bit units)",
-        f"param score  {count.param_score:.6f}",
-        f"math score   {count.math_score:.6f}",
-        f"score        {count.score:.6f}",
-    ]
-    return "\n".join(lines)
-
-
 def report_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     arch = architecture_for(args.exit_block)
     opts = count_options(args)
@@ -215,7 +150,7 @@ def report_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if arch.exit_head is not None:
         exit_head = f"uniform sparsity {args.exit_sparsity:g}" if args.exit_sparsity else "dense"
         sparsity += f" (exit head {exit_head})"
-    title = "MicroNet count: " + describe(opts, arch, sparsity)
+    title = "MicroNet count: " + conventions_line(opts, arch, sparsity)
     data = {
         "settings": settings(args, arch)
         | {"sparsity": args.sparsity, "exit_sparsity": args.exit_sparsity},
@@ -228,12 +163,8 @@ def load_checkpoint(path: str) -> Any:
     """The original's .pth through the converter, imported only when a checkpoint is asked."""
     if not Path(path).is_file():
         raise CheckpointError(f"--checkpoint: no file at {path}")
-    try:
-        from micronet_jax.convert import load_original
-    except ModuleNotFoundError as error:
-        if error.name != "micronet_jax.convert":
-            raise
-        raise CheckpointError("reading .pth checkpoints needs micronet_jax.convert") from error
+    from micronet_jax.models.torch_import import load_original
+
     return load_original(path)
 
 
@@ -257,8 +188,12 @@ def report_checkpoint(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     uniform = f"uniform sparsity {main_sparsity:.4%} (exit head {exit_sparsity:.4%})"
     text = "\n\n".join(
         [
-            format_table(honest, f"{args.checkpoint}: " + describe(opts, arch, "actual masks")),
-            format_table(published, "published convention: " + describe(opts, arch, uniform)),
+            format_table(
+                honest, f"{args.checkpoint}: " + conventions_line(opts, arch, "actual masks")
+            ),
+            format_table(
+                published, "published convention: " + conventions_line(opts, arch, uniform)
+            ),
             format_comparison(honest, published),
         ]
     )
@@ -273,22 +208,13 @@ def report_checkpoint(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     return text, data
 
 
-def format_comparison(honest: MicroNetCount, published: MicroNetCount) -> str:
-    lines = [f"{'':12}  {'actual masks':>12}  {'published':>12}"]
-    for name in ("param_score", "math_score", "score"):
-        label = name.replace("_", " ")
-        lines.append(f"{label:12}  {getattr(honest, name):12.6f}  {getattr(published, name):12.6f}")
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        report = report_checkpoint if args.checkpoint else report_config
-        text, data = report(args)
+        counted = report_checkpoint if args.checkpoint else report_config
+        text, data = counted(args)
     except MicronetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return report(error)
     print(json.dumps(data, indent=2) if args.json else text)
     return 0
 

@@ -53,7 +53,7 @@ def pytest_configure(config) -> None:
     """Every program the tests compile goes to the persistent compilation cache the runs use
     (`$MICRONET_CACHE_DIR`, default ~/.cache/micronet_jax/xla): compiled once per session, and
     on a working machine once until the code changes. CI points it at an empty folder."""
-    from micronet_jax.runtime import enable_compilation_cache
+    from micronet_jax.backend import enable_compilation_cache
 
     enable_compilation_cache()
 
@@ -61,7 +61,7 @@ def pytest_configure(config) -> None:
 @pytest.fixture(scope="session")
 def compile_cache() -> Path:
     """That cache's folder, for the runs the tests start on the command line."""
-    from micronet_jax.runtime import default_cache_dir
+    from micronet_jax.backend import default_cache_dir
 
     return default_cache_dir()
 

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from micronet_jax.inference import _fast_exit
+from micronet_jax.backend import lowering_for, target_platform
+from micronet_jax.evaluation.early_exit import _fast_exit
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.efficientnet import MicroNet, init_variables
-from micronet_jax.runtime import lowering_for, target_platform
 from micronet_jax.train import loop
 from micronet_jax.train.guard import GuardedStep
 from micronet_jax.train.optim import make_optimizer
@@ -175,8 +175,8 @@ SHARDED = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from test_accelerator_lowering import architecture
     from micronet_jax.models.efficientnet import MicroNet, init_variables
-    from micronet_jax.runtime import lowering_for
-    from micronet_jax.train import sharding
+    from micronet_jax.backend import lowering_for
+    from micronet_jax.distributed import sharding
     from micronet_jax.train.optim import make_optimizer
     from micronet_jax.train.state import create_train_state
     from micronet_jax.train.steps import StepConfig, train_step

@@ -20,16 +20,16 @@ import jax
 import numpy as np
 import pytest
 
-from micronet_jax.convert import (
+from micronet_jax.data.augment import CIFAR100_MEAN, CIFAR100_STD
+from micronet_jax.errors import CheckpointError
+from micronet_jax.models.architecture import build_architecture
+from micronet_jax.models.torch_import import (
     convert_state_dict,
     infer_exit_block,
     load_original,
     validate_state_dict,
 )
-from micronet_jax.data.augment import CIFAR100_MEAN, CIFAR100_STD
-from micronet_jax.errors import CheckpointError
-from micronet_jax.models.architecture import build_architecture
-from micronet_jax.torch_pickle import load_state_dict, load_torch_file
+from micronet_jax.models.torch_pickle import load_state_dict, load_torch_file
 
 pytestmark = pytest.mark.shared
 

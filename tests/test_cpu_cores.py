@@ -18,9 +18,13 @@ CHILD = textwrap.dedent(
     """
     import json
     import jax, numpy as np
-    from micronet_jax.runtime import use_cpu_cores
+    from micronet_jax.backend import use_cpu_cores
     assert use_cpu_cores(3) == 3  # before any JAX operation
-    from micronet_jax.inference import exit_confidence, exit_predict_fast, select_predictions
+    from micronet_jax.evaluation.early_exit import (
+        exit_confidence,
+        exit_predict_fast,
+        select_predictions,
+    )
     from micronet_jax.models.architecture import build_architecture
     from micronet_jax.models.efficientnet import MicroNet, init_variables
     from micronet_jax.models.microbatch import map_micro_batches
@@ -90,8 +94,8 @@ def test_fast_exit_per_core_matches_the_exact_rule(child):
 
 
 def test_cpu_devices_must_be_a_count():
+    from micronet_jax.backend import use_cpu_cores
     from micronet_jax.errors import ConfigError
-    from micronet_jax.runtime import use_cpu_cores
 
     with pytest.raises(ConfigError, match="cpu_devices"):
         use_cpu_cores(-1)

@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from micronet_jax import pruning
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.efficientnet import MicroNet, init_variables
+from micronet_jax.train import pruning
 from micronet_jax.train.optim import make_optimizer
 from micronet_jax.train.state import create_exit_state, full_variables
 from micronet_jax.train.steps import StepConfig, exit_train_step
@@ -62,7 +62,7 @@ def test_frozen_backbone_head_trains_and_bn_statistics_move():
 @pytest.mark.shared
 def test_original_pruned_network_is_a_fixed_point(original_checkpoints):
     """One 64% round on the released network keeps its 168,417 weights and prunes nothing else."""
-    from micronet_jax.convert import load_original
+    from micronet_jax.models.torch_import import load_original
 
     ckpt = load_original(original_checkpoints / "first_submission" / "trained_model.pth")
     params = ckpt.variables["params"]

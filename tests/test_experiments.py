@@ -12,10 +12,10 @@ import pytest
 from archives import make_cifar10_python_archive
 
 from experiments import architecture_search, autoaugment_search, exit_sweep, scaling_search
+from micronet_jax.config.validate import check_policy_file
 from micronet_jax.data.policy import Policy, load_policy
 from micronet_jax.models.architecture import BASE_BLOCK_STRINGS, build_architecture
-from micronet_jax.scoring import count_micronet, measured_sparsity
-from micronet_jax.validate import check_policy_file
+from micronet_jax.scoring.counter import count_micronet, measured_sparsity
 
 pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
@@ -112,7 +112,7 @@ def test_scaling_search_couples_width_to_resolution(archive, tmp_path):
 @pytest.mark.slow
 @pytest.mark.shared
 def test_exit_sweep_matches_the_counter(original_checkpoints, archive, tmp_path):
-    from micronet_jax.convert import load_original
+    from micronet_jax.models.torch_import import load_original
 
     checkpoint = original_checkpoints / "first_submission" / "trained_model.pth"
     out = tmp_path / "exit"
@@ -167,10 +167,10 @@ def test_exit_sweep_matches_the_counter(original_checkpoints, archive, tmp_path)
 @pytest.mark.shared
 def test_ptq_table_scores_what_it_quantised(original_checkpoints, archive, tmp_path):
     from experiments import ptq
-    from micronet_jax.bitwidths import BitWidths
-    from micronet_jax.convert import load_original
-    from micronet_jax.quantization import quantize_weights
-    from micronet_jax.scoring import count_micronet
+    from micronet_jax.models.torch_import import load_original
+    from micronet_jax.quant.fake import quantize_weights
+    from micronet_jax.quant.widths import BitWidths
+    from micronet_jax.scoring.counter import count_micronet
 
     out = tmp_path / "ptq"
     argv = [f"--out={out}", f"--data={archive}", f"--checkpoints={original_checkpoints}"]

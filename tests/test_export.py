@@ -14,12 +14,12 @@ import pytest
 from test_ptq import pruned_tiny
 from tiny_run import user_env
 
-from micronet_jax import onnx_export
-from micronet_jax.bitwidths import BitWidths
-from micronet_jax.export import write_graphs
+from micronet_jax.deploy import onnx_graph
+from micronet_jax.deploy.export import write_graphs
 from micronet_jax.models.fold import fold_batch_norm
-from micronet_jax.ptq import parse_method, post_training_quantize
-from micronet_jax.quantization import QuantizedApply, scale_key
+from micronet_jax.quant.fake import QuantizedApply, scale_key
+from micronet_jax.quant.ptq import parse_method, post_training_quantize
+from micronet_jax.quant.widths import BitWidths
 from micronet_jax.train.steps import predict
 
 onnx = pytest.importorskip("onnx", reason="the export extra (onnx, onnxruntime, jax2onnx)")
@@ -196,7 +196,7 @@ CASES = (
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, tiny_archive, capsys):
-    from micronet_jax.export import main
+    from micronet_jax.deploy.export import main
 
     args, named = bad_inputs(tmp_path, tiny_archive)[case]
     out = tmp_path / "out"
@@ -216,7 +216,7 @@ def test_the_grids_convert_to_quantize_dequantize_nodes_that_compute_the_same(tm
     channel, fewer levels than 256): onnxruntime computes what the fake quantisation does."""
     import jax.numpy as jnp
 
-    from micronet_jax.quantization import FAKE_QUANT, activation_grid
+    from micronet_jax.quant.fake import FAKE_QUANT, activation_grid
 
     rng = np.random.default_rng(0)
     kernel = jnp.asarray(rng.normal(size=(6, 4)).astype(np.float32))
@@ -233,7 +233,7 @@ def test_the_grids_convert_to_quantize_dequantize_nodes_that_compute_the_same(tm
         return forward
 
     x = rng.normal(size=(50, 6)).astype(np.float32) * 2
-    proto = onnx_export.to_onnx(network(onnx_export.OnnxGrids()), ("N", 6), np.float32, ["y"])
+    proto = onnx_graph.to_onnx(network(onnx_graph.OnnxGrids()), ("N", 6), np.float32, ["y"])
     ops = sorted(n.op_type for n in proto.graph.node)
     assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2
     assert [t.data_type for t in proto.graph.initializer].count(onnx.TensorProto.INT8) == 1
@@ -289,8 +289,8 @@ def test_released_network_exports_and_onnxruntime_computes_what_jax_does(
     of the fake quantisation (up to the grid boundaries the runtimes' own float arithmetic
     lands on differently; see README)."""
     from micronet_jax import export
-    from micronet_jax.convert import load_original
     from micronet_jax.data.cifar import load_train_test
+    from micronet_jax.models.torch_import import load_original
 
     pth = original_checkpoints / "final_ee50" / "trained_model.pth"
     out = tmp_path / "export"
@@ -348,8 +348,8 @@ def test_the_quantize_static_peer_quantises_each_kernel_per_output_channel(tmp_p
 
     x = rng.normal(size=(64, 8, 8, 4)).astype(np.float32)
     float_path, peer_path = tmp_path / "float.onnx", tmp_path / "peer.onnx"
-    onnx.save(onnx_export.to_onnx(forward, ("N", 8, 8, 4), np.float32, ["y"]), float_path)
-    onnx_export.static_quantize_peer(str(float_path), str(peer_path), x[:32])
+    onnx.save(onnx_graph.to_onnx(forward, ("N", 8, 8, 4), np.float32, ["y"]), float_path)
+    onnx_graph.static_quantize_peer(str(float_path), str(peer_path), x[:32])
     peer = onnx.load(peer_path)
     initializers = {t.name: t for t in peer.graph.initializer}
     made_by = {o: n for n in peer.graph.node for o in n.output}

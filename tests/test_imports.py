@@ -150,7 +150,7 @@ def test_cycle_finder(graph, expected):
 def test_the_checker_sees_an_upward_import(tmp_path):
     """A function-level import of a higher layer is found (the old pipeline <-> report pair)."""
     source = tmp_path / "x.py"
-    source.write_text("def f():\n    from micronet_jax.pipeline import run_pipeline\n")
+    source.write_text("def f():\n    from micronet_jax.recipe.pipeline import run_pipeline\n")
     assert imports_of(source, {"pipeline", "report"}) == {"pipeline"}
     source.write_text("from micronet_jax.train import loop\n")
     assert imports_of(source, {"train.loop", "train"}) == {"train.loop"}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from micronet_jax.errors import ConfigError
-from micronet_jax.inference import (
+from micronet_jax.evaluation.early_exit import (
     exit_metrics,
     exit_predict_exact,
     exit_predict_fast,
@@ -97,7 +97,7 @@ def _cifar10_test_images(archive, n):
 @pytest.mark.slow
 @pytest.mark.shared
 def test_fast_equals_exact_on_the_original_checkpoint(original_checkpoints, cifar10_archive):
-    from micronet_jax.convert import load_original
+    from micronet_jax.models.torch_import import load_original
 
     ckpt = load_original(original_checkpoints / "first_submission" / "trained_model.pth")
     images = _cifar10_test_images(cifar10_archive, 600)

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 from tiny_run import TINY, main_command, main_env, stable, tiny_config, xla_flags
 
-from micronet_jax import builders
+from micronet_jax.config import builders
 from micronet_jax.models.efficientnet import init_variables
 from micronet_jax.train import metrics as metrics_io
 from micronet_jax.train.checkpoint import Checkpointer

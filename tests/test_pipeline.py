@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from tiny_run import tiny_config
 
-from micronet_jax import pruning
 from micronet_jax.errors import ConfigError
-from micronet_jax.pipeline import run_pipeline
-from micronet_jax.stages import plan_stages
+from micronet_jax.recipe.pipeline import run_pipeline
+from micronet_jax.recipe.stages import plan_stages
+from micronet_jax.train import pruning
 
 
 def test_plan_follows_the_recipe():
-    from micronet_jax.defaults import default_config
+    from micronet_jax.config.defaults import default_config
 
     config = default_config()
     stages = plan_stages(config)
@@ -75,7 +75,7 @@ def test_rerun_skips_finished_stages(tiny_pipeline, tiny_pipeline_copy):
 
 def test_pruned_weights_are_zero_in_final_variables(tiny_pipeline):
     config, workdir, _ = tiny_pipeline
-    from micronet_jax.stages import load_final, plan_stages
+    from micronet_jax.recipe.stages import load_final, plan_stages
 
     stage = plan_stages(config)[-1]
     variables, masks = load_final(config, stage, workdir / stage.name)

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from micronet_jax.errors import ConfigError
-from micronet_jax.pruning import (
+from micronet_jax.train.optim import make_optimizer
+from micronet_jax.train.pruning import (
     DEFAULT_TARGETS,
     exit_head,
     global_sparsity,
@@ -19,7 +20,6 @@ from micronet_jax.pruning import (
     sparsity_by_layer,
     validate_targets,
 )
-from micronet_jax.train.optim import make_optimizer
 from micronet_jax.train.state import apply_masks
 
 

@@ -12,14 +12,13 @@ import pytest
 from flax import linen as nn
 from test_quantization import tiny
 
-from micronet_jax.bitwidths import BitWidths
 from micronet_jax.errors import ConfigError
 from micronet_jax.models.conv import conv2d
 from micronet_jax.models.efficientnet import segments
 from micronet_jax.models.fold import fold_batch_norm
 from micronet_jax.models.layers import Conv2d, Dense
-from micronet_jax.pruning import path_name
-from micronet_jax.ptq import (
+from micronet_jax.quant.fake import QuantizedApply, channel_scales, qmax, scale_key
+from micronet_jax.quant.ptq import (
     Method,
     Moments,
     adaround,
@@ -32,7 +31,8 @@ from micronet_jax.ptq import (
     patches,
     post_training_quantize,
 )
-from micronet_jax.quantization import QuantizedApply, channel_scales, qmax, scale_key
+from micronet_jax.quant.widths import BitWidths
+from micronet_jax.models.paths import path_name
 
 
 def moments_of(x_q: np.ndarray, x_f: np.ndarray, module: nn.Module) -> Moments:
@@ -222,7 +222,7 @@ def test_every_kernel_is_on_its_grid_with_pruned_weights_kept(method):
     x = jnp.asarray(images[:8], jnp.float32) / 255.0
     again = QuantizedApply(model, bits)(quantized, x)
     without_scales = {k: v for k, v in quantized.items() if k != "weight_scales"}
-    from micronet_jax.quantization import ActivationQuantizer
+    from micronet_jax.quant.fake import ActivationQuantizer
 
     with nn.intercept_methods(ActivationQuantizer(bits, quantized["quant"])):
         direct = model.apply(without_scales, x)

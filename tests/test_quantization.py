@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from micronet_jax.bitwidths import BitWidths
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.efficientnet import MicroNet, init_variables
 from micronet_jax.models.fold import fold_batch_norm, folded_pairs
-from micronet_jax.quantization import (
+from micronet_jax.quant.fake import (
     ActivationRecorder,
     Calibration,
     QuantizedApply,
@@ -28,6 +27,7 @@ from micronet_jax.quantization import (
     quantize_weights,
     scale_key,
 )
+from micronet_jax.quant.widths import BitWidths
 from micronet_jax.train.steps import predict
 
 TINY = ("r1_k3_s1_e1_i8_o8_se0.25", "r1_k3_s2_e2_i8_o16_se0.25", "r1_k3_s1_e2_i16_o16_se0.25")
@@ -207,8 +207,8 @@ def test_folded_batch_norm_computes_the_same_and_keeps_zeros():
 def _quant_state(bits: BitWidths, distill: bool, sparsity: float = 0.0):
     import optax
 
-    from micronet_jax import pruning
     from micronet_jax.data.augment import eval_transform
+    from micronet_jax.train import pruning
     from micronet_jax.train.qat import create_quant_state
 
     model, variables, images = tiny()

@@ -25,12 +25,12 @@ from tiny_run import TINY as TINY_CONFIG
 from tiny_run import main_command, main_env, pipeline_outcome, stable, tiny_config, user_env
 from toy_run import BATCH, EPOCHS, K_CASES, N, SignalAt, params_of, toy_fit, toy_state
 
+from micronet_jax.config.workdir import check_resume, record_config
 from micronet_jax.errors import CheckpointError, ConfigError
 from micronet_jax.train import loop
 from micronet_jax.train import metrics as metrics_io
 from micronet_jax.train.checkpoint import Checkpointer
 from micronet_jax.train.guard import Interrupted, NonFiniteError
-from micronet_jax.workdir import check_resume, record_config
 
 TESTS = Path(__file__).resolve().parent
 

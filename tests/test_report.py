@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from micronet_jax import builders, plots
-from micronet_jax.report import load_run_config, main
-from micronet_jax.scoring import count_micronet
-from micronet_jax.stages import stage_dirs
+from micronet_jax.config import builders
+from micronet_jax.evaluation import plots
+from micronet_jax.recipe.run_report import load_run_config, main
+from micronet_jax.recipe.stages import stage_dirs
+from micronet_jax.scoring.counter import count_micronet
 
 pytest.importorskip("matplotlib")
 
@@ -170,7 +171,7 @@ def test_an_unfinished_run_gets_the_plots_it_can_have(tmp_path):
 
 
 def test_a_run_recorded_before_a_key_existed_reads_it_as_its_default(tmp_path):
-    from micronet_jax.defaults import default_config
+    from micronet_jax.config.defaults import default_config
 
     recorded = json.loads(default_config().to_json())
     recorded["train"]["lr"] = 0.5

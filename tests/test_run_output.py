@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tiny_run import main_command, main_env
 
-from micronet_jax.stages import plan_stages
+from micronet_jax.recipe.stages import plan_stages
 from micronet_jax.train.metrics import scalar_name
 from micronet_jax.train.progress import StageBar, format_duration
 
@@ -114,7 +114,7 @@ def test_cli_run_explains_itself(tmp_path, tiny_archive, compile_cache):
 def test_the_plan_names_every_kind_of_stage():
     import importlib.util
 
-    from micronet_jax.describe import plan_line
+    from micronet_jax.recipe.banner import plan_line
 
     spec = importlib.util.spec_from_file_location("tiny", Path(__file__).parent / "configs/tiny.py")
     tiny = importlib.util.module_from_spec(spec)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from micronet_jax import score
-from micronet_jax.bitwidths import BitWidths, parse_override
 from micronet_jax.errors import CheckpointError, ConfigError
 from micronet_jax.models.architecture import build_architecture
-from micronet_jax.scoring import (
+from micronet_jax.quant.widths import BitWidths, parse_override
+from micronet_jax.scoring.counter import (
     count_micronet,
     measured_sparsity,
     prunable_tensors,
@@ -484,7 +484,7 @@ def test_cli_bad_value_in_a_subprocess_has_no_traceback():
 def test_cli_scores_the_original_checkpoints(
     original_checkpoints, capsys, folder, extra, published
 ):
-    pytest.importorskip("micronet_jax.convert")
+    pytest.importorskip("micronet_jax.models.torch_import")
     path = original_checkpoints / folder / "trained_model.pth"
     assert score.main([f"--checkpoint={path}", "--json", *extra]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -504,9 +504,9 @@ def test_cli_checkpoint_flow_with_a_stand_in_converter(monkeypatch, capsys, tmp_
 
     tree = params_tree(ARCH_EXIT4, 0.5, overrides={"stem_conv/kernel": 0.0, "fc/kernel": 0.9})
     loaded = types.SimpleNamespace(arch=ARCH_EXIT4, variables={"params": tree, "batch_stats": {}})
-    fake = types.ModuleType("micronet_jax.convert")
+    fake = types.ModuleType("micronet_jax.models.torch_import")
     fake.load_original = lambda path: loaded
-    monkeypatch.setitem(sys.modules, "micronet_jax.convert", fake)
+    monkeypatch.setitem(sys.modules, "micronet_jax.models.torch_import", fake)
     path = tmp_path / "trained_model.pth"
     path.write_bytes(b"")
 

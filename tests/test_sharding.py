@@ -20,9 +20,9 @@ CHILD = textwrap.dedent(
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     from configs.tiny import get_config
-    from micronet_jax import builders
+    from micronet_jax.config import builders
     from micronet_jax.models.efficientnet import init_variables
-    from micronet_jax.train import sharding
+    from micronet_jax.distributed import sharding
     from micronet_jax.train.loop import DeviceData, Schedule, run_epoch
     from micronet_jax.train.optim import make_optimizer
     from micronet_jax.train.state import create_train_state
@@ -99,7 +99,7 @@ def test_sharded_epoch_matches_single_device(autoaugment):
 def test_make_mesh_and_batch_check():
     import jax
 
-    from micronet_jax.train import sharding
+    from micronet_jax.distributed import sharding
 
     mesh = sharding.make_mesh()
     assert mesh.axis_names == ("data",)

@@ -22,9 +22,9 @@ from archives import (
 )
 from tiny_run import main_command, main_env, tiny_config
 
+from micronet_jax.config.validate import check_batch_sizes
 from micronet_jax.errors import CheckpointError, ConfigError, DataError, MicronetError
 from micronet_jax.main import run
-from micronet_jax.validate import check_batch_sizes
 
 
 def assert_refused(config, workdir: Path, error: type, pattern: str) -> None:
@@ -60,7 +60,7 @@ def test_cpu_devices_may_not_split_training(config, tmp_path):
 
 
 def test_cpu_devices_for_eval_only_passes_validation(config, tmp_path):
-    from micronet_jax.validate import validate_config
+    from micronet_jax.config.validate import validate_config
 
     config.cpu_devices = 0
     config.train.data_parallel = False

@@ -15,8 +15,9 @@ import time
 import pytest
 from tiny_run import tiny_config
 
-from micronet_jax.launch import HOST_LOCAL_KEYS, launch_differences, launch_record
-from micronet_jax.train.watchdog import HEARTBEAT_PREFIX, Deadline, PeerWatch
+from micronet_jax.distributed.watchdog import HEARTBEAT_PREFIX, Deadline, PeerWatch
+from micronet_jax.config.workdir import differences
+from micronet_jax.recipe.launch import HOST_LOCAL_KEYS, launch_record
 
 
 class Store:
@@ -122,13 +123,13 @@ def test_a_deadline_fires_only_when_its_block_overruns():
 
 def test_launch_records_differ_exactly_where_the_configs_do():
     one, other = tiny_config(), tiny_config()
-    assert launch_differences(launch_record(one, "w"), launch_record(other, "w")) == []
+    assert differences(launch_record(other, "w"), launch_record(one, "w"), " vs ") == []
     other.train.batch_size = 16
     other.data.dir = "/elsewhere/cifar"  # a host-local path may differ
     assert "data.dir" in HOST_LOCAL_KEYS
-    diffs = launch_differences(launch_record(other, "w"), launch_record(one, "w"))
+    diffs = differences(launch_record(one, "w"), launch_record(other, "w"), " vs ")
     assert diffs == ["train.batch_size: 32 vs 16"]
-    assert launch_differences(launch_record(one, "w"), launch_record(one, "v")) == [
+    assert differences(launch_record(one, "v"), launch_record(one, "w"), " vs ") == [
         "--workdir: 'v' vs 'w'"
     ]
 
@@ -136,7 +137,7 @@ def test_launch_records_differ_exactly_where_the_configs_do():
 @pytest.mark.parametrize("timeout", [0, -1, True])
 def test_a_distributed_timeout_must_be_positive(timeout):
     from micronet_jax.errors import LaunchError
-    from micronet_jax.launch import join
+    from micronet_jax.recipe.launch import join
 
     config = tiny_config()
     config.distributed = True
@@ -151,7 +152,7 @@ def test_ctrl_c_in_a_job_of_several_processes_becomes_a_preemption_notice():
     import os
     import signal
 
-    from micronet_jax.train.preemption import AgreedStop
+    from micronet_jax.distributed.preemption import AgreedStop
 
     noticed = []
     before_int = signal.getsignal(signal.SIGINT)

@@ -93,8 +93,8 @@ def pipeline_outcome(workdir: Path, variant: str = "pipeline") -> dict:
     when it recorded none)."""
     import jax
 
-    from micronet_jax.report import load_run_config
-    from micronet_jax.stages import load_final, plan_stages
+    from micronet_jax.recipe.run_report import load_run_config
+    from micronet_jax.recipe.stages import load_final, plan_stages
     from micronet_jax.train import metrics as metrics_io
 
     config = load_run_config(workdir) or tiny_config(variant)

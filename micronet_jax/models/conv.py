@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from micronet_jax.runtime import on_cpu
+from micronet_jax.backend import on_cpu
 
 ConvImpl = Literal["auto", "xla", "fast"]
 CONV_IMPLS = ("auto", "xla", "fast")

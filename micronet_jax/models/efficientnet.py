@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from micronet_jax.models.architecture import Architecture, BlockSpec, conv_padding
-from micronet_jax.models.early_exit import ExitHead
+from micronet_jax.models.exit_head import ExitHead
 from micronet_jax.models.layers import (
     Conv2d,
     Dense,

@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from micronet_jax.runtime import on_cpu
+from micronet_jax.backend import on_cpu
 
 CPU_MICRO_BATCH = 8
 CORES_AXIS = "cores"  # the mesh axis of `split_over_cpu_devices`

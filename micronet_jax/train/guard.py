@@ -33,6 +33,8 @@ NAN_POLICIES = ("stop", "skip")
 class NonFiniteError(MicronetError):
     """Training met a NaN/Inf loss or parameter and `nan_policy` is 'stop'."""
 
+    exit_status = 1  # the run failed; its input was fine
+
 
 class Interrupted(MicronetError):
     """A stop signal arrived; a checkpoint was saved. `exit_code` is 128 + signal number, or
@@ -41,6 +43,10 @@ class Interrupted(MicronetError):
     def __init__(self, message: str, signum: int | None):
         super().__init__(message)
         self.exit_code = 0 if signum is None else 128 + int(signum)
+
+    @property
+    def exit_status(self) -> int:  # type: ignore[override]
+        return self.exit_code
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -74,12 +80,6 @@ class GuardedStep:
         metrics["loss"] = jnp.where(ok, loss, 0.0)
         metrics["ok"] = ok
         return kept, metrics
-
-
-def check_nan_policy(policy: str) -> str:
-    if policy not in NAN_POLICIES:
-        raise MicronetError(f"train.nan_policy must be one of {NAN_POLICIES}, got {policy!r}")
-    return policy
 
 
 class StopSignals:

@@ -19,14 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from micronet_jax.backend import on_cpu
 from micronet_jax.data.policy import load_policy
+from micronet_jax.distributed.preemption import AgreedStop
 from micronet_jax.errors import CheckpointError
-from micronet_jax.runtime import on_cpu
 from micronet_jax.train import metrics as metrics_io
 from micronet_jax.train.checkpoint import Checkpointer
 from micronet_jax.train.guard import EpochProgress, GuardedStep, Interrupted, StopSignals, Watch
 from micronet_jax.train.metrics import ScalarWriter
-from micronet_jax.train.preemption import AgreedStop
 from micronet_jax.train.progress import StageBar
 from micronet_jax.train.state import SHUFFLE_STREAM, STEP_STREAM, stream_key
 
@@ -46,7 +46,7 @@ class DeviceData:
         """On the default device, or (with a `mesh`) replicated on every device of it."""
         if mesh is None:
             return cls(jax.device_put(images), jax.device_put(labels.astype(np.int32)))
-        from micronet_jax.train import sharding
+        from micronet_jax.distributed import sharding
 
         images, labels = sharding.replicate((images, labels.astype(np.int32)), mesh)
         return cls(images, labels, sharding.batch_sharding(mesh))

@@ -21,8 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from micronet_jax.bitwidths import BitWidths
-from micronet_jax.quantization import QuantizedApply
+from micronet_jax.quant.fake import QuantizedApply
+from micronet_jax.quant.widths import BitWidths
 from micronet_jax.train.losses import distillation_loss, mixup_loss, soft_smoothing_loss
 from micronet_jax.train.state import TrainState, apply_masks
 from micronet_jax.train.steps import StepConfig, augment_batch

@@ -22,12 +22,6 @@ class TrainState(train_state.TrainState):
     rng: jax.Array
 
 
-def is_prunable(path: tuple, leaf: jax.Array) -> bool:
-    """Pruning acts on weight tensors with more than one dimension (convs and dense)."""
-    del path
-    return leaf.ndim > 1
-
-
 def ones_masks(params: Any) -> Any:
     """Dense masks: all ones, params-shaped."""
     return jax.tree_util.tree_map(jnp.ones_like, params)

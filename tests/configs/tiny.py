@@ -4,7 +4,7 @@ Pass the data with `--config.data.dir=ARCHIVE` (tests build one with tests/archi
 `tiny.py:pipeline` runs every stage kind with one epoch each.
 """
 
-from micronet_jax.defaults import default_config
+from micronet_jax.config.defaults import default_config
 
 
 def get_config(variant: str = ""):

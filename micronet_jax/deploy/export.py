@@ -1,0 +1,337 @@
+"""Export a MicroNet for a real runtime (ONNX, run by onnxruntime), float32 and quantised:
+the library behind `python -m micronet_jax.export`.
+
+The checkpoint is one of the original's `.pth` files or a finished pipeline workdir. The
+output folder gets:
+- `model.onnx`: the float32 network (BN folded), input `images` (uint8, N×32×32×3, NHWC: raw
+  CIFAR pixels; normalisation and upsampling inside), outputs `logits` and, with an exit
+  head, `exit_logits`;
+- with `bits`, `model_int8.onnx`: the network quantised post-training by `method` on
+  training images of the calibration archive, its kernels stored as int8 codes
+  (DequantizeLinear) and its layer inputs on their calibrated grids (QuantizeLinear /
+  DequantizeLinear), exactly the grids and roundings of the JAX fake quantisation;
+- `card.json`: what was exported and from what, the honest MicroNet score of the exported
+  network, agreement and runtime parity measured on the archive's test images, file sizes.
+
+The folder is written under a temporary name and renamed when complete; an existing one is
+refused unless `overwrite`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from micronet_jax.errors import CheckpointError, ConfigError, DataError
+
+INT8_WIDTHS = range(2, 9)  # widths a code fits in int8 (kernels) and uint8 (inputs)
+CONTROL_IMAGES = 2000
+
+
+def parse_bits(text: str, scale_bits: int = 32) -> Any:
+    """'WxA' (weights x activations, each 2..8 bits; a depthwise conv's input on a grid per
+    channel) or 'WxA/tensor' (one grid per depthwise input); scales at `scale_bits`."""
+    from micronet_jax.quant.widths import BitWidths
+
+    widths, _, grids = text.partition("/")
+    weights, _, activations = widths.partition("x")
+    if (
+        grids not in ("", "tensor")
+        or not weights.isdigit()
+        or not activations.isdigit()
+        or int(weights) not in INT8_WIDTHS
+        or int(activations) not in INT8_WIDTHS
+    ):
+        raise ConfigError(
+            f"--bits {text!r}: expected WxA or WxA/tensor with W and A in 2..8 (e.g. 8x8, 6x6, 4x8)"
+        )
+    return BitWidths(int(weights), int(activations), (), grids != "tensor", scale_bits)
+
+
+def file_sha256(paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_network(path: Path) -> tuple[Any, dict, dict[str, Any]]:
+    """(model, variables, description) of a `.pth` of the original or a finished workdir."""
+    if path.is_file():
+        from micronet_jax.models.torch_import import load_original
+
+        converted = load_original(path)
+        return (
+            converted.model,
+            converted.variables,
+            {
+                "checkpoint": str(path),
+                "name": path.parent.name + "/" + path.name,
+                "sha256": file_sha256([path]),
+            },
+        )
+    if path.is_dir():
+        from micronet_jax.recipe import stages
+        from micronet_jax.recipe.run_report import load_final_variables, load_run_config
+
+        config = load_run_config(path)
+        if config is None:
+            raise CheckpointError(f"{path} is not a pipeline workdir (no config.json)")
+        model, variables = load_final_variables(path, config)
+        stage = stages.last_exit_stage(config, path)
+        files = [f for f in (path / stage.name / "final").rglob("*") if f.is_file()]
+        return (
+            model,
+            variables,
+            {
+                "checkpoint": str(path),
+                "name": f"{path.name}/{stage.name}",
+                "sha256": file_sha256(files),
+            },
+        )
+    raise CheckpointError(f"--checkpoint: no file or directory at {path}")
+
+
+def load_images(archive: Path, num_calibration: int, num_test: int):
+    """(calibration images from the training split, measured images from the test split)."""
+    from micronet_jax.data.cifar import load_train_test
+
+    name = "cifar100" if "100" in archive.name else "cifar10"
+    try:
+        train, test = load_train_test(name, str(archive), download=False)
+    except DataError as error:
+        raise DataError(f"--calibration: {error}") from None
+    return train.images[:num_calibration], test.images[:num_test]
+
+
+def onnx_session(path: Path, threads: int = 0) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session: Any, images: np.ndarray, batch: int = 500) -> tuple[np.ndarray, ...]:
+    outputs = [
+        session.run(None, {"images": images[i : i + batch]}) for i in range(0, len(images), batch)
+    ]
+    return tuple(np.concatenate(parts) for parts in zip(*outputs, strict=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """What `export` writes, from what (the flags of `python -m micronet_jax.export`)."""
+
+    checkpoint: str  # a .pth of the original or a finished workdir
+    out: str  # the folder to write
+    bits: str | None = None  # 'WxA' (e.g. 8x8): also write model_int8.onnx
+    calibration: str | None = None  # a CIFAR archive: train images calibrate, test measure
+    method: str = "mse+adaround+bias"
+    scale_bits: int = 32
+    num_calibration: int = 1024
+    num_test: int = 10_000
+    num_control: int = CONTROL_IMAGES
+    overwrite: bool = False
+
+
+def export(options: ExportOptions) -> dict[str, Any]:
+    """Check the options, write the files into a staging folder, put it in place; the card."""
+    out = Path(options.out)
+    bits = parse_bits(options.bits, options.scale_bits) if options.bits else None
+    if bits is not None and not options.calibration:
+        raise ConfigError(
+            "--bits needs --calibration (an archive whose training images set the grids)"
+        )
+    if out.exists() and not options.overwrite:
+        raise ConfigError(f"--out {out} exists; pass --overwrite to replace it")
+    from micronet_jax.quant.ptq import parse_method
+
+    method = parse_method(options.method)
+    images = None
+    if options.calibration:
+        images = load_images(Path(options.calibration), options.num_calibration, options.num_test)
+    model, variables, source = load_network(Path(options.checkpoint))
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        card = _write(staging, model, variables, bits, method, images, options)
+        card["source"] = source
+        (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+        _put_in_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return card
+
+
+def _put_in_place(staging: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(staging, model, variables, bits, method, images, options) -> dict[str, Any]:
+    """Every file and the card (without its source): the float32 graphs, then, with `bits`,
+    the quantised ones."""
+    from micronet_jax.deploy import onnx_graph
+
+    outputs = ["logits", "exit_logits"] if model.arch.exit_head is not None else ["logits"]
+    card: dict[str, Any] = {
+        "format": f"ONNX, opset {onnx_graph.OPSET}",
+        "input": "images: uint8 N×32×32×3 (NHWC, raw pixels)",
+        "outputs": outputs,
+    }
+    tic = time.perf_counter()
+    if images is not None:
+        card["measured_on"] = {"archive": str(options.calibration), "test_images": len(images[1])}
+    card["float32"], reference = _write_float32(staging, model, variables, images, outputs)
+    if bits is not None:
+        card["quantized"] = _write_quantized(
+            staging, model, variables, bits, method, images, reference, outputs, options
+        )
+    card["files"] = {
+        p.relative_to(staging).as_posix(): p.stat().st_size for p in sorted(staging.rglob("*.onnx"))
+    }
+    card["seconds"] = round(time.perf_counter() - tic, 1)
+    return card
+
+
+def _write_float32(staging, model, variables, images, outputs) -> tuple[dict[str, Any], Any]:
+    """model.onnx (BN folded) and its exit pair; with images, the runtime's agreement with
+    JAX. Returns the card's float32 entry and JAX's logits on the test images (or None)."""
+    from micronet_jax.evaluation.early_exit import logit_agreement
+    from micronet_jax.models.fold import fold_batch_norm
+    from micronet_jax.train.steps import predict
+
+    folded = fold_batch_norm(variables)
+    write_graphs(staging, model, folded, None, "", outputs)
+    entry: dict[str, Any] = {}
+    reference, ratio = None, None
+    if images is not None:
+        test = images[1]
+        reference = tuple(r for r in predict(model.apply, variables, test, 500) if r is not None)
+        runtime = run_onnx(onnx_session(staging / "model.onnx"), test)
+        entry["onnx_vs_jax"] = logit_agreement(runtime, reference)
+        ratio = logit_agreement(reference, reference).get("exit_ratio")
+    entry["score"] = _score(model, folded["params"], ratio, None)
+    return entry, reference
+
+
+def _write_quantized(
+    staging, model, variables, bits, method, images, reference, outputs, options
+) -> dict[str, Any]:
+    """model_int8.onnx and its exit pair, post-training quantised on the calibration
+    images; the card's entry: widths, method, score, agreement and the runtime's parity."""
+    from tqdm.auto import tqdm
+
+    from micronet_jax.evaluation.early_exit import logit_agreement
+    from micronet_jax.quant.fake import QuantizedApply
+    from micronet_jax.quant.ptq import post_training_quantize
+    from micronet_jax.train.steps import predict
+
+    calibration, test = images
+    quantized, _ = post_training_quantize(
+        model,
+        variables,
+        calibration,
+        bits,
+        method,
+        progress=lambda total: tqdm(total=total, desc="quantise", leave=False),
+    )
+    write_graphs(staging, model, quantized, bits, "_int8", outputs)
+    fake = tuple(
+        r for r in predict(QuantizedApply(model, bits), quantized, test, 500) if r is not None
+    )
+    runtime = run_onnx(onnx_session(staging / "model_int8.onnx"), test)
+    versus_float = logit_agreement(fake, reference)
+    entry = {
+        "bits": options.bits,
+        "widths": bits.describe(),
+        "method": method.name,
+        "calibration": {
+            "archive": str(options.calibration),
+            "split": "train",
+            "images": len(calibration),
+        },
+        "score": _score(model, quantized["params"], versus_float.get("exit_ratio"), bits),
+        "agreement_with_float32": versus_float,
+        "onnx_vs_jax_fake_quantisation": logit_agreement(runtime, fake),
+    }
+    if options.num_control > 0:
+        entry["jax_xla_conv_vs_jax_fake_quantisation"] = _lowering_control(
+            model, bits, quantized, test[: options.num_control], fake
+        )
+    return entry
+
+
+def _lowering_control(model, bits, quantized, images, fake) -> dict[str, Any]:
+    """The same fake-quantised network in JAX with XLA's convolutions (the graph's) instead
+    of the CPU's shifted sums: how far two lowerings of one network move predictions, the
+    yardstick for the runtime's parity (the grids turn float rounding differences into
+    whole steps wherever a value lies near a grid boundary)."""
+    from micronet_jax.deploy import onnx_graph
+    from micronet_jax.evaluation.early_exit import logit_agreement
+    from micronet_jax.quant.fake import QuantizedApply
+    from micronet_jax.train.steps import predict
+
+    apply = QuantizedApply(onnx_graph.export_model(model), bits)
+    other = tuple(r for r in predict(apply, quantized, images, 500) if r is not None)
+    return logit_agreement(other, tuple(f[: len(images)] for f in fake)) | {"images": len(images)}
+
+
+def _score(model, params, ratio, bits) -> dict[str, Any]:
+    """The honest MicroNet score: each tensor's real mask, BN as a bias, the exit ratio
+    measured on the test images (none measured: no image exits)."""
+    from micronet_jax.scoring.counter import count_micronet
+
+    count = count_micronet(model.arch, params=params, exit_ratio=ratio, bn_as_bias=True, bits=bits)
+    return {
+        "total": count.score,
+        "param": count.param_score,
+        "math": count.math_score,
+        "exit_ratio": ratio,
+        "widths": count.widths,
+        "counted": "real masks, BN as a bias, exit ratio measured on the test images",
+    }
+
+
+def write_graphs(folder: Path, model, variables, bits, suffix: str, outputs: list[str]) -> None:
+    """model{suffix}.onnx and, with an exit head, the early-exit pair early_exit/head{suffix}
+    (images -> exit logits, the exit block's features) and early_exit/tail{suffix} (features
+    -> logits), for runtimes where the caller decides the exit."""
+    import jax
+    import onnx
+
+    from micronet_jax.deploy import onnx_graph
+
+    images = ("N", 32, 32, 3)
+    full = onnx_graph.forward_fn(model, variables, bits)
+    onnx.save(onnx_graph.to_onnx(full, images, np.uint8, outputs), folder / f"model{suffix}.onnx")
+    if model.arch.exit_head is None:
+        return
+    (folder / "early_exit").mkdir(exist_ok=True)
+    head = onnx_graph.forward_fn(model, variables, bits, part="head")
+    proto = onnx_graph.to_onnx(head, images, np.uint8, ["exit_logits", "features"])
+    onnx.save(proto, folder / "early_exit" / f"head{suffix}.onnx")
+    probe = jax.ShapeDtypeStruct((1, 32, 32, 3), np.uint8)
+    features = jax.eval_shape(head, probe)[1]
+    tail = onnx_graph.forward_fn(model, variables, bits, part="tail")
+    proto = onnx_graph.to_onnx(
+        tail, ("N", *features.shape[1:]), np.float32, ["logits"], input_name="features"
+    )
+    onnx.save(proto, folder / "early_exit" / f"tail{suffix}.onnx")
