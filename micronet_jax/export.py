@@ -1,0 +1,71 @@
+"""`python -m micronet_jax.export`: a MicroNet as ONNX files for onnxruntime, float32 and
+quantised, with a card of what was written (the work is in `micronet_jax.deploy.export`).
+
+    python -m micronet_jax.export --checkpoint=PATH --out=DIR [--bits=8x8]
+        [--calibration=cifar-10-python.tar.gz] [--method=mse+adaround+bias]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+from micronet_jax.deploy.export import CONTROL_IMAGES, ExportOptions, export
+from micronet_jax.errors import CommandParser, MicronetError, report
+from micronet_jax.quant.widths import SCALE_WIDTHS
+
+
+def parser() -> CommandParser:
+    cli = CommandParser(
+        prog="python -m micronet_jax.export",
+        description="Export a MicroNet as ONNX: model.onnx (float32, BN folded), with --bits "
+        "model_int8.onnx (post-training quantised), the early-exit pair of each, card.json.",
+    )
+    cli.add_argument("--checkpoint", required=True, help="a .pth of the original or a workdir")
+    cli.add_argument("--out", required=True, help="folder to write (must not exist)")
+    cli.add_argument("--bits", default=None, help="WxA, e.g. 8x8: also write model_int8.onnx")
+    cli.add_argument(
+        "--calibration",
+        default=None,
+        help="CIFAR archive: training images calibrate, test images measure",
+    )
+    cli.add_argument(
+        "--method",
+        default="mse+adaround+bias",
+        help="nearest, or '+'-joined mse (weight clipping), adaround, bias (correction)",
+    )
+    cli.add_argument(
+        "--scale_bits",
+        type=int,
+        choices=SCALE_WIDTHS,
+        default=32,
+        help="scales and zero points as float16 values (16) or float32 (counted so)",
+    )
+    cli.add_argument(
+        "--num_calibration", type=int, default=1024, help="training images that calibrate"
+    )
+    cli.add_argument("--num_test", type=int, default=10_000, help="test images that measure")
+    cli.add_argument(
+        "--num_control",
+        type=int,
+        default=CONTROL_IMAGES,
+        help="test images for the control (the fake quantisation under XLA's convolutions "
+        "against the CPU's; what two JAX lowerings disagree on); 0 skips it",
+    )
+    cli.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return cli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        card = export(ExportOptions(**vars(args)))
+    except MicronetError as error:
+        return report(error)
+    print(json.dumps(card, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
