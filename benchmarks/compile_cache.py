@@ -32,7 +32,7 @@ def first_step(model_size: str, batch: int) -> float:
     from micronet_jax.config import builders
     from micronet_jax.config.defaults import default_config
     from micronet_jax.models.efficientnet import init_variables
-    from micronet_jax.train.loop import _run_batch, step_config_from
+    from micronet_jax.train.loop import run_batch, step_config_from
     from micronet_jax.train.optim import make_optimizer
     from micronet_jax.train.state import create_train_state
     from micronet_jax.train.steps import train_step
@@ -54,7 +54,7 @@ def first_step(model_size: str, batch: int) -> float:
     images = jax.device_put(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8))
     labels = jax.device_put(rng.integers(0, 100, (batch,)).astype(np.int32))
     perm = jax.numpy.arange(batch)
-    state, metrics = _run_batch(state, images, labels, perm, 0, step_fn=step_fn, batch_size=batch)
+    state, metrics = run_batch(state, images, labels, perm, 0, step_fn=step_fn, batch_size=batch)
     jax.block_until_ready(metrics)
     return time.perf_counter() - _START
 

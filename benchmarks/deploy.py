@@ -41,19 +41,17 @@ def ensure_exported(args: argparse.Namespace) -> Path:
     needed = ["model.onnx", "model_int8.onnx", "early_exit/head.onnx", "early_exit/tail_int8.onnx"]
     if all((out / name).exists() for name in needed):
         return out
-    from micronet_jax import export
+    from micronet_jax.deploy.export import ExportOptions, export
 
     print(f"building the ONNX files into {out} (micronet_jax.export) ...", flush=True)
-    export.export(
-        export.parse_args(
-            [
-                f"--checkpoint={args.checkpoint}",
-                f"--out={out}",
-                "--bits=8x8",
-                f"--calibration={args.calibration}",
-                "--num_test=2000",
-                "--overwrite",
-            ]
+    export(
+        ExportOptions(
+            checkpoint=str(args.checkpoint),
+            out=str(out),
+            bits="8x8",
+            calibration=str(args.calibration),
+            num_test=2000,
+            overwrite=True,
         )
     )
     return out

@@ -290,9 +290,9 @@ class TrainProgram:
         step = GuardedStep(step_function(StepConfig(autoaugment=autoaugment)))
         statics = dict(step_fn=step, batch_size=batch, batch_sharding=None)
         if k == 1:
-            fn = loop._run_batch
+            fn = loop.run_batch
         else:
-            fn, statics["steps"] = loop._run_steps, k
+            fn, statics["steps"] = loop.run_steps, k
         self.fn = functools.partial(fn, **statics)
         self.start = 0
         # the first call compiles (into jit's cache, which the epoch part reuses) and runs

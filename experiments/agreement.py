@@ -17,12 +17,17 @@ from typing import Any
 import numpy as np
 
 from experiments import proxy
-from micronet_jax.evaluation.early_exit import CONFIDENT, select_predictions, top_probability
+from micronet_jax.evaluation.early_exit import (
+    CONFIDENT,
+    DEFAULT_THRESHOLD,
+    select_predictions,
+    top_probability,
+)
 from micronet_jax.train.steps import predict
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "osi_ai"
 CHECKPOINTS = ("first_submission", "final_ee50")
-THRESHOLD = 0.85
+THRESHOLD = DEFAULT_THRESHOLD
 # the exit ratios each checkpoint was published with (CIFAR-100 test set)
 PUBLISHED_RATIO = {"first_submission": 0.3217, "final_ee50": 0.2929}
 

@@ -162,7 +162,8 @@ def help_parser() -> CommandParser:
         description="Train, prune, evaluate or quantise a MicroNet: the job is the config's "
         "`mode` (train: stage A; pipeline: the whole recipe; test: evaluate and score a "
         "checkpoint; quantize: quantisation-aware training of one).",
-        epilog="configs: " + ", ".join(existing_configs("configs/x.py"))
+        epilog="configs: "
+        + ", ".join(existing_configs("configs/x.py"))
         + ". Example: python -m micronet_jax.main --config=configs/reproduce.py "
         "--workdir=runs/repro",
     )

@@ -88,7 +88,7 @@ def programs(size: str, dtype) -> dict[str, tuple]:
     train = functools.partial(train_step, cfg=StepConfig())
     exit_cfg = StepConfig(mixup_alpha=0.0, loss="soft_smoothing")
     k_steps = functools.partial(
-        loop._run_steps, step_fn=GuardedStep(train), batch_size=batch, steps=4
+        loop.run_steps, step_fn=GuardedStep(train), batch_size=batch, steps=4
     )
     predict = jax.jit(predict_step, static_argnums=0)
     return {

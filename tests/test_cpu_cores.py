@@ -116,5 +116,5 @@ def test_main_reads_cpu_devices():
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "cpu_devices must be an int >= 0" in proc.stderr

@@ -15,7 +15,7 @@ from test_ptq import pruned_tiny
 from tiny_run import user_env
 
 from micronet_jax.deploy import onnx_graph
-from micronet_jax.deploy.export import write_graphs
+from micronet_jax.deploy.export import file_sha256, run_onnx, write_graphs
 from micronet_jax.models.fold import fold_batch_norm
 from micronet_jax.quant.fake import QuantizedApply, scale_key
 from micronet_jax.quant.ptq import parse_method, post_training_quantize
@@ -196,7 +196,7 @@ CASES = (
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, tiny_archive, capsys):
-    from micronet_jax.deploy.export import main
+    from micronet_jax.export import main
 
     args, named = bad_inputs(tmp_path, tiny_archive)[case]
     out = tmp_path / "out"
@@ -288,7 +288,6 @@ def test_released_network_exports_and_onnxruntime_computes_what_jax_does(
     them rechecked here), the int8 file smaller and holding the codes, its predictions those
     of the fake quantisation (up to the grid boundaries the runtimes' own float arithmetic
     lands on differently; see README)."""
-    from micronet_jax import export
     from micronet_jax.data.cifar import load_train_test
     from micronet_jax.models.torch_import import load_original
 
@@ -316,7 +315,7 @@ def test_released_network_exports_and_onnxruntime_computes_what_jax_does(
     images = test.images[:500]
     loaded = load_original(pth)
     reference = predict(loaded.model.apply, loaded.variables, images, 500)
-    got = export.run_onnx(session(out / "model.onnx"), images)
+    got = run_onnx(session(out / "model.onnx"), images)
     for ours, theirs in zip(got, reference, strict=True):
         assert np.max(np.abs(ours - theirs)) < 1e-4
     assert card["files"]["model_int8.onnx"] < 0.4 * card["files"]["model.onnx"]
@@ -326,7 +325,7 @@ def test_released_network_exports_and_onnxruntime_computes_what_jax_does(
     parity = card["quantized"]["onnx_vs_jax_fake_quantisation"]
     assert parity["confident"] >= 0.99
     assert parity["combined"] >= 0.95
-    assert card["source"]["sha256"] == export.file_sha256([pth])
+    assert card["source"]["sha256"] == file_sha256([pth])
 
 
 def test_the_quantize_static_peer_quantises_each_kernel_per_output_channel(tmp_path):

@@ -1,8 +1,10 @@
-"""Imports run one way: config → data → model → steps → loop → pipeline → report → CLI.
+"""The layering rule (docs/architecture.md), checked on every import of the package.
 
-Every module of the package has a layer; a module may import from its own layer or below,
-never above, and no two modules may import each other (directly or round a cycle).
-Imports inside functions count: a deferred import is still a dependency.
+Floors, bottom up; a module may import from its own subpackage or from a lower floor, never
+from a higher one nor from a sibling subpackage on its own floor, and no two modules may
+import each other (directly or round a cycle). Imports inside functions count: a deferred
+import is still a dependency. A subpackage or top-level module without a floor fails the
+test: place new ones deliberately.
 """
 
 from __future__ import annotations
@@ -14,53 +16,19 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "micronet_jax"
 
-# Lowest first. A module not listed here fails the test: place new modules deliberately.
-LAYERS: dict[str, tuple[str, ...]] = {
-    "base": ("errors", "runtime"),
-    "data": ("data.download", "data.cifar", "data.autoaugment", "data.policy", "data.augment"),
-    "model": (
-        "models.architecture",
-        "models.conv",
-        "models.layers",
-        "models.early_exit",
-        "models.efficientnet",
-        "models.microbatch",
-        "models.fold",
-        "pruning",
-        "bitwidths",
-        "quantization",
-        "ptq",
-        "scoring",
-        "torch_pickle",
-        "convert",
-        "score",
-        "defaults",
-        "builders",
-    ),
-    "steps": (
-        "train.state",
-        "train.optim",
-        "train.losses",
-        "train.steps",
-        "train.qat",
-        "train.guard",
-        "train.metrics",
-        "train.progress",
-        "train.checkpoint",
-        "train.sharding",
-        "train.watchdog",
-        "train.preemption",
-        "inference",
-        "onnx_export",
-        "scorecard",
-    ),
-    "loop": ("train.loop", "stages", "workdir"),
-    "pipeline": ("describe", "pipeline", "validate", "launch"),
-    "report": ("plots", "report"),
-    "cli": ("main", "export"),
-}
-RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
-LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
+FLOORS: tuple[tuple[str, ...], ...] = (
+    ("errors",),
+    ("backend", "distributed", "data"),
+    ("models",),
+    ("quant",),
+    ("train", "scoring"),
+    ("evaluation",),
+    ("config",),
+    ("recipe",),
+    ("deploy",),
+    ("main", "export", "score", "report"),
+)
+FLOOR = {unit: rank for rank, units in enumerate(FLOORS) for unit in units}
 
 
 def module_name(path: Path) -> str:
@@ -69,7 +37,12 @@ def module_name(path: Path) -> str:
 
 
 def package_modules() -> dict[str, Path]:
-    return {module_name(p): p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    return {module_name(p): p for p in PACKAGE.rglob("*.py") if module_name(p)}
+
+
+def unit_of(module: str) -> str:
+    """The subpackage (or top-level module) a module belongs to: its floor's unit."""
+    return module.split(".")[0]
 
 
 def imports_of(path: Path, known: set[str]) -> set[str]:
@@ -93,19 +66,30 @@ def import_graph() -> dict[str, set[str]]:
     return {name: imports_of(path, known) - {name} for name, path in modules.items()}
 
 
-def test_every_module_has_a_layer():
-    missing = sorted(set(package_modules()) - set(RANK))
-    assert not missing, f"place these modules in a layer of tests/test_imports.py: {missing}"
+def breaks_the_rule(module: str, dep: str) -> bool:
+    """Whether `module` importing `dep` runs up a floor or sideways into a sibling."""
+    mine, theirs = unit_of(module), unit_of(dep)
+    return mine != theirs and FLOOR[theirs] >= FLOOR[mine]
 
 
-def test_no_import_runs_back_up():
-    upward = [
-        f"{module} ({LAYER_OF[module]}) imports {dep} ({LAYER_OF[dep]})"
+def test_every_subpackage_has_a_floor():
+    missing = sorted({unit_of(m) for m in package_modules()} - set(FLOOR))
+    assert not missing, f"give these a floor in tests/test_imports.py: {missing}"
+
+
+def test_the_top_holds_only_entry_points_errors_and_backend():
+    top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    assert top == sorted(["main", "export", "score", "report", "errors", "backend"])
+
+
+def test_no_import_runs_back_up_or_sideways():
+    broken = [
+        f"{module} (floor {FLOOR[unit_of(module)]}) imports {dep} (floor {FLOOR[unit_of(dep)]})"
         for module, deps in sorted(import_graph().items())
         for dep in sorted(deps)
-        if module in RANK and dep in RANK and RANK[dep] > RANK[module]
+        if breaks_the_rule(module, dep)
     ]
-    assert not upward, "\n".join(upward)
+    assert not broken, "\n".join(broken)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -148,9 +132,13 @@ def test_cycle_finder(graph, expected):
 
 
 def test_the_checker_sees_an_upward_import(tmp_path):
-    """A function-level import of a higher layer is found (the old pipeline <-> report pair)."""
+    """A function-level import of a higher floor is found, and so is a sibling's."""
     source = tmp_path / "x.py"
     source.write_text("def f():\n    from micronet_jax.recipe.pipeline import run_pipeline\n")
-    assert imports_of(source, {"pipeline", "report"}) == {"pipeline"}
+    assert imports_of(source, {"recipe.pipeline", "recipe"}) == {"recipe.pipeline"}
+    assert breaks_the_rule("evaluation.plots", "recipe.pipeline")
+    assert breaks_the_rule("train.loop", "scoring.counter")  # same floor, other subpackage
+    assert not breaks_the_rule("train.loop", "train.steps")
+    assert not breaks_the_rule("recipe.pipeline", "evaluation.plots")
     source.write_text("from micronet_jax.train import loop\n")
     assert imports_of(source, {"train.loop", "train"}) == {"train.loop"}

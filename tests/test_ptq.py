@@ -17,6 +17,7 @@ from micronet_jax.models.conv import conv2d
 from micronet_jax.models.efficientnet import segments
 from micronet_jax.models.fold import fold_batch_norm
 from micronet_jax.models.layers import Conv2d, Dense
+from micronet_jax.models.paths import path_name
 from micronet_jax.quant.fake import QuantizedApply, channel_scales, qmax, scale_key
 from micronet_jax.quant.ptq import (
     Method,
@@ -32,7 +33,6 @@ from micronet_jax.quant.ptq import (
     post_training_quantize,
 )
 from micronet_jax.quant.widths import BitWidths
-from micronet_jax.models.paths import path_name
 
 
 def moments_of(x_q: np.ndarray, x_f: np.ndarray, module: nn.Module) -> Moments:

@@ -391,7 +391,7 @@ def test_cli_reports_when_every_checkpoint_is_damaged(
         text=True,
         timeout=600,
     )
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert f"error: no readable checkpoint in {workdir}/stage_a/checkpoints" in done.stderr
     assert "Traceback" not in done.stderr
 

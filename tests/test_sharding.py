@@ -96,15 +96,44 @@ def test_sharded_epoch_matches_single_device(autoaugment):
     assert out["batch_spec_ok"]
 
 
-def test_make_mesh_and_batch_check():
+MESH_CHILD = textwrap.dedent(
+    """
+    import json, sys
     import jax
-
+    sys.path.insert(0, {tests!r})
+    from configs.tiny import get_config
+    from micronet_jax.config.validate import check_batch_sizes
     from micronet_jax.distributed import sharding
+    from micronet_jax.errors import ConfigError
 
     mesh = sharding.make_mesh()
-    assert mesh.axis_names == ("data",)
-    assert mesh.size == jax.device_count()
-    sharding.check_batch_size(mesh.size * 4, mesh)
-    if mesh.size > 1:
-        with pytest.raises(ValueError):
-            sharding.check_batch_size(mesh.size * 4 + 1, mesh)
+    config = get_config()  # 4 ghost-BN splits: every batch a multiple of 4 x 8 devices
+    outcome = {{"axes": list(mesh.axis_names), "size": mesh.size}}
+    for size in (32, 48):
+        config.train.batch_size = size
+        try:
+            check_batch_sizes(config)
+            outcome[str(size)] = "accepted"
+        except ConfigError as error:
+            outcome[str(size)] = str(error)
+    print(json.dumps(outcome))
+    """
+)
+
+
+def test_the_mesh_spans_every_device_and_a_batch_must_split_over_them():
+    """With 8 simulated devices: a 'data' mesh over all 8, and a batch size that does not
+    give every device whole ghost-BN splits is refused before anything compiles."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = xla_flags("--xla_force_host_platform_device_count=8")
+    env["JAX_PLATFORMS"] = "cpu"
+    code = MESH_CHILD.format(tests=str(ROOT / "tests"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["axes"] == ["data"] and out["size"] == 8
+    assert out["32"] == "accepted"
+    refusal = "train.batch_size=48 must be a multiple of model.bn_splits (4) x devices (8)"
+    assert refusal in out["48"]

@@ -273,9 +273,9 @@ def cli(tmp_path: Path, archive: Path, *overrides: str) -> subprocess.CompletedP
     [
         ("--config.train.batch_size=abc", 2, "invalid literal for int() with base 10: 'abc'"),
         ("--config.train.nope=1", 2, "unknown config key 'nope' (in --config.train.nope)"),
-        ("--config.mode=serve", 1, "config.mode must be one of"),
-        ("--config.train.batch_size=30", 1, "train.batch_size=30 must be a multiple"),
-        ("--config.data.name=svhn", 1, "unknown data set 'svhn'"),
+        ("--config.mode=serve", 2, "config.mode must be one of"),
+        ("--config.train.batch_size=30", 2, "train.batch_size=30 must be a multiple"),
+        ("--config.data.name=svhn", 2, "unknown data set 'svhn'"),
     ],
 )
 def test_cli_refuses_with_one_message(tmp_path, tiny_archive, override, status, message):
@@ -288,7 +288,7 @@ def test_cli_refuses_with_one_message(tmp_path, tiny_archive, override, status, 
 
 def test_cli_refuses_a_missing_data_dir(tmp_path):
     done = cli(tmp_path, tmp_path / "nowhere.tar.gz")
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "error:" in done.stderr and "nowhere.tar.gz" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
     assert not (tmp_path / "w").exists()

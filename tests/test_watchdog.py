@@ -15,8 +15,8 @@ import time
 import pytest
 from tiny_run import tiny_config
 
-from micronet_jax.distributed.watchdog import HEARTBEAT_PREFIX, Deadline, PeerWatch
 from micronet_jax.config.workdir import differences
+from micronet_jax.distributed.watchdog import HEARTBEAT_PREFIX, Deadline, PeerWatch
 from micronet_jax.recipe.launch import HOST_LOCAL_KEYS, launch_record
 
 

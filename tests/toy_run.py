@@ -62,7 +62,9 @@ def toy_fit(workdir: Path, n: int = N, **kwargs):
     )  # fmt: skip
     kwargs.setdefault("keep_checkpoints", 10)
     kwargs.setdefault("progress", False)
-    return loop.fit(toy_state(), toy_step, toy_data(n), schedule, workdir, **kwargs)
+    return loop.fit(
+        toy_state(), toy_step, toy_data(n), schedule, workdir, loop.FitOptions(**kwargs)
+    )
 
 
 def params_of(state) -> list[np.ndarray]:

@@ -5,6 +5,7 @@ Config files under `configs/` start from `default_config()` and override a few f
 
 from ml_collections import ConfigDict
 
+from micronet_jax.evaluation.early_exit import DEFAULT_THRESHOLD
 from micronet_jax.models.architecture import BASE_BLOCK_STRINGS
 from micronet_jax.train.pruning import DEFAULT_TARGETS
 
@@ -105,7 +106,7 @@ def default_config() -> ConfigDict:
     config.pipeline.exit_autoaugment = True  # the original's code keeps it (write-up: off)
     config.pipeline.exit_prune_targets = ()  # e.g. (10, 20, 30, 40, 50): the final version
     config.pipeline.exit_prune_epochs = 600
-    config.pipeline.threshold = 0.85
+    config.pipeline.threshold = DEFAULT_THRESHOLD  # exit when the exit head's max softmax > it
 
     # mode=test and mode=quantize: a finished workdir or one of the original's .pth files.
     config.checkpoint = ""

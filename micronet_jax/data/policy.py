@@ -238,14 +238,6 @@ def apply_decisions_planar(
     return images
 
 
-def apply_decisions(
-    images: jax.Array, decisions: Decisions, policy: Policy | Sequence[Sequence] | None = None
-) -> jax.Array:
-    """Apply given decisions to a uint8 batch (N, H, W, 3)."""
-    planar = apply_decisions_planar(autoaugment.to_planar(images), decisions, policy)
-    return autoaugment.from_planar(planar)
-
-
 def apply_policy_planar(
     key: jax.Array, images: jax.Array, policy: Policy | Sequence[Sequence] | None = None
 ) -> jax.Array:

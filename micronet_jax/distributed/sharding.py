@@ -53,12 +53,6 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(place, tree)
 
 
-def shard_batch(tree: Any, mesh: Mesh) -> Any:
-    """Place every leaf of `tree` split along its first axis (divisible by the mesh size)."""
-    sharding = batch_sharding(mesh)
-    return jax.tree_util.tree_map(lambda x: _global_array(x, sharding), tree)
-
-
 def local_copy(tree: Any) -> Any:
     """Every array leaf that spans other processes' devices replaced by this process's own
     replica (on one of its devices), so that it can be read, pruned or evaluated here. Only
@@ -70,13 +64,6 @@ def local_copy(tree: Any) -> Any:
         return x
 
     return jax.tree_util.tree_map(local, tree)
-
-
-def check_batch_size(batch_size: int, mesh: Mesh, splits: int = 4) -> None:
-    """Every device gets a whole share: the batch must divide by the number of devices."""
-    if batch_size % mesh.size:
-        raise ValueError(f"batch size {batch_size} is not divisible by {mesh.size} devices")
-    del splits
 
 
 def data_mesh(enabled: bool) -> Mesh | None:

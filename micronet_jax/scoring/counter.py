@@ -1,14 +1,14 @@
 """MicroNet Challenge counter, walking the same `Architecture` the model is built from.
 
-Score = parameter storage / 36.5M + math ops / 10.49B, both in 32-bit units. While nothing
-is quantised below 16 bits, parameters and multiplications count at `param_bits` /
-`mult_bits` (16, the freebie: ×0.5); additions always count at 32 bits. With `bits` (a
-`BitWidths`) quantising anything below 16 bits, every value and multiplication counts at its
-real width (SPEC §6b): a kernel at its weight width, a conv's multiplications at the wider
-of its weight and input widths, everything that stays float32 (biases, BN, swish, pooling,
-the scales themselves) at 32; an integer-quantised kernel stores one scale per output
-channel and an integer-quantised input a scale and a zero point per tensor (per channel for
-a depthwise conv's input with `BitWidths.depthwise_channels`), each at
+Score = parameter storage / 36.5M + math ops / 10.49B, both in 32-bit units. While nothing is
+quantised below 16 bits, parameters and multiplications count at `param_bits` / `mult_bits`
+(16, the freebie: ×0.5); additions always count at 32 bits. With `bits` (a `BitWidths`)
+quantising anything below 16 bits, every value and multiplication counts at its real width (the
+challenge's rules for quantised entries): a kernel at its weight width, a conv's
+multiplications at the wider of its weight and input widths, everything that stays float32
+(biases, BN, swish, pooling, the scales themselves) at 32; an integer-quantised kernel stores
+one scale per output channel and an integer-quantised input a scale and a zero point per tensor
+(per channel for a depthwise conv's input with `BitWidths.depthwise_channels`), each at
 `BitWidths.scale_bits` (32, or 16 for float16 scales).
 
 Conventions (each one is needed for all four of the original's published rows to come out):

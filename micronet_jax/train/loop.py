@@ -111,7 +111,7 @@ def _one_step(state, images, labels, perm, start, step_fn, batch_size, batch_sha
 @functools.partial(
     jax.jit, static_argnames=("step_fn", "batch_size", "batch_sharding"), donate_argnums=(0,)
 )
-def _run_batch(
+def run_batch(
     state, images, labels, perm, start, *, step_fn: StepFn, batch_size: int, batch_sharding=None
 ):
     """One train step on the batch at `start` of the epoch's permutation."""
@@ -123,7 +123,7 @@ def _run_batch(
     static_argnames=("step_fn", "batch_size", "steps", "batch_sharding"),
     donate_argnums=(0,),
 )
-def _run_steps(
+def run_steps(
     state,
     images,
     labels,
@@ -137,7 +137,7 @@ def _run_steps(
 ):
     """`steps` train steps in one program (a `lax.scan`): batch j starts at start + j·batch_size.
 
-    Every step draws its key from the state's step counter, exactly as `_run_batch` does, so
+    Every step draws its key from the state's step counter, exactly as `run_batch` does, so
     the result is the same as `steps` calls of it; the metrics come back stacked.
     """
 
@@ -195,9 +195,9 @@ def dispatch_epoch(
         common = dict(step_fn=step_fn, batch_size=size, batch_sharding=data.batch_sharding)
         args = (state, data.images, data.labels, perm, offsets[index])
         if steps == 1:
-            state, step_metrics = _run_batch(*args, **common)
+            state, step_metrics = run_batch(*args, **common)
         else:
-            state, step_metrics = _run_steps(*args, steps=steps, **common)
+            state, step_metrics = run_steps(*args, steps=steps, **common)
         partial.add(step_metrics, size, steps)
         if progress is not None:
             progress.advance(steps, size * steps)
@@ -227,28 +227,48 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+    """How `fit` runs a stage, besides its state, step, data, schedule and folder."""
+
+    evaluate_fn: Callable[[Any], dict[str, float]] | None = None  # state -> test metrics
+    lr_of_epoch: Callable[[int], float] | None = None  # the rate each epoch's record shows
+    keep_checkpoints: int = 3
+    progress: bool | StageBar = True  # a StageBar, or a plain bar named `desc` / lines only
+    desc: str = "train"
+    nan_policy: str = "stop"  # a non-finite step: 'stop' raises, 'skip' counts it
+    nan_check_every: int = 10  # steps between host reads of the finiteness flags
+    poison_step: int = -1  # fault injection: that global step's loss is NaN
+    min_free_mb: float = 50  # refuse to checkpoint with less free disk
+    steps_per_dispatch: int = 1
+    constants: dict[str, float] | None = None  # added to every record (e.g. the sparsity)
+
+    @classmethod
+    def from_train_config(cls, train_config: Any, **fields: Any) -> FitOptions:
+        """The options `config.train` sets (guards, disk space, kept checkpoints), plus
+        `fields`."""
+        return cls(
+            keep_checkpoints=train_config.keep_checkpoints,
+            nan_policy=train_config.nan_policy,
+            nan_check_every=train_config.nan_check_every,
+            poison_step=train_config.inject_nan_step,
+            min_free_mb=train_config.min_free_mb,
+            **fields,
+        )
+
+
 def fit(
     state: Any,
     step_fn: StepFn,
     train_data: DeviceData,
     schedule: Schedule,
     workdir: str | Path,
-    evaluate_fn: Callable[[Any], dict[str, float]] | None = None,
-    lr_of_epoch: Callable[[int], float] | None = None,
-    keep_checkpoints: int = 3,
-    progress: bool | StageBar = True,
-    desc: str = "train",
-    nan_policy: str = "stop",
-    nan_check_every: int = 10,
-    poison_step: int = -1,
-    min_free_mb: float = 50,
-    steps_per_dispatch: int = 1,
-    constants: dict[str, float] | None = None,
+    options: FitOptions | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Train `state` for the schedule's epochs under `workdir`, resuming from its checkpoints.
 
-    Writes `workdir/metrics.jsonl` (one record per epoch, plus `constants` such as the
-    stage's sparsity), TensorBoard scalars of the same records, orbax checkpoints under
+    Writes `workdir/metrics.jsonl` (one record per epoch, plus `options.constants` such as
+    the stage's sparsity), TensorBoard scalars of the same records, orbax checkpoints under
     `workdir/checkpoints` (every `checkpoint_every` epochs and at the end) and the best
     evaluated one under `workdir/best`. Returns the final state and the metric records.
     In a multi-host job every process trains and checkpoints; only the first writes files.
@@ -258,41 +278,31 @@ def fit(
     or SIGTERM saves a checkpoint at the next dispatch boundary and raises
     `guard.Interrupted`; the rerun resumes mid-epoch from it. In a job of several processes
     they all stop at the boundary they agree on (`preemption.AgreedStop`) and save it once.
-    `progress` is a `StageBar`, or True/False for a plain bar named `desc` / lines only.
     """
+    options = options or FitOptions()
     workdir = Path(workdir)
     primary = is_primary()
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
     metrics_path = workdir / "metrics.jsonl"
-    ckpt = Checkpointer(workdir / "checkpoints", keep=keep_checkpoints, min_free_mb=min_free_mb)
-    best = Checkpointer(workdir / "best", keep=1, min_free_mb=min_free_mb)
+    keep, min_free = options.keep_checkpoints, options.min_free_mb
+    ckpt = Checkpointer(workdir / "checkpoints", keep=keep, min_free_mb=min_free)
+    best = Checkpointer(workdir / "best", keep=1, min_free_mb=min_free)
     spe = schedule.steps_per_epoch
     if spe == 0:
         raise ValueError(
             f"{schedule.num_examples} training images make no batch of {schedule.batch_size}"
         )
-
-    step_fn = GuardedStep(step_fn, poison_step)
-    best_accuracy = -1.0
-    partial = None
-    if ckpt.latest_step() is not None:
-        state, meta, _ = ckpt.restore(state)
-        best_accuracy = meta.get("best_accuracy", -1.0)
-        partial = _resumed_partial(meta, int(state.step), spe, ckpt.directory)
-        log.info("resumed %s at epoch %d", workdir, int(state.step) // spe)
+    step_fn = GuardedStep(step_fn, options.poison_step)
+    state, best_accuracy, partial = _resume(ckpt, state, spe, workdir)
     done_epochs = int(state.step) // spe
     if primary:
         metrics_io.truncate_after(metrics_path, "epoch", done_epochs)
-
-    bar = progress if isinstance(progress, StageBar) else None
-    if bar is None:
-        bar = StageBar(desc, schedule.epochs * spe, int(state.step), enabled=bool(progress))
-    bar.quiet = bar.quiet or not primary
+    bar = _stage_bar(options, schedule.epochs * spe, int(state.step), primary)
     scalars = ScalarWriter(workdir, done_epochs) if primary else None
     wall_start = time.time()
     signals = AgreedStop() if jax.process_count() > 1 else StopSignals()
-    watch = Watch(nan_policy, max(1, nan_check_every), signals, desc, spe)
+    watch = Watch(options.nan_policy, max(1, options.nan_check_every), signals, options.desc, spe)
 
     def at_boundary(partial: EpochProgress) -> bool:
         stop = watch(partial)
@@ -306,42 +316,30 @@ def fit(
             tic = time.perf_counter()
             partial = partial or EpochProgress(epoch=epoch, first_step=(epoch - 1) * spe)
             state = dispatch_epoch(
-                state, step_fn, train_data, schedule, partial, bar, at_boundary, steps_per_dispatch
+                state,
+                step_fn,
+                train_data,
+                schedule,
+                partial,
+                bar,
+                at_boundary,
+                options.steps_per_dispatch,
             )
             watch.check(partial)  # before anything is saved: the flags of the last steps
             bar.observe(partial.latest)
             if partial.index < spe:
                 _save_interrupted(ckpt, state, partial, best_accuracy, signals)
-            train_metrics, skipped, partial = partial.averages(), partial.skipped, None
-            seconds = time.perf_counter() - tic
-            record: dict[str, Any] = {
-                "epoch": epoch,
-                "step": int(state.step),
-                "lr": lr_of_epoch(epoch) if lr_of_epoch else train_metrics.get("lr"),
-                "train_loss": train_metrics["loss"],
-                "train_accuracy": train_metrics["accuracy"],
-                "images_per_sec": sum(schedule.batch_sizes) / seconds,
-                "wall_time": time.time() - wall_start,
-                "skipped_steps": skipped,
-                **(constants or {}),
-            }
+            record = _epoch_record(state, partial, schedule, options, epoch, tic, wall_start)
+            partial = None
             last = epoch == schedule.epochs
-            if evaluate_fn is not None and (last or epoch % schedule.eval_every == 0):
-                test = evaluate_fn(state)
+            if options.evaluate_fn is not None and (last or epoch % schedule.eval_every == 0):
+                test = options.evaluate_fn(state)
                 record.update({f"test_{k}": v for k, v in test.items()})
-                bar.note(evaluation_line(desc, epoch, schedule.epochs, test))
+                bar.note(evaluation_line(options.desc, epoch, schedule.epochs, test))
             if primary:
                 metrics_io.append_record(metrics_path, record)
                 scalars.write(record, epoch)
-            accuracy = record.get("test_accuracy")
-            improved = accuracy is not None and accuracy > best_accuracy
-            if improved:
-                best_accuracy = accuracy
-            meta = {"epoch": epoch, "best_accuracy": best_accuracy, "record": record}
-            if last or epoch % schedule.checkpoint_every == 0:
-                ckpt.save(int(state.step), state, meta)
-            if improved:
-                best.save(int(state.step), state, meta)
+            best_accuracy = _save_epoch(ckpt, best, state, record, best_accuracy, schedule, last)
     finally:
         signals.__exit__()
         bar.close()
@@ -350,6 +348,75 @@ def fit(
         ckpt.close()
         best.close()
     return state, metrics_io.read_records(metrics_path)
+
+
+def _resume(
+    ckpt: Checkpointer, state: Any, steps_per_epoch: int, workdir: Path
+) -> tuple[Any, float, EpochProgress | None]:
+    """The state of the latest checkpoint (or `state` when there is none), the best test
+    accuracy so far, and the sums of the epoch a mid-epoch checkpoint stopped in."""
+    if ckpt.latest_step() is None:
+        return state, -1.0, None
+    state, meta, _ = ckpt.restore(state)
+    partial = _resumed_partial(meta, int(state.step), steps_per_epoch, ckpt.directory)
+    log.info("resumed %s at epoch %d", workdir, int(state.step) // steps_per_epoch)
+    return state, meta.get("best_accuracy", -1.0), partial
+
+
+def _stage_bar(options: FitOptions, total: int, initial: int, primary: bool) -> StageBar:
+    bar = options.progress if isinstance(options.progress, StageBar) else None
+    if bar is None:
+        bar = StageBar(options.desc, total, initial, enabled=bool(options.progress))
+    bar.quiet = bar.quiet or not primary
+    return bar
+
+
+def _epoch_record(
+    state: Any,
+    partial: EpochProgress,
+    schedule: Schedule,
+    options: FitOptions,
+    epoch: int,
+    tic: float,
+    wall_start: float,
+) -> dict[str, Any]:
+    """One finished epoch's line of metrics.jsonl, before its evaluation."""
+    train_metrics = partial.averages()
+    lr = options.lr_of_epoch(epoch) if options.lr_of_epoch else train_metrics.get("lr")
+    return {
+        "epoch": epoch,
+        "step": int(state.step),
+        "lr": lr,
+        "train_loss": train_metrics["loss"],
+        "train_accuracy": train_metrics["accuracy"],
+        "images_per_sec": sum(schedule.batch_sizes) / (time.perf_counter() - tic),
+        "wall_time": time.time() - wall_start,
+        "skipped_steps": partial.skipped,
+        **(options.constants or {}),
+    }
+
+
+def _save_epoch(
+    ckpt: Checkpointer,
+    best: Checkpointer,
+    state: Any,
+    record: dict[str, Any],
+    best_accuracy: float,
+    schedule: Schedule,
+    last: bool,
+) -> float:
+    """Checkpoint a finished epoch when due (and at the end), and as the best when its test
+    accuracy beats every earlier one; the best accuracy so far."""
+    accuracy = record.get("test_accuracy")
+    improved = accuracy is not None and accuracy > best_accuracy
+    if improved:
+        best_accuracy = accuracy
+    meta = {"epoch": record["epoch"], "best_accuracy": best_accuracy, "record": record}
+    if last or record["epoch"] % schedule.checkpoint_every == 0:
+        ckpt.save(int(state.step), state, meta)
+    if improved:
+        best.save(int(state.step), state, meta)
+    return best_accuracy
 
 
 def evaluation_line(desc: str, epoch: int, epochs: int, test: dict[str, float]) -> str:
@@ -399,16 +466,6 @@ def _save_interrupted(
     raise Interrupted(
         f"stopped by signal {signals.signum} {where}; {saved}; rerun the same command to resume",
         signals.signum,
-    )
-
-
-def guard_options(train_config: Any) -> dict[str, Any]:
-    """`fit`'s numerical-guard and disk-space keywords from `config.train`."""
-    return dict(
-        nan_policy=train_config.nan_policy,
-        nan_check_every=train_config.nan_check_every,
-        poison_step=train_config.inject_nan_step,
-        min_free_mb=train_config.min_free_mb,
     )
 
 
