@@ -11,13 +11,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from micronet_jax.errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    LaunchError,
-    MicronetError,
-)
+from micronet_jax.errors import CheckpointError as CheckpointError
+from micronet_jax.errors import ConfigError as ConfigError
+from micronet_jax.errors import DataError as DataError
+from micronet_jax.errors import LaunchError as LaunchError
+from micronet_jax.errors import MicronetError as MicronetError
 
 __version__ = "0.1.0"
 

@@ -25,6 +25,9 @@ os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
 
 SHARED = Path(os.environ.get("MICRONET_SHARED", REPO.parent / "shared"))
 REQUIRE_SHARED = os.environ.get("MICRONET_REQUIRE_SHARED") == "1"
+# CI (.ci/run) sets this: a skipped test (an extra not installed, a file gone missing) fails
+# the session instead of passing it silently.
+NO_SKIPS = os.environ.get("MICRONET_NO_SKIPS") == "1"
 
 
 def _shared_path(*parts: str) -> Path:
@@ -47,6 +50,21 @@ def cifar10_archive() -> Path:
 def original_checkpoints() -> Path:
     """The original's released checkpoints in ../shared/reference/osi_ai."""
     return _shared_path("reference", "osi_ai")
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """With MICRONET_NO_SKIPS=1, any skipped test (or module) fails the session, named."""
+    if not NO_SKIPS or hasattr(session.config, "workerinput"):  # the controller decides
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if not skipped:
+        return
+    reporter.write_sep("=", f"{len(skipped)} skipped, and MICRONET_NO_SKIPS=1 forbids skips")
+    for report in skipped:
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        reporter.write_line(f"SKIPPED {report.nodeid}: {reason}")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_configure(config) -> None:

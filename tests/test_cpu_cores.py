@@ -29,7 +29,7 @@ CHILD = textwrap.dedent(
     from micronet_jax.models.efficientnet import MicroNet, init_variables
     from micronet_jax.models.microbatch import map_micro_batches
     from micronet_jax.data.augment import eval_transform
-    from micronet_jax.train.steps import _predict_jit, predict
+    from micronet_jax.train.steps import predict_jit, predict
 
     arch = build_architecture(
         ("r1_k3_s1_e1_i8_o8_se0.25", "r1_k3_s2_e2_i8_o16_se0.25", "r1_k3_s1_e2_i16_o16_se0.25"),
@@ -43,8 +43,8 @@ CHILD = textwrap.dedent(
     one = jax.jit(lambda x: map_micro_batches(
         lambda b: model.apply(variables, eval_transform(b)), x, 16))
     ref_main, ref_exits = (np.asarray(a) for a in one(jax.device_put(images, jax.devices()[0])))
-    split = _predict_jit(model.apply, variables, images[:30])[0]
-    uneven = _predict_jit(model.apply, variables, images[:31])[0]  # 31 does not divide by 3
+    split = predict_jit(model.apply, variables, images[:30])[0]
+    uneven = predict_jit(model.apply, variables, images[:31])[0]  # 31 does not divide by 3
 
     confidence = np.asarray(exit_confidence(exits))
     threshold = float(np.median(confidence))

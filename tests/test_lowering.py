@@ -66,23 +66,22 @@ def test_inference_depthwise_is_the_training_one_bit_for_bit(kernel, padding):
     # forward reads shifted 2-D windows; same products, same summation order
     x = jax.random.normal(jax.random.key(0), (3, 9, 12, 8))
     k = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 8))
-    flat = jax.jit(conv._depthwise_sum_flat, static_argnums=(2, 3))(x, k, 1, padding)
-    windows = jax.jit(conv._depthwise_sum, static_argnums=(2, 3))(x, k, 1, padding)
+    flat = jax.jit(conv.depthwise_sum_flat, static_argnums=(2, 3))(x, k, 1, padding)
+    windows = jax.jit(conv.depthwise_sum, static_argnums=(2, 3))(x, k, 1, padding)
     assert flat.shape == windows.shape
     np.testing.assert_array_equal(np.asarray(flat), np.asarray(windows))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stride,padding", [(1, (1, 1)), (2, (0, 1))])
-def test_depthwise_kernel_gradient_over_several_chunks(monkeypatch, stride, padding):
+def test_depthwise_kernel_gradient_over_several_chunks(stride, padding):
     """The chunked scan's kernel gradient sums every chunk (here 6 chunks of 2 samples)."""
     x = jax.random.normal(jax.random.key(0), (12, 9, 9, 8))
     k = jax.random.normal(jax.random.key(1), (3, 3, 1, 8))
-    monkeypatch.setattr(conv, "_CHUNK_BYTES", 2 * 9 * 9 * 8 * 4)
     out, pullback = jax.vjp(lambda k: conv.conv_xla(x, k, stride, padding, 8), k)
     dy = jax.random.normal(jax.random.key(2), out.shape)
     (expected,) = pullback(dy)
-    got = conv.depthwise_kernel_grad(x, dy, 3, stride, padding)
+    got = conv.depthwise_kernel_grad(x, dy, 3, stride, padding, chunk_bytes=2 * 9 * 9 * 8 * 4)
     assert rel_err(got, expected) < TOL
 
 

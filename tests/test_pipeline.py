@@ -79,6 +79,10 @@ def test_pruned_weights_are_zero_in_final_variables(tiny_pipeline):
 
     stage = plan_stages(config)[-1]
     variables, masks = load_final(config, stage, workdir / stage.name)
+    pruned = 0
     for w, m in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(masks), strict=True):
         w, m = np.asarray(w), np.asarray(m)
         assert np.all(w[m == 0] == 0)
+        pruned += int(np.sum(m == 0))
+    total = sum(np.size(m) for m in jax.tree.leaves(masks))
+    assert pruned > 0.3 * total  # the masks do prune (60% of the main network's kernels)

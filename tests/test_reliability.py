@@ -46,10 +46,11 @@ def toy_reference(tmp_path_factory):
 def test_signal_saves_mid_epoch_and_resume_is_exact(toy_reference, tmp_path, signum, at_step):
     _, ref_state, ref_records = toy_reference
     workdir = tmp_path / "run"
+    handler_before = signal.getsignal(signum)
     with pytest.raises(Interrupted, match=f"signal {signum}") as caught:
         toy_fit(workdir, progress=SignalAt(at_step, signum))
     assert caught.value.exit_code == 128 + signum
-    assert signal.getsignal(signum) is not None  # handlers restored
+    assert signal.getsignal(signum) is handler_before  # the run's handler did not leak
     ckpt = Checkpointer(workdir / "checkpoints")
     assert ckpt.latest_step() == at_step  # saved at the step boundary after the signal
     _, meta, _ = ckpt.restore(toy_state())

@@ -147,7 +147,7 @@ def exit_predict_exact(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _fast_exit(
+def fast_exit_batch(
     model: MicroNet, variables: dict, images: jax.Array, threshold: jax.Array, chunk: int
 ) -> tuple[jax.Array, jax.Array]:
     """(predictions, exited) of one batch, running the tail only on samples that continue.
@@ -201,7 +201,7 @@ def exit_predict_fast(
 ) -> ExitResult:
     """Run the tail only on samples that did not exit; predictions equal `exit_predict_exact`'s.
 
-    One program per batch (`_fast_exit`): trunk and exit head on every sample, then the tail
+    One program per batch (`fast_exit_batch`): trunk and exit head on every sample, then the tail
     on the continuing ones, `chunk` samples at a time (default `tail_chunk_size`).
     """
     if model.arch.exit_head is None:
@@ -210,7 +210,7 @@ def exit_predict_fast(
     batch_size = min(batch_size, images.shape[0])
     chunk = min(chunk or tail_chunk_size(batch_size), batch_size)
     outputs = [
-        (_fast_exit(model, variables, jnp.asarray(batch), threshold, chunk), valid)
+        (fast_exit_batch(model, variables, jnp.asarray(batch), threshold, chunk), valid)
         for batch, valid in fixed_size_batches(images, batch_size)
     ]  # all batches dispatched before the first result is read back
     predictions = np.concatenate([np.asarray(pred)[:valid] for (pred, _), valid in outputs])

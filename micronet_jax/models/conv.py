@@ -99,9 +99,11 @@ def _pointwise_bwd(residuals, dy):
 pointwise_matmul.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
-def _depthwise_sum(
+def depthwise_sum(
     x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[int, int]
 ) -> jax.Array:
+    """A depthwise conv as k² shifted, strided 2-D windows of `x`, each times its tap: the
+    form training differentiates."""
     k = kernel.shape[0]
     out = None
     for (i, j), view in shifted_windows(x, k, stride, padding):
@@ -110,18 +112,18 @@ def _depthwise_sum(
     return out
 
 
-def _depthwise_sum_flat(
+def depthwise_sum_flat(
     x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[int, int]
 ) -> jax.Array:
-    """`_depthwise_sum` (bit for bit) with every stride-1 tap read from the padded input.
+    """`depthwise_sum` (bit for bit) with every stride-1 tap read from the padded input.
 
     Each tap is a window of the row-flattened padded input, so the output grid carries the
-    padded width and its extra columns are dropped at the end. In `_depthwise_sum` the centre
+    padded width and its extra columns are dropped at the end. In `depthwise_sum` the centre
     tap is exactly the unpadded input, which XLA then reads directly: the input's producer
     (BN + swish) gains a second consumer and is split into extra passes over the activation.
     """
     if stride != 1:
-        return _depthwise_sum(x, kernel, stride, padding)
+        return depthwise_sum(x, kernel, stride, padding)
     k = kernel.shape[0]
     n, h, w, c = x.shape
     before, after = padding
@@ -147,18 +149,18 @@ def depthwise_shifted(
     The backward keeps only `x`. Under plain autodiff XLA writes out all k² shifted views of
     `x` to feed the kernel-gradient reductions: k² activation-sized buffers per layer and
     most of the layer's backward time on a memory-bound CPU. Without differentiation
-    (inference) the forward is `_depthwise_sum_flat`, which fuses better there.
+    (inference) the forward is `depthwise_sum_flat`, which fuses better there.
     """
-    return _depthwise_sum_flat(x, kernel, stride, padding)
+    return depthwise_sum_flat(x, kernel, stride, padding)
 
 
 def _depthwise_fwd(x, kernel, stride, padding):
-    return _depthwise_sum(x, kernel, stride, padding), (x, kernel)
+    return depthwise_sum(x, kernel, stride, padding), (x, kernel)
 
 
 def _depthwise_bwd(stride, padding, residuals, dy):
     x, kernel = residuals
-    _, pullback = jax.vjp(lambda a: _depthwise_sum(a, kernel, stride, padding), x)
+    _, pullback = jax.vjp(lambda a: depthwise_sum(a, kernel, stride, padding), x)
     (dx,) = pullback(dy)
     return dx, depthwise_kernel_grad(x, dy, kernel.shape[0], stride, padding).astype(kernel.dtype)
 
@@ -166,21 +168,27 @@ def _depthwise_bwd(stride, padding, residuals, dy):
 depthwise_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
-_CHUNK_BYTES = 2 << 20  # a chunk of samples that stays in cache while its k² taps are summed
+CHUNK_BYTES = 2 << 20  # a chunk of samples that stays in cache while its k² taps are summed
 
 
 def depthwise_kernel_grad(
-    x: jax.Array, dy: jax.Array, kernel_size: int, stride: int, padding: tuple[int, int]
+    x: jax.Array,
+    dy: jax.Array,
+    kernel_size: int,
+    stride: int,
+    padding: tuple[int, int],
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> jax.Array:
     """d(loss)/d(kernel) of a depthwise conv: Σ over samples and positions of view_ij · dy.
 
-    A scan over cache-sized chunks of the batch pads each chunk and reduces its k² shifted
-    products there, so every activation is read from memory once (float32 accumulation).
+    A scan over chunks of the batch of at most `chunk_bytes` (cache-sized) pads each chunk
+    and reduces its k² shifted products there, so every activation is read from memory once
+    (float32 accumulation).
     """
     n, c = x.shape[0], x.shape[-1]
     per_sample = x[0].size * x.dtype.itemsize
     chunk = max(
-        d for d in range(1, n + 1) if n % d == 0 and d * per_sample <= max(_CHUNK_BYTES, per_sample)
+        d for d in range(1, n + 1) if n % d == 0 and d * per_sample <= max(chunk_bytes, per_sample)
     )
     xs = x.reshape(n // chunk, chunk, *x.shape[1:])
     dys = dy.reshape(n // chunk, chunk, *dy.shape[1:])

@@ -133,7 +133,8 @@ def predict_step(apply_fn: Callable, variables: dict, images: jax.Array):
     )
 
 
-_predict_jit = jax.jit(predict_step, static_argnums=0)
+# `predict_step` compiled: the program `predict` runs on each fixed-size batch
+predict_jit = jax.jit(predict_step, static_argnums=0)
 
 
 def fixed_size_batches(images: np.ndarray | jax.Array, batch_size: int):
@@ -158,7 +159,7 @@ def predict(
     """Logits of every image; the last partial batch is padded, so one shape compiles once."""
     mains, exits = [], []
     for chunk, valid in fixed_size_batches(images, batch_size):
-        main, exit_logits = _predict_jit(apply_fn, variables, chunk)
+        main, exit_logits = predict_jit(apply_fn, variables, chunk)
         mains.append(main[:valid])
         if exit_logits is not None:
             exits.append(exit_logits[:valid])
