@@ -53,20 +53,26 @@ def report(error: MicronetError) -> int:
 
 
 class CommandParser(argparse.ArgumentParser):
-    """argparse as every command uses it: `--help` shows each flag's default; a bad flag is
-    one line (`error: …`) and exit status 2, like any other bad input."""
+    """argparse as every command uses it: `--help` shows each flag's default (where it has
+    one); a bad flag is one line (`error: …`) and exit status 2, like any other bad input."""
 
     def __init__(self, prog: str, description: str, epilog: str | None = None) -> None:
         super().__init__(
-            prog=prog,
-            description=description,
-            epilog=epilog,
-            formatter_class=_HelpFormatter,
+            prog=prog, description=description, epilog=epilog, formatter_class=_HelpFormatter
         )
 
     def error(self, message: str) -> NoReturn:
         fail(message)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each flag's help; the description's line breaks kept."""
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each flag's help followed by its default, unless it has none (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default in (None, False, argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)"
+        return text

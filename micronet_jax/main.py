@@ -30,10 +30,10 @@ from micronet_jax.errors import CommandParser, MicronetError, fail
 from micronet_jax.recipe.launch import check_same_launch, join
 from micronet_jax.train.guard import Interrupted
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+CONFIG_HELP = "a config file, with an optional variant: configs/reproduce.py:final"
+WORKDIR_HELP = "directory for checkpoints, metrics and reports (a rerun resumes it)"
+_CONFIG = config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, WORKDIR_HELP)
 
 
 def run(config, workdir: str | None) -> None:
@@ -167,14 +167,14 @@ def help_parser() -> CommandParser:
         + ". Example: python -m micronet_jax.main --config=configs/reproduce.py "
         "--workdir=runs/repro",
     )
-    parser.add_argument("--config", metavar="FILE[:VARIANT]", help=_CONFIG.help)
+    parser.add_argument("--config", metavar="FILE[:VARIANT]", help=CONFIG_HELP)
     parser.add_argument(
         "--config.KEY",
         metavar="VALUE",
         help="override one config field, e.g. --config.train.batch_size=256 (repeatable; "
         "unknown keys and wrong types are refused)",
     )
-    parser.add_argument("--workdir", metavar="DIR", help=_WORKDIR.help)
+    parser.add_argument("--workdir", metavar="DIR", help=WORKDIR_HELP)
     parser.add_argument("--helpfull", action="store_true", help="absl's list of every flag")
     return parser
 

@@ -287,7 +287,7 @@ def test_released_network_exports_and_onnxruntime_computes_what_jax_does(
     computes): the float32 graph's logits within 1e-4 of JAX on 2,000 real images (500 of
     them rechecked here), the int8 file smaller and holding the codes, its predictions those
     of the fake quantisation (up to the grid boundaries the runtimes' own float arithmetic
-    lands on differently; see README)."""
+    lands on differently; see docs/deployment.md)."""
     from micronet_jax.data.cifar import load_train_test
     from micronet_jax.models.torch_import import load_original
 

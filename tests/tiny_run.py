@@ -78,7 +78,7 @@ def user_env(cache: Path) -> dict[str, str]:
     compile), and for the runs whose K steps per dispatch are compared bit for bit with one
     step at a time: at optimisation level 0 the older fusion emitter compiles a `lax.scan`
     body's parameter update differently from the same step compiled alone (~1e-7 apart),
-    while XLA's default flags give the identity the README promises.
+    while XLA's default flags give the identity docs/multihost.md promises.
     """
     env = main_env(cache)
     kept = [f for f in env.get("XLA_FLAGS", "").split() if f not in FAST_COMPILE]
