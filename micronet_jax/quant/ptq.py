@@ -416,56 +416,19 @@ def post_training_quantize(
     ranges = calibration.ranges(bits, method.activation_clip)
     params = {k: np.asarray(v) for k, v in _flat(folded["params"]).items()}
     order = layer_order(model, folded, inputs_shape(images))
-    for path in order:  # kernels at 16 bits are float16 values, fixed from the start
-        if INTEGER_BELOW <= bits.of(path)[0] < FULL:
-            params[path] = np.asarray(fake_quant(jnp.asarray(params[path]), 1.0, 16))
-    order = [path for path in order if bits.of(path)[0] < INTEGER_BELOW]
-    plan = [
-        (segment, [p for p in order if p.startswith(segment.scopes)])
-        for segment in segments(model.arch)
-    ]
-    inputs = {"image": [prepare(b) for b in image_batches]} if method.needs_data else {}
-    outputs_f = dict(inputs)
+    order = _fix_sixteen_bit_kernels(params, order, bits)
+    walk = _SegmentWalk(model, bits, folded, ranges, params, method, iterations)
+    if method.needs_data:
+        walk.start([prepare(b) for b in image_batches])
     scales, reports = {}, []
     with _progress_bar(progress, len(order)) as bar:
-        for segment, paths in plan:
-            for path in paths:
-                weight_bits = bits.of(path)[0]
-                kernel = jnp.asarray(params[path])
-                scale = weight_scales(kernel, weight_bits, bits.scale_bits, method.weight_clip)
-                if method.needs_data:
-                    moments = layer_moments(
-                        model,
-                        bits,
-                        path,
-                        segment.run,
-                        {**folded, "params": _nested(params)},
-                        folded,
-                        ranges,
-                        inputs[segment.source],
-                        outputs_f[segment.source],
-                    )
-                    codes, report = _round_layer(
-                        path, params, kernel, scale, moments, weight_bits, method, iterations
-                    )
-                else:
-                    codes = np.asarray(_nearest_codes(kernel, scale, weight_bits))
-                    report = LayerReport(path, float("nan"), float("nan"))
-                params[path] = (codes * np.asarray(scale)).astype(np.float32)
-                scales[scale_key(path)] = jnp.asarray(scale, jnp.float32)
+        for segment in segments(model.arch):
+            for path in [p for p in order if p.startswith(segment.scopes)]:
+                scales[scale_key(path)], report = walk.quantize_layer(segment, path)
                 reports.append(report)
                 bar(path)
             if method.needs_data:
-                current = {**folded, "params": _nested(params)}
-                run = segment.run
-                inputs[segment.name] = [
-                    _segment_output(model, bits, run, current, ranges, x)
-                    for x in inputs[segment.source]
-                ]
-                outputs_f[segment.name] = [
-                    _segment_output(model, None, run, folded, {}, x)
-                    for x in outputs_f[segment.source]
-                ]
+                walk.advance(segment)
     quantized = {
         "params": jax.tree_util.tree_map(jnp.asarray, _nested(params)),
         "batch_stats": folded["batch_stats"],
@@ -473,6 +436,77 @@ def post_training_quantize(
         "weight_scales": scales,
     }
     return quantized, reports
+
+
+def _fix_sixteen_bit_kernels(params: dict, order: list[str], bits: BitWidths) -> list[str]:
+    """Kernels at 16 bits become float16 values, fixed from the start (in `params`); the
+    kernels left to quantise to integer codes, in the network's order."""
+    for path in order:
+        if INTEGER_BELOW <= bits.of(path)[0] < FULL:
+            params[path] = np.asarray(fake_quant(jnp.asarray(params[path]), 1.0, 16))
+    return [path for path in order if bits.of(path)[0] < INTEGER_BELOW]
+
+
+@dataclasses.dataclass
+class _SegmentWalk:
+    """The network quantised segment by segment: `params` (flat, updated in place as each
+    kernel gets its codes) and, with data, each finished segment's output on every
+    calibration batch, in the quantised network (`inputs`) and in the float32 one
+    (`float_inputs`), which the next segment's layers read."""
+
+    model: nn.Module
+    bits: BitWidths
+    folded: dict
+    ranges: dict
+    params: dict
+    method: Method
+    iterations: int
+    inputs: dict = dataclasses.field(default_factory=dict)
+    float_inputs: dict = dataclasses.field(default_factory=dict)
+
+    def start(self, batches: list[jax.Array]) -> None:
+        self.inputs = {"image": batches}
+        self.float_inputs = {"image": batches}
+
+    def quantize_layer(self, segment: Any, path: str) -> tuple[jax.Array, LayerReport]:
+        """The kernel at `path` on its grid (codes times scale, into `params`): its scale
+        and its report."""
+        weight_bits = self.bits.of(path)[0]
+        kernel = jnp.asarray(self.params[path])
+        scale = weight_scales(kernel, weight_bits, self.bits.scale_bits, self.method.weight_clip)
+        if self.method.needs_data:
+            moments = layer_moments(
+                self.model,
+                self.bits,
+                path,
+                segment.run,
+                {**self.folded, "params": _nested(self.params)},
+                self.folded,
+                self.ranges,
+                self.inputs[segment.source],
+                self.float_inputs[segment.source],
+            )
+            codes, report = _round_layer(
+                path, self.params, kernel, scale, moments, weight_bits, self.method, self.iterations
+            )
+        else:
+            codes = np.asarray(_nearest_codes(kernel, scale, weight_bits))
+            report = LayerReport(path, float("nan"), float("nan"))
+        self.params[path] = (codes * np.asarray(scale)).astype(np.float32)
+        return jnp.asarray(scale, jnp.float32), report
+
+    def advance(self, segment: Any) -> None:
+        """`segment`'s outputs, quantised and float32, for the segments that read them."""
+        current = {**self.folded, "params": _nested(self.params)}
+        run, model, bits = segment.run, self.model, self.bits
+        self.inputs[segment.name] = [
+            _segment_output(model, bits, run, current, self.ranges, x)
+            for x in self.inputs[segment.source]
+        ]
+        self.float_inputs[segment.name] = [
+            _segment_output(model, None, run, self.folded, {}, x)
+            for x in self.float_inputs[segment.source]
+        ]
 
 
 @contextlib.contextmanager
