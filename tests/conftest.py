@@ -7,12 +7,11 @@ import fcntl
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tiny_run import with_fast_compile
+from tiny_run import run_main, with_fast_compile
 
 REPO = Path(__file__).resolve().parents[1]
 # The suite is bound by XLA's compile times, not by running what it compiles: without LLVM's
@@ -141,16 +140,10 @@ def tiny_pipeline(tmp_path_factory, tiny_archive, compile_cache):
     (`tiny_run.user_env`): (config, workdir, report). The pipeline, report, TensorBoard and
     kill/resume tests read it; a test that writes into the run (plots, a rerun) takes
     `tiny_pipeline_copy` instead, since other workers read it too."""
-    from tiny_run import main_command, tiny_config, user_env
+    from tiny_run import tiny_config, user_env
 
     def build(folder: Path) -> None:
-        done = subprocess.run(
-            main_command(folder / "run", tiny_archive),
-            env=user_env(compile_cache),
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        done = run_main(folder / "run", tiny_archive, env=user_env(compile_cache), timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
 
     workdir = built_once(tmp_path_factory, "tiny_pipeline", build) / "run"

@@ -22,7 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tiny_run import TINY as TINY_CONFIG
-from tiny_run import main_command, main_env, pipeline_outcome, stable, tiny_config, user_env
+from tiny_run import (
+    main_command,
+    main_env,
+    pipeline_outcome,
+    run_main,
+    stable,
+    tiny_config,
+    user_env,
+)
 from toy_run import BATCH, EPOCHS, K_CASES, N, SignalAt, params_of, toy_fit, toy_state
 
 from micronet_jax.config.workdir import check_resume, record_config
@@ -274,12 +282,8 @@ def finish(
     env: dict[str, str] | None = None,
 ) -> None:
     """Run (or resume) the pipeline to its end; `env` defaults to `main_env(cache)`."""
-    done = subprocess.run(
-        main_command(workdir, archive, *overrides, config=config),
-        env=env or main_env(cache),
-        capture_output=True,
-        text=True,
-        timeout=900,
+    done = run_main(
+        workdir, archive, *overrides, config=config, env=env or main_env(cache), timeout=900
     )
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -385,13 +389,7 @@ def test_cli_reports_when_every_checkpoint_is_damaged(
     shutil.rmtree(workdir / "stage_a" / "final")
     for step_dir in (workdir / "stage_a" / "checkpoints").iterdir():
         _damage(step_dir, "garbage")
-    done = subprocess.run(
-        main_command(workdir, archive),
-        env=main_env(cache),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_main(workdir, archive, env=main_env(cache), timeout=600)
     assert done.returncode == 2
     assert f"error: no readable checkpoint in {workdir}/stage_a/checkpoints" in done.stderr
     assert "Traceback" not in done.stderr
@@ -407,12 +405,8 @@ def test_quantize_stage_killed_and_resumed_equals_an_uninterrupted_run(
     quantize stage and the report), so only the stage under test runs twice."""
     config = f"{TINY_CONFIG}:quantized"
     reference = tmp_path / "reference"
-    done = subprocess.run(
-        main_command(reference, tiny_archive, config=config),
-        env=main_env(compile_cache),
-        capture_output=True,
-        text=True,
-        timeout=900,
+    done = run_main(
+        reference, tiny_archive, config=config, env=main_env(compile_cache), timeout=900
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((reference / "report.json").read_text())

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
-from tiny_run import main_command, main_env
+from tiny_run import main_env, run_main
 
 from micronet_jax.recipe.stages import plan_stages
 from micronet_jax.train.metrics import scalar_name
@@ -87,16 +86,12 @@ def test_overall_estimate_counts_later_stages():
 def test_cli_run_explains_itself(tmp_path, tiny_archive, compile_cache):
     """A fresh run from the command line: banner, stage count, loss and lr in the bar, the
     overall estimate, one line per evaluation and per finished stage."""
-    done = subprocess.run(
-        main_command(
-            tmp_path / "run",
-            tiny_archive,
-            "--config.train.progress=True",
-            "--config.pipeline.epoch_scale=0.0025",  # 3 epochs per stage: a pace to show
-        ),
+    done = run_main(
+        tmp_path / "run",
+        tiny_archive,
+        "--config.train.progress=True",
+        "--config.pipeline.epoch_scale=0.0025",  # 3 epochs per stage: a pace to show
         env=main_env(compile_cache),
-        capture_output=True,
-        text=True,
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -8,18 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_run import TINY, main_command, main_env, stable
+from tiny_run import TINY, main_command, main_env, run_main, stable
 
 from micronet_jax.train import metrics as metrics_io
 
 
 def _run(workdir: Path, archive: Path, cache: Path, *overrides: str) -> None:
-    done = subprocess.run(
-        main_command(workdir, archive, *overrides, config=str(TINY)),
-        env=main_env(cache),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = run_main(
+        workdir, archive, *overrides, config=str(TINY), env=main_env(cache), timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -20,7 +20,7 @@ from archives import (
     make_cifar100_python_archive,
     write_tar_gz,
 )
-from tiny_run import main_command, main_env, tiny_config
+from tiny_run import main_env, run_main, tiny_config
 
 from micronet_jax.config.validate import check_batch_sizes
 from micronet_jax.errors import CheckpointError, ConfigError, DataError, MicronetError
@@ -258,12 +258,8 @@ def test_pth_that_is_not_a_checkpoint(config, tmp_path):
 
 
 def cli(tmp_path: Path, archive: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        main_command(tmp_path / "w", archive, *overrides),
-        env=main_env(tmp_path / "cache"),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return run_main(
+        tmp_path / "w", archive, *overrides, env=main_env(tmp_path / "cache"), timeout=300
     )
 
 

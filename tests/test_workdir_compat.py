@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from tiny_run import TINY, main_command, main_env
+from tiny_run import TINY, main_env, run_main
 
 DATA = Path(__file__).resolve().parent / "data"
 OLD_WORKDIR = DATA / "workdir_v0_1"
@@ -30,13 +29,7 @@ def test_a_workdir_of_the_flat_layout_resumes_and_is_scored(tmp_path, tiny_archi
     shutil.copytree(OLD_WORKDIR, workdir)
     before = {s: (workdir / s / "done.json").read_text() for s in FINISHED_EARLIER}
 
-    done = subprocess.run(
-        main_command(workdir, tiny_archive),
-        env=main_env(compile_cache),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_main(workdir, tiny_archive, env=main_env(compile_cache), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming: 3 of 5 stages finished; exit resumes at step 5" in done.stdout
     for stage in FINISHED_EARLIER:  # read, not redone
@@ -49,17 +42,13 @@ def test_a_workdir_of_the_flat_layout_resumes_and_is_scored(tmp_path, tiny_archi
     for counting in ("score_actual_masks", "score_published_convention"):
         assert report[counting]["score"] == pytest.approx(reference[counting]["score"], rel=1e-9)
 
-    scored = subprocess.run(
-        main_command(
-            tmp_path / "test",
-            tiny_archive,
-            "--config.mode=test",
-            f"--config.checkpoint={workdir}",
-            config=f"{TINY}:pipeline",
-        ),
+    scored = run_main(
+        tmp_path / "test",
+        tiny_archive,
+        "--config.mode=test",
+        f"--config.checkpoint={workdir}",
+        config=f"{TINY}:pipeline",
         env=main_env(compile_cache),
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert scored.returncode == 0, scored.stderr[-3000:]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,24 @@ def main_command(
         f"--config.data.dir={archive}",
         *overrides,
     ]
+
+
+def run_main(
+    workdir: Path,
+    archive: Path,
+    *overrides: str,
+    env: dict[str, str],
+    config: str = f"{TINY}:pipeline",
+    timeout: float = 900,
+) -> subprocess.CompletedProcess:
+    """`main_command` run to its end in `env`, its output captured as text."""
+    return subprocess.run(
+        main_command(workdir, archive, *overrides, config=config),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def xla_flags(*flags: str) -> str:
