@@ -4,6 +4,7 @@ line without leaving anything behind."""
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import subprocess
@@ -75,6 +76,38 @@ def test_float_graph_takes_raw_images_and_equals_the_jax_network(root):
     np.testing.assert_allclose(exit_logits, reference[1], atol=1e-4)
 
 
+def op_histogram(proto) -> dict[str, int]:
+    return dict(collections.Counter(node.op_type for node in proto.graph.node))
+
+
+@pytest.mark.slow
+def test_float_graph_is_one_node_per_operation_in_one_layout(root):
+    """The deployment graph of the tiny network (stem, 3 blocks with squeeze-excite, head,
+    exit head): every conv a Conv with its batch norm folded in and its padding in `pads`,
+    each swish a Sigmoid and a Mul, each spatial mean a GlobalAveragePool, each classifier one
+    Gemm with its bias; one Transpose, from the input's NHWC to NCHW; no Concat, Reshape,
+    Expand, Dropout, Sqrt, and nothing outside the standard ONNX domain."""
+    folder, model, _ = exported(root, None)
+    proto = onnx.load(folder / "model.onnx")
+    convs = 1 + (2 + 3 + 3) + (2 + 2 + 2) + 1 + 2  # stem, block convs, SE pairs, head, exit
+    swishes = convs - 3 - 3 + 3 - 2  # every conv but project / SE expand / fc, plus SE's own
+    histogram = op_histogram(proto)
+    assert histogram.pop("Conv") == convs
+    assert histogram.pop("GlobalAveragePool") == 3 + 1 + 1  # each SE, the head, the exit head
+    assert histogram.pop("Gemm") == 2 and histogram.pop("Flatten") == 2
+    assert histogram.pop("Transpose") == 1
+    assert histogram.pop("Sigmoid") >= swishes and histogram.pop("Mul") >= swishes
+    assert set(histogram) <= {"Cast", "Div", "Sub", "Gather", "Add"}, histogram
+    assert histogram.get("Gather", 0) <= 2 and histogram.get("Add", 0) <= 3
+    assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+    head = onnx.load(folder / "early_exit" / "head.onnx")
+    tail = onnx.load(folder / "early_exit" / "tail.onnx")
+    assert op_histogram(head).get("Transpose") == 1  # the input's; features leave in NCHW
+    assert "Transpose" not in op_histogram(tail)  # and enter in NCHW
+    for part in (head, tail):
+        assert not {"Concat", "Reshape", "Expand"} & set(op_histogram(part))
+
+
 @pytest.mark.slow
 def test_early_exit_pair_is_the_whole_graph_split(root):
     folder, *_ = exported(root, None)
@@ -129,11 +162,12 @@ def _kernel(variables, key):
 def test_int8_graph_quantises_every_layer_input_as_jax_does(root):
     folder, model, quantized = exported(root, "8x8")
     proto = onnx.load(folder / "model_int8.onnx")
-    ops = [n.op_type for n in proto.graph.node]
-    assert ops.count("QuantizeLinear") == len(quantized["quant"])
-    assert ops.count("DequantizeLinear") == len(quantized["quant"]) + len(
-        quantized["weight_scales"]
-    )
+    # one grid per layer input (cleaning may give a grid read by two branches a
+    # QuantizeLinear on each: the same scale and zero point)
+    grids = {tuple(n.input[1:]) for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    assert len(grids) == len(quantized["quant"])
+    dequantized = {tuple(n.input[1:]) for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    assert len(dequantized) == len(quantized["quant"]) + len(quantized["weight_scales"])
     zero_points = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
     assert len(zero_points) == len(quantized["quant"])
     images = pruned_tiny()[2]
@@ -261,7 +295,12 @@ def test_export_of_a_finished_run_writes_both_graphs_and_the_card(
     assert result.returncode == 0, result.stderr[-3000:]
     card = json.loads((out / "card.json").read_text())
     assert set(card["files"]) >= {"model.onnx", "model_int8.onnx"}
-    assert card["files"]["model_int8.onnx"] < card["files"]["model.onnx"]
+    # every kernel weight of the float32 graph is an int8 code in the int8 one (the tiny
+    # network's per-channel scales and zero points make its file no smaller)
+    float_graph, int8_graph = (onnx.load(out / name) for name in ("model.onnx", "model_int8.onnx"))
+    weights = {n.input[1] for n in float_graph.graph.node if n.op_type in ("Conv", "Gemm")}
+    kernels = sum(int(np.prod(t.dims)) for t in float_graph.graph.initializer if t.name in weights)
+    assert sum(c.size for c in int8_codes(int8_graph)) == kernels
     quantized = card["quantized"]
     assert quantized["method"] == "mse+adaround+bias" and quantized["bits"] == "8x8"
     assert quantized["calibration"]["images"] == 64

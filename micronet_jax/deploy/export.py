@@ -312,26 +312,31 @@ def _score(model, params, ratio, bits) -> dict[str, Any]:
 
 def write_graphs(folder: Path, model, variables, bits, suffix: str, outputs: list[str]) -> None:
     """model{suffix}.onnx and, with an exit head, the early-exit pair early_exit/head{suffix}
-    (images -> exit logits, the exit block's features) and early_exit/tail{suffix} (features
-    -> logits), for runtimes where the caller decides the exit."""
+    (images -> exit logits, the exit block's features in NCHW) and early_exit/tail{suffix}
+    (features -> logits), for runtimes where the caller decides the exit. Every graph is
+    cleaned for deployment (`onnx_clean.clean`: about one node per network operation)."""
     import jax
     import onnx
 
     from micronet_jax.deploy import onnx_graph
+    from micronet_jax.deploy.onnx_clean import clean
+
+    def save(proto, path: Path) -> None:
+        onnx.save(clean(proto), path)
 
     images = ("N", 32, 32, 3)
     full = onnx_graph.forward_fn(model, variables, bits)
-    onnx.save(onnx_graph.to_onnx(full, images, np.uint8, outputs), folder / f"model{suffix}.onnx")
+    save(onnx_graph.to_onnx(full, images, np.uint8, outputs), folder / f"model{suffix}.onnx")
     if model.arch.exit_head is None:
         return
     (folder / "early_exit").mkdir(exist_ok=True)
     head = onnx_graph.forward_fn(model, variables, bits, part="head")
     proto = onnx_graph.to_onnx(head, images, np.uint8, ["exit_logits", "features"])
-    onnx.save(proto, folder / "early_exit" / f"head{suffix}.onnx")
+    save(proto, folder / "early_exit" / f"head{suffix}.onnx")
     probe = jax.ShapeDtypeStruct((1, 32, 32, 3), np.uint8)
-    features = jax.eval_shape(head, probe)[1]
+    features = jax.eval_shape(head, probe)[1]  # NCHW (onnx_graph.to_nchw)
     tail = onnx_graph.forward_fn(model, variables, bits, part="tail")
     proto = onnx_graph.to_onnx(
         tail, ("N", *features.shape[1:]), np.float32, ["logits"], input_name="features"
     )
-    onnx.save(proto, folder / "early_exit" / f"tail{suffix}.onnx")
+    save(proto, folder / "early_exit" / f"tail{suffix}.onnx")

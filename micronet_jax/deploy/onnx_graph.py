@@ -188,18 +188,24 @@ PARTS = ("full", "head", "tail")
 
 def _head(module: MicroNet, x: jax.Array, train: bool = False):
     features = module.trunk(x, train)
-    return module.exit(features, train), features
+    return module.exit(features, train), to_nchw(features)
 
 
 def _tail(module: MicroNet, features: jax.Array, train: bool = False):
-    return module.tail(features, train)
+    return module.tail(jnp.transpose(features, (0, 2, 3, 1)), train)
+
+
+def to_nchw(x: jax.Array) -> jax.Array:
+    """The early-exit pair's features cross between its graphs in NCHW, the layout the
+    graphs compute in, so that neither needs a Transpose at the boundary."""
+    return jnp.transpose(x, (0, 3, 1, 2))
 
 
 def forward_fn(model: MicroNet, variables: dict, bits: BitWidths | None = None, part: str = "full"):
     """The function exported, `variables` closed over: uint8 NHWC images -> (logits, exit
     logits when the network has an exit head). With `bits`, the quantised network on
     `OnnxGrids`. For early exit decided by the caller, `part` 'head' is images -> (exit
-    logits, the exit block's features) and 'tail' is features -> logits."""
+    logits, the exit block's features, NCHW) and 'tail' is those features -> logits."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     model = export_model(model)
