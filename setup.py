@@ -1,4 +1,5 @@
-"""Install micronet_jax: `pip install -e .` (extras: test, bench, export, tfds, cuda, tpu)."""
+"""Install micronet_jax: `pip install -e .` (extras: test, bench, export, tflite, experiments,
+tfds, cuda, tpu)."""
 
 from setuptools import find_packages, setup
 
@@ -37,8 +38,18 @@ setup(
             "onnx>=1.17",
             "onnxruntime>=1.20",
             "jax2onnx>=0.13,<0.14",
+            "openvino>=2025.0",
+            "ai-edge-litert>=2.0",
         ],
-        "export": ["onnx>=1.17", "onnxruntime>=1.20", "jax2onnx>=0.13,<0.14"],
+        "export": [
+            "onnx>=1.17",
+            "onnxruntime>=1.20",
+            "jax2onnx>=0.13,<0.14",
+            "openvino>=2025.0",
+            "ai-edge-litert>=2.0",
+        ],
+        # converting to .tflite (running one needs only ai-edge-litert, in `export`)
+        "tflite": ["tensorflow-cpu>=2.21"],
         "experiments": ["optuna", "matplotlib"],
         "bench": ["torch==2.13.0", "pillow"],
         "tfds": ["tensorflow-datasets"],

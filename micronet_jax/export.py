@@ -54,6 +54,16 @@ def parser() -> CommandParser:
         "against the CPU's; what two JAX lowerings disagree on); 0 skips it",
     )
     cli.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    cli.add_argument(
+        "--format",
+        dest="formats",
+        default="onnx",
+        type=lambda text: tuple(f.strip() for f in text.split(",") if f.strip()),
+        help="what to write, comma-separated: onnx, tflite (LiteRT; needs the tflite extra)",
+    )
+    cli.add_argument(
+        "--tflite_batch", type=int, default=1, help="the batch size the .tflite models run at"
+    )
     return cli
 
 

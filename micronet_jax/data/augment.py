@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from micronet_jax.data import policy as policy_lib
 from micronet_jax.data.autoaugment import from_planar, to_planar
@@ -56,6 +57,15 @@ def normalize(images: jax.Array) -> jax.Array:
     """uint8 → float32 (x / 255 − mean) / std, as ToTensor + Normalize."""
     x = images.astype(jnp.float32) / 255.0
     return (x - jnp.asarray(CIFAR100_MEAN, jnp.float32)) / jnp.asarray(CIFAR100_STD, jnp.float32)
+
+
+def normalize_affine(images: jax.Array) -> jax.Array:
+    """`normalize` as one multiply and one add per pixel (x · 1/(255·std) − mean/std): what
+    an exported graph computes, with no division (an int8 converter cannot quantise one)."""
+    std = np.asarray(CIFAR100_STD, np.float32)
+    scale = 1.0 / (255.0 * std)
+    offset = -np.asarray(CIFAR100_MEAN, np.float32) / std
+    return images.astype(jnp.float32) * jnp.asarray(scale) + jnp.asarray(offset)
 
 
 def mixup(

@@ -145,6 +145,11 @@ class ExportOptions:
     num_test: int = 10_000
     num_control: int = CONTROL_IMAGES
     overwrite: bool = False
+    formats: tuple[str, ...] = ("onnx",)  # onnx, tflite
+    tflite_batch: int = 1  # LiteRT runs a model at the batch size it was converted for
+
+
+FORMATS = ("onnx", "tflite")
 
 
 def export(options: ExportOptions) -> dict[str, Any]:
@@ -157,6 +162,7 @@ def export(options: ExportOptions) -> dict[str, Any]:
         )
     if out.exists() and not options.overwrite:
         raise ConfigError(f"--out {out} exists; pass --overwrite to replace it")
+    _check_formats(options, bits)
     from micronet_jax.quant.ptq import parse_method
 
     method = parse_method(options.method)
@@ -175,6 +181,27 @@ def export(options: ExportOptions) -> dict[str, Any]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return card
+
+
+def _check_formats(options: ExportOptions, bits: Any) -> None:
+    unknown = [f for f in options.formats if f not in FORMATS]
+    if unknown or not options.formats:
+        raise ConfigError(
+            f"--format {','.join(options.formats)!r}: expected a comma-separated list of "
+            f"{', '.join(FORMATS)}"
+        )
+    if "tflite" not in options.formats:
+        return
+    if bits is not None and (bits.weights, bits.activations) != (8, 8):
+        raise ConfigError(
+            f"--format tflite: LiteRT's int8 model is 8-bit throughout; --bits {options.bits} "
+            "needs --format onnx"
+        )
+    if options.tflite_batch < 1:
+        raise ConfigError(f"--tflite_batch must be at least 1, got {options.tflite_batch}")
+    from micronet_jax.deploy.tflite import require_tensorflow
+
+    require_tensorflow()
 
 
 def _put_in_place(staging: Path, out: Path) -> None:
@@ -204,8 +231,12 @@ def _write(staging, model, variables, bits, method, images, options) -> dict[str
         card["quantized"] = _write_quantized(
             staging, model, variables, bits, method, images, reference, outputs, options
         )
+    if "tflite" in options.formats:
+        card["tflite"] = _write_tflite(staging, model, variables, bits, images, reference, options)
     card["files"] = {
-        p.relative_to(staging).as_posix(): p.stat().st_size for p in sorted(staging.rglob("*.onnx"))
+        p.relative_to(staging).as_posix(): p.stat().st_size
+        for p in sorted(staging.rglob("*"))
+        if p.suffix in (".onnx", ".tflite")
     }
     card["seconds"] = round(time.perf_counter() - tic, 1)
     return card
@@ -279,6 +310,74 @@ def _write_quantized(
     return entry
 
 
+def _write_tflite(staging, model, variables, bits, images, reference, options) -> dict[str, Any]:
+    """model.tflite (float32) and, with `bits` (8x8), model_int8.tflite (full-integer, the
+    converter's own calibration on the same calibration images), each with its early-exit
+    pair; the card's entry: batch size, calibration, agreement with JAX."""
+    from micronet_jax.deploy import tflite
+    from micronet_jax.evaluation.early_exit import logit_agreement
+    from micronet_jax.models.fold import fold_batch_norm
+
+    folded = fold_batch_norm(variables)
+    batch = options.tflite_batch
+    calibration = images[0] if bits is not None else None
+    entry: dict[str, Any] = {
+        "batch": batch,
+        "input": f"images: uint8 {batch}×32×32×3 (NHWC, raw pixels)",
+        "early_exit_features": "NHWC",
+    }
+    for precision, suffix, data in (("float32", "", None), ("int8", "_int8", calibration)):
+        if precision == "int8" and data is None:
+            continue
+        write_tflite_models(staging, model, folded, suffix, batch, data)
+        part: dict[str, Any] = {}
+        if precision == "int8":
+            part["calibration"] = {
+                "by": "the converter: each tensor's minimum and maximum on the calibration "
+                "images (the project's grids are not taken)",
+                "archive": str(options.calibration),
+                "split": "train",
+                "images": len(data),
+            }
+        if images is not None:
+            got = tflite.Runner(staging / f"model{suffix}.tflite")(images[1])
+            part["agreement_with_jax_float32"] = logit_agreement(got, reference)
+        entry[precision] = part
+    return entry
+
+
+def write_tflite_models(folder: Path, model, folded, suffix: str, batch: int, calibration) -> None:
+    """model{suffix}.tflite and, with an exit head, early_exit/head{suffix}.tflite (images ->
+    exit logits, features in NHWC) and early_exit/tail{suffix}.tflite (features -> logits);
+    int8 when `calibration` images are given (the tail calibrated on their features)."""
+    import jax
+
+    from micronet_jax.deploy import onnx_graph
+    from micronet_jax.deploy.tflite import to_tflite
+
+    images = (batch, 32, 32, 3)
+    full = onnx_graph.forward_fn(model, folded)
+    (folder / f"model{suffix}.tflite").write_bytes(to_tflite(full, images, np.uint8, calibration))
+    if model.arch.exit_head is None:
+        return
+    (folder / "early_exit").mkdir(exist_ok=True)
+    head = onnx_graph.forward_fn(model, folded, part="head", features_layout="NHWC")
+    data = to_tflite(head, images, np.uint8, calibration)
+    (folder / "early_exit" / f"head{suffix}.tflite").write_bytes(data)
+    features = jax.eval_shape(head, jax.ShapeDtypeStruct(images, np.uint8))[1]
+    features_data = None
+    if calibration is not None:
+        features_data = np.concatenate(
+            [
+                np.asarray(jax.jit(head)(calibration[i : i + batch])[1])
+                for i in range(0, len(calibration) - batch + 1, batch)
+            ]
+        )
+    tail = onnx_graph.forward_fn(model, folded, part="tail", features_layout="NHWC")
+    data = to_tflite(tail, features.shape, np.float32, features_data)
+    (folder / "early_exit" / f"tail{suffix}.tflite").write_bytes(data)
+
+
 def _lowering_control(model, bits, quantized, images, fake) -> dict[str, Any]:
     """The same fake-quantised network in JAX with XLA's convolutions (the graph's) instead
     of the CPU's shifted sums: how far two lowerings of one network move predictions, the
@@ -334,7 +433,7 @@ def write_graphs(folder: Path, model, variables, bits, suffix: str, outputs: lis
     proto = onnx_graph.to_onnx(head, images, np.uint8, ["exit_logits", "features"])
     save(proto, folder / "early_exit" / f"head{suffix}.onnx")
     probe = jax.ShapeDtypeStruct((1, 32, 32, 3), np.uint8)
-    features = jax.eval_shape(head, probe)[1]  # NCHW (onnx_graph.to_nchw)
+    features = jax.eval_shape(head, probe)[1]  # NCHW: the ONNX pair's layout
     tail = onnx_graph.forward_fn(model, variables, bits, part="tail")
     proto = onnx_graph.to_onnx(
         tail, ("N", *features.shape[1:]), np.float32, ["logits"], input_name="features"

@@ -30,7 +30,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-from micronet_jax.data.augment import eval_transform
+from micronet_jax.data.augment import normalize_affine
 from micronet_jax.models.efficientnet import MicroNet
 from micronet_jax.quant.fake import FakeQuant, QuantizedApply, fake_quant_affine, weight_codes
 from micronet_jax.quant.widths import BitWidths
@@ -184,36 +184,44 @@ def export_model(model: MicroNet) -> MicroNet:
 
 
 PARTS = ("full", "head", "tail")
+LAYOUTS = ("NCHW", "NHWC")
 
 
-def _head(module: MicroNet, x: jax.Array, train: bool = False):
-    features = module.trunk(x, train)
-    return module.exit(features, train), to_nchw(features)
-
-
-def _tail(module: MicroNet, features: jax.Array, train: bool = False):
-    return module.tail(jnp.transpose(features, (0, 2, 3, 1)), train)
-
-
-def to_nchw(x: jax.Array) -> jax.Array:
-    """The early-exit pair's features cross between its graphs in NCHW, the layout the
-    graphs compute in, so that neither needs a Transpose at the boundary."""
-    return jnp.transpose(x, (0, 3, 1, 2))
-
-
-def forward_fn(model: MicroNet, variables: dict, bits: BitWidths | None = None, part: str = "full"):
+def forward_fn(
+    model: MicroNet,
+    variables: dict,
+    bits: BitWidths | None = None,
+    part: str = "full",
+    features_layout: str = "NCHW",
+):
     """The function exported, `variables` closed over: uint8 NHWC images -> (logits, exit
-    logits when the network has an exit head). With `bits`, the quantised network on
-    `OnnxGrids`. For early exit decided by the caller, `part` 'head' is images -> (exit
-    logits, the exit block's features, NCHW) and 'tail' is those features -> logits."""
+    logits when the network has an exit head), normalised as one multiply-add
+    (`normalize_affine`). With `bits`, the quantised network on `OnnxGrids`.
+
+    For early exit decided by the caller, `part` 'head' is images -> (exit logits, the exit
+    block's features) and 'tail' is those features -> logits. The features cross between
+    the two graphs in `features_layout`: NCHW for ONNX (the layout its graphs compute in, so
+    neither needs a Transpose at the boundary), NHWC for LiteRT."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    if features_layout not in LAYOUTS:
+        raise ValueError(f"features_layout must be one of {LAYOUTS}, got {features_layout!r}")
     model = export_model(model)
     apply = model.apply if bits is None else QuantizedApply(model, bits, ops=OnnxGrids())
-    method = {"head": {"method": _head}, "tail": {"method": _tail}}.get(part, {})
+    nchw = features_layout == "NCHW"
+
+    def head(module: MicroNet, x: jax.Array, train: bool = False):
+        features = module.trunk(x, train)
+        exit_logits = module.exit(features, train)
+        return exit_logits, jnp.transpose(features, (0, 3, 1, 2)) if nchw else features
+
+    def tail(module: MicroNet, features: jax.Array, train: bool = False):
+        return module.tail(jnp.transpose(features, (0, 2, 3, 1)) if nchw else features, train)
+
+    method = {"head": {"method": head}, "tail": {"method": tail}}.get(part, {})
 
     def forward(inputs):
-        x = inputs if part == "tail" else eval_transform(inputs)
+        x = inputs if part == "tail" else normalize_affine(inputs)
         outputs = apply(variables, x, train=False, **method)
         if isinstance(outputs, tuple):
             return tuple(o for o in outputs if o is not None)
