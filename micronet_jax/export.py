@@ -61,9 +61,6 @@ def parser() -> CommandParser:
         type=lambda text: tuple(f.strip() for f in text.split(",") if f.strip()),
         help="what to write, comma-separated: onnx, tflite (LiteRT; needs the tflite extra)",
     )
-    cli.add_argument(
-        "--tflite_batch", type=int, default=1, help="the batch size the .tflite models run at"
-    )
     return cli
 
 

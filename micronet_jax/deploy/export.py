@@ -146,7 +146,6 @@ class ExportOptions:
     num_control: int = CONTROL_IMAGES
     overwrite: bool = False
     formats: tuple[str, ...] = ("onnx",)  # onnx, tflite
-    tflite_batch: int = 1  # LiteRT runs a model at the batch size it was converted for
 
 
 FORMATS = ("onnx", "tflite")
@@ -197,8 +196,6 @@ def _check_formats(options: ExportOptions, bits: Any) -> None:
             f"--format tflite: LiteRT's int8 model is 8-bit throughout; --bits {options.bits} "
             "needs --format onnx"
         )
-    if options.tflite_batch < 1:
-        raise ConfigError(f"--tflite_batch must be at least 1, got {options.tflite_batch}")
     from micronet_jax.deploy.tflite import require_tensorflow
 
     require_tensorflow()
@@ -313,23 +310,21 @@ def _write_quantized(
 def _write_tflite(staging, model, variables, bits, images, reference, options) -> dict[str, Any]:
     """model.tflite (float32) and, with `bits` (8x8), model_int8.tflite (full-integer, the
     converter's own calibration on the same calibration images), each with its early-exit
-    pair; the card's entry: batch size, calibration, agreement with JAX."""
+    pair; the card's entry: calibration and agreement with JAX."""
     from micronet_jax.deploy import tflite
     from micronet_jax.evaluation.early_exit import logit_agreement
     from micronet_jax.models.fold import fold_batch_norm
 
     folded = fold_batch_norm(variables)
-    batch = options.tflite_batch
     calibration = images[0] if bits is not None else None
     entry: dict[str, Any] = {
-        "batch": batch,
-        "input": f"images: uint8 {batch}×32×32×3 (NHWC, raw pixels)",
+        "input": "images: uint8 N×32×32×3 (NHWC, raw pixels), any N",
         "early_exit_features": "NHWC",
     }
     for precision, suffix, data in (("float32", "", None), ("int8", "_int8", calibration)):
         if precision == "int8" and data is None:
             continue
-        write_tflite_models(staging, model, folded, suffix, batch, data)
+        write_tflite_models(staging, model, folded, suffix, data)
         part: dict[str, Any] = {}
         if precision == "int8":
             part["calibration"] = {
@@ -340,13 +335,19 @@ def _write_tflite(staging, model, variables, bits, images, reference, options) -
                 "images": len(data),
             }
         if images is not None:
-            got = tflite.Runner(staging / f"model{suffix}.tflite")(images[1])
+            runner = tflite.Runner(staging / f"model{suffix}.tflite")
+            test = images[1]
+            got = [runner(test[i : i + 500]) for i in range(0, len(test), 500)]
+            got = tuple(np.concatenate(parts) for parts in zip(*got, strict=True))
             part["agreement_with_jax_float32"] = logit_agreement(got, reference)
         entry[precision] = part
     return entry
 
 
-def write_tflite_models(folder: Path, model, folded, suffix: str, batch: int, calibration) -> None:
+TFLITE_CALIBRATION_BATCH = 32
+
+
+def write_tflite_models(folder: Path, model, folded, suffix: str, calibration) -> None:
     """model{suffix}.tflite and, with an exit head, early_exit/head{suffix}.tflite (images ->
     exit logits, features in NHWC) and early_exit/tail{suffix}.tflite (features -> logits);
     int8 when `calibration` images are given (the tail calibrated on their features)."""
@@ -355,25 +356,25 @@ def write_tflite_models(folder: Path, model, folded, suffix: str, batch: int, ca
     from micronet_jax.deploy import onnx_graph
     from micronet_jax.deploy.tflite import to_tflite
 
+    batch = TFLITE_CALIBRATION_BATCH if calibration is not None else 1
     images = (batch, 32, 32, 3)
-    full = onnx_graph.forward_fn(model, folded)
+    full = onnx_graph.forward_fn(model, folded, target="tflite")
     (folder / f"model{suffix}.tflite").write_bytes(to_tflite(full, images, np.uint8, calibration))
     if model.arch.exit_head is None:
         return
     (folder / "early_exit").mkdir(exist_ok=True)
-    head = onnx_graph.forward_fn(model, folded, part="head", features_layout="NHWC")
+    head = onnx_graph.forward_fn(model, folded, part="head", target="tflite")
     data = to_tflite(head, images, np.uint8, calibration)
     (folder / "early_exit" / f"head{suffix}.tflite").write_bytes(data)
     features = jax.eval_shape(head, jax.ShapeDtypeStruct(images, np.uint8))[1]
     features_data = None
     if calibration is not None:
+        run_head = jax.jit(head)
+        starts = range(0, len(calibration) - batch + 1, batch)
         features_data = np.concatenate(
-            [
-                np.asarray(jax.jit(head)(calibration[i : i + batch])[1])
-                for i in range(0, len(calibration) - batch + 1, batch)
-            ]
+            [np.asarray(run_head(calibration[i : i + batch])[1]) for i in starts]
         )
-    tail = onnx_graph.forward_fn(model, folded, part="tail", features_layout="NHWC")
+    tail = onnx_graph.forward_fn(model, folded, part="tail", target="tflite")
     data = to_tflite(tail, features.shape, np.float32, features_data)
     (folder / "early_exit" / f"tail{suffix}.tflite").write_bytes(data)
 

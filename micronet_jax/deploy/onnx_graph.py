@@ -178,13 +178,19 @@ def _ensure_plugins() -> None:
 # --- conversion -------------------------------------------------------------------------------
 
 
-def export_model(model: MicroNet) -> MicroNet:
-    """The same network with XLA's convolutions (ONNX `Conv`), whatever the host."""
-    return model.clone(conv_impl="xla")
+TARGETS = ("onnx", "tflite")
+
+
+def export_model(model: MicroNet, target: str = "onnx") -> MicroNet:
+    """The same network with XLA's convolutions (ONNX `Conv`, LiteRT `CONV_2D`), whatever
+    the host; for LiteRT its upsampling by repetition, which keeps the batch first in every
+    reshape (see `tflite.free_batch`)."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    return model.clone(conv_impl="xla", upsample="repeat" if target == "tflite" else "gather")
 
 
 PARTS = ("full", "head", "tail")
-LAYOUTS = ("NCHW", "NHWC")
 
 
 def forward_fn(
@@ -192,7 +198,7 @@ def forward_fn(
     variables: dict,
     bits: BitWidths | None = None,
     part: str = "full",
-    features_layout: str = "NCHW",
+    target: str = "onnx",
 ):
     """The function exported, `variables` closed over: uint8 NHWC images -> (logits, exit
     logits when the network has an exit head), normalised as one multiply-add
@@ -200,15 +206,13 @@ def forward_fn(
 
     For early exit decided by the caller, `part` 'head' is images -> (exit logits, the exit
     block's features) and 'tail' is those features -> logits. The features cross between
-    the two graphs in `features_layout`: NCHW for ONNX (the layout its graphs compute in, so
-    neither needs a Transpose at the boundary), NHWC for LiteRT."""
+    the two graphs in the layout the `target` computes in: NCHW for ONNX (so that neither
+    graph needs a Transpose at the boundary), NHWC for LiteRT."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
-    if features_layout not in LAYOUTS:
-        raise ValueError(f"features_layout must be one of {LAYOUTS}, got {features_layout!r}")
-    model = export_model(model)
+    model = export_model(model, target)
     apply = model.apply if bits is None else QuantizedApply(model, bits, ops=OnnxGrids())
-    nchw = features_layout == "NCHW"
+    nchw = target == "onnx"
 
     def head(module: MicroNet, x: jax.Array, train: bool = False):
         features = module.trunk(x, train)

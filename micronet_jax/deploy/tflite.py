@@ -10,9 +10,11 @@ measured), so the int8 model is its own quantisation of the same network: its fi
 measured against the float32 network and against its own float simulation, not against
 `QuantizedApply`.
 
-LiteRT runs a model at the batch size it was converted for (its reshapes carry it); each
-file holds one batch size (1 unless asked otherwise). TensorFlow is only needed to convert:
-`pip install -e ".[tflite]"`; running needs `ai-edge-litert` (the `export` extra).
+The converter fixes the batch size in every reshape; `free_batch` marks it free afterwards
+(the network keeps the batch first in every reshape: `MicroNet(upsample="repeat")`), so one
+file runs at any batch size (`Runner` resizes its interpreter to the batch it is given).
+TensorFlow is only needed to convert: `pip install -e ".[tflite]"`; running needs
+`ai-edge-litert` (the `export` extra).
 """
 
 from __future__ import annotations
@@ -65,7 +67,39 @@ def to_tflite(
         if np.dtype(input_dtype) == np.uint8:
             converter.inference_input_type = tf.uint8  # raw pixels in, no QUANTIZE op
     with _quiet():
-        return converter.convert()
+        return free_batch(converter.convert(), int(input_shape[0]))
+
+
+def free_batch(flatbuffer: bytes, batch: int) -> bytes:
+    """The model with its batch size left open: every RESHAPE's target, every SLICE's size
+    and every computed tensor's shape signature get -1 where they held `batch` on their
+    first axis."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+    graph = model.subgraphs[0]
+    # the constant operand that carries a shape: a reshape's target, a slice's size
+    carriers = {schema.BuiltinOperator.RESHAPE: 1, schema.BuiltinOperator.SLICE: 2}
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        which = carriers.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+        if which is None:
+            continue
+        target = model.buffers[graph.tensors[op.inputs[which]].buffer]
+        shape = np.frombuffer(bytes(target.data), np.int32).copy()
+        if shape[0] not in (batch, -1):  # -1: a constant shared with an op already seen
+            raise ValueError(f"a shape {shape.tolist()} in the model does not keep the batch first")
+        shape[0] = -1  # a slice of size -1 runs to the end of its axis
+        target.data = shape.tobytes()
+        options = op.builtinOptions
+        if options is not None and getattr(options, "newShape", None) is not None:
+            options.newShape[0] = -1
+    for tensor in graph.tensors:
+        computed = model.buffers[tensor.buffer].data is None
+        if computed and tensor.shape is not None and len(tensor.shape) and tensor.shape[0] == batch:
+            tensor.shapeSignature = np.array([-1, *tensor.shape[1:]], np.int32)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _batches(images: np.ndarray, batch: int) -> Iterator[list[np.ndarray]]:
@@ -81,34 +115,39 @@ def _quiet() -> Iterator[None]:
 
 
 class Runner:
-    """A `.tflite` model in LiteRT's interpreter (XNNPACK, `threads` threads): inputs of any
-    count, run in the model's own batch size (the last batch padded)."""
+    """A `.tflite` model in LiteRT's interpreter (XNNPACK, `threads` threads), run on a whole
+    batch at a time: one interpreter per batch size (its tensors planned for it), batches
+    larger than `pad_to` padded up to a multiple of it (1: none) so that varying sizes
+    share a few interpreters."""
 
-    def __init__(self, path: str, threads: int = 2) -> None:
-        from ai_edge_litert.interpreter import Interpreter
+    def __init__(self, path: str, threads: int = 2, pad_to: int = 1) -> None:
+        self.path, self.threads, self.pad_to = str(path), threads, pad_to
+        self._by_batch: dict[int, Any] = {}
+        first = self._interpreter(1)
+        self.input = first.get_input_details()[0]
+        self.outputs = sorted(first.get_output_details(), key=_output_order)
 
-        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
-        self.interpreter.allocate_tensors()
-        self.input = self.interpreter.get_input_details()[0]
-        self.outputs = sorted(self.interpreter.get_output_details(), key=_output_order)
-        self.batch = int(self.input["shape"][0])
+    def _interpreter(self, batch: int) -> Any:
+        interpreter = self._by_batch.get(batch)
+        if interpreter is None:
+            from ai_edge_litert.interpreter import Interpreter
 
-    def invoke(self, batch: np.ndarray) -> list[np.ndarray]:
-        """One call on exactly one batch of the model's size."""
-        self.interpreter.set_tensor(self.input["index"], batch.astype(self.input["dtype"]))
-        self.interpreter.invoke()
-        return [self.interpreter.get_tensor(o["index"]) for o in self.outputs]
+            interpreter = Interpreter(model_path=self.path, num_threads=self.threads)
+            details = interpreter.get_input_details()[0]
+            interpreter.resize_tensor_input(details["index"], (batch, *details["shape"][1:]))
+            interpreter.allocate_tensors()
+            self._by_batch[batch] = interpreter
+        return interpreter
 
     def __call__(self, inputs: np.ndarray) -> tuple[np.ndarray, ...]:
-        parts: list[list[np.ndarray]] = []
-        for start in range(0, len(inputs), self.batch):
-            chunk = inputs[start : start + self.batch]
-            real = len(chunk)
-            if real < self.batch:
-                pad = np.repeat(chunk[-1:], self.batch - real, axis=0)
-                chunk = np.concatenate([chunk, pad])
-            parts.append([out[:real] for out in self.invoke(chunk)])
-        return tuple(np.concatenate(outs) for outs in zip(*parts, strict=True))
+        count = len(inputs)
+        size = count if count <= self.pad_to else -(-count // self.pad_to) * self.pad_to
+        if size > count:
+            inputs = np.concatenate([inputs, np.repeat(inputs[-1:], size - count, axis=0)])
+        interpreter = self._interpreter(size)
+        interpreter.set_tensor(self.input["index"], inputs.astype(self.input["dtype"]))
+        interpreter.invoke()
+        return tuple(interpreter.get_tensor(o["index"])[:count] for o in self.outputs)
 
 
 def _output_order(detail: dict) -> int:

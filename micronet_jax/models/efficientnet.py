@@ -80,6 +80,7 @@ class MicroNet(nn.Module):
     bn_splits: int = 4
     dtype: Dtype = jnp.float32
     conv_impl: str = "auto"
+    upsample: str = "gather"  # layers.upsample_nearest's `how` (the same values either way)
 
     def setup(self) -> None:
         arch = self.arch
@@ -119,7 +120,7 @@ class MicroNet(nn.Module):
 
     def stem(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Upsample, stem conv, BN, swish."""
-        x = upsample_nearest(x.astype(self.dtype), self.arch.image_size)
+        x = upsample_nearest(x.astype(self.dtype), self.arch.image_size, self.upsample)
         return swish(self.stem_bn(self.stem_conv(x), train))
 
     def block(self, h: jax.Array, index: int, train: bool = False) -> jax.Array:

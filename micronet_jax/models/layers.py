@@ -212,10 +212,26 @@ def drop_connect(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
-def upsample_nearest(x: jax.Array, size: int) -> jax.Array:
-    """Nearest upsampling as PyTorch does it: output i reads input floor(i * in / out)."""
-    src = x.shape[1]
+UPSAMPLES = ("gather", "repeat")
+
+
+def upsample_nearest(x: jax.Array, size: int, how: str = "gather") -> jax.Array:
+    """Nearest upsampling as PyTorch does it: output i reads input floor(i * in / out).
+
+    `how` 'gather' reads those rows and columns; 'repeat' concatenates each row and column k
+    times and crops (the same values wherever floor(i * in / out) = i // k, as for 32 -> 63),
+    which keeps the batch on the first axis of every reshape and out of every shape a
+    converter bakes in: what LiteRT needs to change a model's batch size after conversion."""
+    if how not in UPSAMPLES:
+        raise ValueError(f"upsample must be one of {UPSAMPLES}, got {how!r}")
+    n, src, _, channels = x.shape
     if size == src:
         return x
     rows = (np.arange(size) * src) // size
-    return x[:, rows][:, :, rows]
+    k = -(-size // src)
+    if how == "gather" or not np.array_equal(rows, np.arange(size) // k):
+        return x[:, rows][:, :, rows]
+    tall = jnp.concatenate([x[:, :, None]] * k, axis=2).reshape(n, src * k, src, channels)
+    wide = jnp.concatenate([tall[:, :, :, None]] * k, axis=3)
+    wide = wide.reshape(n, src * k, src * k, channels)
+    return jax.lax.slice(wide, (0, 0, 0, 0), (n, size, size, channels))
