@@ -328,8 +328,9 @@ def _write_tflite(staging, model, variables, bits, images, reference, options) -
         part: dict[str, Any] = {}
         if precision == "int8":
             part["calibration"] = {
-                "by": "the converter: each tensor's minimum and maximum on the calibration "
-                "images (the project's grids are not taken)",
+                "by": "every tensor's range measured by the converter on the calibration "
+                "images, then clipped to its grid's least expected squared error on them; "
+                "kernels rounded by the converter (the project's grids are not taken)",
                 "archive": str(options.calibration),
                 "split": "train",
                 "images": len(data),

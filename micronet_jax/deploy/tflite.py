@@ -3,12 +3,12 @@
 The model is the network's own JAX function (`onnx_graph.forward_fn`, BN folded, XLA's
 convolutions) converted by `jax2tf` and TensorFlow's `TFLiteConverter`: float32 as it is;
 int8 with every tensor on an 8-bit grid (`TFLITE_BUILTINS_INT8`), kernels per output
-channel, activations per tensor, calibrated by the converter on the calibration images
-(the minimum and maximum it sees), the input taken as raw uint8 pixels. The converter does
-not take the project's grids (it quantises every tensor, and only from the ranges it
-measured), so the int8 model is its own quantisation of the same network: its fidelity is
-measured against the float32 network and against its own float simulation, not against
-`QuantizedApply`.
+channel, activations per tensor, the input taken as raw uint8 pixels. The ranges are the
+converter's measurement on the calibration images, each then clipped where its grid's
+expected squared error is least (`least_error_ranges`, the project's own rule for layer
+inputs; `ranges='minmax'` keeps the converter's). The converter quantises every tensor and
+rounds the kernels itself, so the int8 model is its own quantisation of the network, not
+`QuantizedApply`'s: its fidelity is measured against the float32 network.
 
 The converter fixes the batch size in every reshape; `free_batch` marks it free afterwards
 (the network keeps the batch first in every reshape: `MicroNet(upsample="repeat")`), so one
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -42,32 +43,93 @@ def require_tensorflow() -> Any:
     return tf
 
 
+CALIBRATIONS = ("mse", "minmax")
+HISTOGRAM_BINS = 2048
+
+
 def to_tflite(
     forward: Callable,
     input_shape: Sequence[int],
     input_dtype: Any,
     calibration: np.ndarray | None = None,
+    ranges: str = "mse",
 ) -> bytes:
-    """The `.tflite` flatbuffer of `forward` at a fixed input shape: float32, or with
-    `calibration` (inputs of that shape's trailing dims) full-integer int8."""
+    """The `.tflite` flatbuffer of `forward` (batch left free, see `free_batch`): float32,
+    or with `calibration` (inputs of the shape's trailing dims) full-integer int8, each
+    tensor's grid over the range the converter measured ('minmax') or over the clip of
+    least expected squared error on the same images ('mse', `quant.fake.mse_range`)."""
     from jax.experimental import jax2tf
 
     tf = require_tensorflow()
+    if ranges not in CALIBRATIONS:
+        raise ConfigError(f"tflite calibration must be one of {CALIBRATIONS}, got {ranges!r}")
+    batch = int(input_shape[0])
     spec = tf.TensorSpec(tuple(input_shape), tf.as_dtype(np.dtype(input_dtype)))
     function = tf.function(
         jax2tf.convert(forward, with_gradient=False), autograph=False, input_signature=[spec]
     )
     concrete = function.get_concrete_function()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], function)
-    if calibration is not None:
-        batch = int(input_shape[0])
+    with _quiet():
+        if calibration is None:
+            return free_batch(converter.convert(), batch)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: _batches(calibration, batch)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if np.dtype(input_dtype) == np.uint8:
-            converter.inference_input_type = tf.uint8  # raw pixels in, no QUANTIZE op
-    with _quiet():
-        return free_batch(converter.convert(), int(input_shape[0]))
+        converter.experimental_mlir_quantizer = True
+        converter._experimental_calibrate_only = True  # noqa: SLF001 - ranges first, then ours
+        calibrated = converter.convert()
+        if ranges == "mse":
+            calibrated = least_error_ranges(calibrated, calibration, batch)
+        from tensorflow.lite.python import convert
+
+        quantized = convert.mlir_quantize(calibrated, fully_quantize=False)
+    return free_batch(quantized, batch)
+
+
+def least_error_ranges(calibrated: bytes, calibration: np.ndarray, batch: int) -> bytes:
+    """A calibrated model (every tensor's min and max as the converter measured them) with
+    each range clipped to where an 8-bit affine grid's expected squared error on the same
+    calibration data is least: histograms of every tensor over its measured range, then
+    `mse_range` on each, as the project's own calibration does for layer inputs."""
+    from ai_edge_litert.interpreter import Interpreter
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from micronet_jax.quant.fake import mse_range
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(calibrated))
+    ranged = {
+        index: tensor
+        for index, tensor in enumerate(model.subgraphs[0].tensors)
+        if tensor.quantization is not None
+        and tensor.quantization.min is not None
+        and len(tensor.quantization.min) == 1
+    }
+    bounds = {
+        i: (min(float(t.quantization.min[0]), 0.0), max(float(t.quantization.max[0]), 0.0))
+        for i, t in ranged.items()
+    }
+    with warnings.catch_warnings():  # keeping every tensor is the point here, not a mistake
+        warnings.simplefilter("ignore", UserWarning)
+        interpreter = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    source = interpreter.get_input_details()[0]["index"]
+    histograms = {i: np.zeros(HISTOGRAM_BINS) for i in ranged}
+    for (images,) in _batches(calibration, batch):
+        interpreter.set_tensor(source, images)
+        interpreter.invoke()
+        for i in ranged:
+            low, high = bounds[i]
+            if high > low:
+                values = interpreter.get_tensor(i)
+                histograms[i] += np.histogram(values, HISTOGRAM_BINS, (low, high))[0]
+    for i, tensor in ranged.items():
+        low, high = bounds[i]
+        if high > low:
+            low, high = mse_range(histograms[i], low, high, 8)
+            tensor.quantization.min = np.array([low], np.float32)
+            tensor.quantization.max = np.array([high], np.float32)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def free_batch(flatbuffer: bytes, batch: int) -> bytes:
