@@ -108,3 +108,22 @@ def test_converting_without_tensorflow_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow", None)
     with pytest.raises(ConfigError, match=r'pip install -e "\.\[tflite\]"'):
         require_tensorflow()
+
+
+@pytest.mark.slow
+def test_the_jax_simulation_computes_what_litert_does(models):
+    """The model read back from its flatbuffer and run in JAX: the float32 model to float
+    rounding, the int8 one on the same grids (LiteRT's integer kernels and the float
+    simulation part only where a value lands next to a grid boundary: on this network most
+    logits come out identical)."""
+    from micronet_jax.deploy import tflite_sim
+
+    folder, _, _, images = models
+    float_model = folder / "model.tflite"
+    got, simulated = Runner(float_model)(images), tflite_sim.load(float_model)(images)
+    for ours, theirs in zip(got, simulated, strict=True):
+        np.testing.assert_allclose(ours, np.asarray(theirs), atol=1e-5)
+    int8_model = folder / "model_int8.tflite"
+    got, simulated = Runner(int8_model)(images), tflite_sim.load(int8_model)(images)
+    assert np.mean(got[0].argmax(-1) == np.asarray(simulated[0]).argmax(-1)) >= 0.95
+    assert np.median(np.abs(got[0] - np.asarray(simulated[0]))) == 0.0

@@ -336,13 +336,20 @@ def _write_tflite(staging, model, variables, bits, images, reference, options) -
                 "images": len(data),
             }
         if images is not None:
-            runner = tflite.Runner(staging / f"model{suffix}.tflite")
-            test = images[1]
-            got = [runner(test[i : i + 500]) for i in range(0, len(test), 500)]
-            got = tuple(np.concatenate(parts) for parts in zip(*got, strict=True))
+            from micronet_jax.deploy import tflite_sim
+
+            path = staging / f"model{suffix}.tflite"
+            got = _in_batches(tflite.Runner(path), images[1])
+            simulated = _in_batches(tflite_sim.load(path), images[1])
             part["agreement_with_jax_float32"] = logit_agreement(got, reference)
+            part["litert_vs_jax_simulation"] = logit_agreement(got, simulated)
         entry[precision] = part
     return entry
+
+
+def _in_batches(run, images: np.ndarray, batch: int = 500) -> tuple[np.ndarray, ...]:
+    parts = [run(images[i : i + batch]) for i in range(0, len(images), batch)]
+    return tuple(np.concatenate([np.asarray(p) for p in outs]) for outs in zip(*parts, strict=True))
 
 
 TFLITE_CALIBRATION_BATCH = 32
