@@ -9,8 +9,9 @@ Rows: every runtime × precision × mode.
   calibration images, integer kernels end to end).
 - OpenVINO: the same ONNX files; float32 with `INFERENCE_PRECISION_HINT=f32`, and its default
   on a bf16-capable CPU (bf16 arithmetic) as a row of its own.
-- LiteRT (XNNPACK): `model.tflite` and `model_int8.tflite` (full integer), each file at any
-  batch size (`export --format=onnx,tflite`).
+- LiteRT (XNNPACK): `model.tflite`, `model_sparse.tflite` (the same, pruned kernels in
+  LiteRT's sparse encoding: XNNPACK's sparse inference where it takes them) and
+  `model_int8.tflite` (full integer), each at any batch size (`export --format=onnx,tflite`).
 
 Modes: "full" (both heads on every image) and "exit" (the early exit decided in the caller:
 the exit head's graph first, the tail's only on the images that continue; the threshold set
@@ -287,6 +288,8 @@ def build_runners(args, folder: Path, loaded, calibration: np.ndarray) -> list:
             )
     if "litert" in args.runtimes:
         runners.append(litert_runner("float32", folder, "", args.threads))
+        if (folder / "model_sparse.tflite").exists():
+            runners.append(litert_runner("float32 sparse-encoded", folder, "_sparse", args.threads))
         runners.append(litert_runner("int8", folder, "_int8", args.threads))
     return runners
 

@@ -308,10 +308,12 @@ def _write_quantized(
 
 
 def _write_tflite(staging, model, variables, bits, images, reference, options) -> dict[str, Any]:
-    """model.tflite (float32) and, with `bits` (8x8), model_int8.tflite (full-integer, the
-    converter's own calibration on the same calibration images), each with its early-exit
-    pair; the card's entry: calibration and agreement with JAX."""
-    from micronet_jax.deploy import tflite
+    """model.tflite (float32; model_sparse.tflite the same with its pruned kernels in
+    LiteRT's sparse encoding) and, with `bits` (8x8), model_int8.tflite (full-integer, every
+    tensor's range measured on the calibration images, see `tflite.to_tflite`), each with
+    its early-exit pair; the card's entry: calibration, agreement with JAX float32 and
+    LiteRT's parity with the JAX simulation of each model."""
+    from micronet_jax.deploy import onnx_graph, tflite
     from micronet_jax.evaluation.early_exit import logit_agreement
     from micronet_jax.models.fold import fold_batch_norm
 
@@ -325,6 +327,10 @@ def _write_tflite(staging, model, variables, bits, images, reference, options) -
         if precision == "int8" and data is None:
             continue
         write_tflite_models(staging, model, folded, suffix, data)
+        if precision == "float32":  # the pruned kernels in LiteRT's sparse encoding
+            forward = onnx_graph.forward_fn(model, folded, target="tflite")
+            sparse = tflite.to_tflite(forward, (1, 32, 32, 3), np.uint8, sparse=True)
+            (staging / "model_sparse.tflite").write_bytes(sparse)
         part: dict[str, Any] = {}
         if precision == "int8":
             part["calibration"] = {

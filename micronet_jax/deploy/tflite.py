@@ -53,11 +53,14 @@ def to_tflite(
     input_dtype: Any,
     calibration: np.ndarray | None = None,
     ranges: str = "mse",
+    sparse: bool = False,
 ) -> bytes:
     """The `.tflite` flatbuffer of `forward` (batch left free, see `free_batch`): float32,
     or with `calibration` (inputs of the shape's trailing dims) full-integer int8, each
     tensor's grid over the range the converter measured ('minmax') or over the clip of
-    least expected squared error on the same images ('mse', `quant.fake.mse_range`)."""
+    least expected squared error on the same images ('mse', `quant.fake.mse_range`).
+    `sparse` (float32 only) stores pruned kernels in LiteRT's sparse encoding (its
+    `EXPERIMENTAL_SPARSITY`: DENSIFY ops, or XNNPACK's sparse kernels where it takes them)."""
     from jax.experimental import jax2tf
 
     tf = require_tensorflow()
@@ -72,6 +75,8 @@ def to_tflite(
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], function)
     with _quiet():
         if calibration is None:
+            if sparse:
+                converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
             return free_batch(converter.convert(), batch)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: _batches(calibration, batch)
