@@ -121,6 +121,32 @@ def test_early_exit_pair_is_the_whole_graph_split(root):
     np.testing.assert_allclose(tail_logits, logits[:5], atol=1e-5)
 
 
+def kernel_codes(proto) -> list[np.ndarray]:
+    """The int8 codes each Conv / Gemm reads its kernel from (through a DequantizeLinear)."""
+    made_by = {out: node for node in proto.graph.node for out in node.output}
+    constants = {t.name: t for t in proto.graph.initializer}
+    codes = []
+    for node in proto.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            dequantize = made_by[node.input[1]]
+            assert dequantize.op_type == "DequantizeLinear"
+            codes.append(onnx.numpy_helper.to_array(constants[dequantize.input[0]]))
+    return codes
+
+
+def weights_of(proto, op_type: str) -> int:
+    return sum(node.op_type == op_type for node in proto.graph.node)
+
+
+def optimised_op_types(path, optimised) -> collections.Counter:
+    """The op types of the graph onnxruntime runs for `path` (its own optimised model)."""
+    options = ort.SessionOptions()
+    optimised.parent.mkdir(parents=True, exist_ok=True)
+    options.optimized_model_filepath = str(optimised)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(node.op_type for node in onnx.load(optimised).graph.node)
+
+
 def int8_codes(proto) -> list[np.ndarray]:
     return [
         onnx.numpy_helper.to_array(t)
@@ -300,12 +326,17 @@ def test_export_of_a_finished_run_writes_both_graphs_and_the_card(
     float_graph, int8_graph = (onnx.load(out / name) for name in ("model.onnx", "model_int8.onnx"))
     weights = {n.input[1] for n in float_graph.graph.node if n.op_type in ("Conv", "Gemm")}
     kernels = sum(int(np.prod(t.dims)) for t in float_graph.graph.initializer if t.name in weights)
-    assert sum(c.size for c in int8_codes(int8_graph)) == kernels
+    assert sum(c.size for c in kernel_codes(int8_graph)) == kernels
     quantized = card["quantized"]
     assert quantized["method"] == "mse+adaround+bias" and quantized["bits"] == "8x8"
     assert quantized["calibration"]["images"] == 64
-    control = quantized["jax_xla_conv_vs_jax_fake_quantisation"]  # every test image (32)
-    assert control["images"] == 32 and 0.0 <= control["main"] <= 1.0
+    assert quantized["graph"].startswith("integer")
+    assert "depthwise inputs per tensor" in quantized["widths"]
+    assert 0.9 <= quantized["onnx_vs_jax_simulation"]["main"] <= 1.0
+    # onnxruntime runs it on integer kernels: no float Conv is left in what it runs
+    optimised = optimised_op_types(out / "model_int8.onnx", tmp_path / "ort" / "optimised.onnx")
+    assert "Conv" not in optimised
+    assert optimised["QLinearConv"] == weights_of(float_graph, "Conv")
     # counted at the widths exported (the tiny network's per-channel scales can outweigh
     # what 8-bit kernels save: the released network's test compares the bytes)
     assert (
@@ -313,7 +344,7 @@ def test_export_of_a_finished_run_writes_both_graphs_and_the_card(
     )
     assert quantized["score"]["total"] > 0
     assert card["float32"]["onnx_vs_jax"]["max_logit_difference"] < 1e-4
-    assert [p.name for p in out.parent.iterdir()] == ["export"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["export", "ort"]  # nothing partial
 
 
 @pytest.mark.slow
@@ -361,7 +392,7 @@ def test_released_network_exports_and_onnxruntime_computes_what_jax_does(
     # 8-bit kernels with their scales store less than the 16-bit freebie (the math score
     # rises: below 16 bits additions count at 32)
     assert card["quantized"]["score"]["param"] < card["float32"]["score"]["param"]
-    parity = card["quantized"]["onnx_vs_jax_fake_quantisation"]
+    parity = card["quantized"]["onnx_vs_jax_simulation"]  # the integer graph's own JAX side
     assert parity["confident"] >= 0.99
     assert parity["combined"] >= 0.95
     assert card["source"]["sha256"] == file_sha256([pth])
@@ -400,3 +431,38 @@ def test_the_quantize_static_peer_quantises_each_kernel_per_output_channel(tmp_p
     (want,) = session(float_path).run(None, {"images": x})
     (got,) = session(peer_path).run(None, {"images": x})
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.slow
+def test_the_integer_graph_runs_on_integer_kernels_and_its_simulation_agrees(tmp_path):
+    """At 8x8 the int8 graph puts every tensor an integer kernel touches on a grid, so that
+    onnxruntime runs each conv, swish half, squeeze-excite mean, residual sum and classifier
+    on its QLinear kernels; the JAX simulation of the same graph (`onnx_sim`) predicts what
+    onnxruntime predicts; the early-exit pair is the whole graph split."""
+    from micronet_jax.deploy import onnx_sim
+    from micronet_jax.deploy.export import write_integer_graphs
+
+    model, variables, images = pruned_tiny()
+    bits = BitWidths(8, 8, depthwise_channels=False)
+    quantized, _ = post_training_quantize(
+        model, variables, images[:32], bits, parse_method("nearest"), batch_size=16
+    )
+    graphs = write_integer_graphs(
+        tmp_path, model, quantized, images[:32], ["logits", "exit_logits"]
+    )
+    optimised = optimised_op_types(tmp_path / "model_int8.onnx", tmp_path / "ort" / "opt.onnx")
+    assert "Conv" not in optimised and "Sigmoid" not in optimised
+    assert optimised["QLinearConv"] == weights_of(graphs["model"], "Conv")
+    assert optimised["QGemm"] == 2 and optimised["QLinearSigmoid"] > 0
+    assert optimised["QLinearMul"] > 0 and optimised["QLinearGlobalAveragePool"] > 0
+    got = session(tmp_path / "model_int8.onnx").run(None, {"images": images})
+    simulated = onnx_sim.load(graphs["model"])(images)
+    assert np.mean(got[0].argmax(-1) == np.asarray(simulated[0]).argmax(-1)) >= 0.95
+    exit_logits, features = session(tmp_path / "early_exit" / "head_int8.onnx").run(
+        None, {"images": images}
+    )
+    (logits,) = session(tmp_path / "early_exit" / "tail_int8.onnx").run(
+        None, {"features": features}
+    )
+    assert np.mean(exit_logits.argmax(-1) == got[1].argmax(-1)) >= 0.95
+    assert np.mean(logits.argmax(-1) == got[0].argmax(-1)) >= 0.9

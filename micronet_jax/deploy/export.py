@@ -260,11 +260,19 @@ def _write_float32(staging, model, variables, images, outputs) -> tuple[dict[str
     return entry, reference
 
 
+def integer_eligible(bits: Any) -> bool:
+    """Whether the quantised network can be the integer graph (8-bit kernels and inputs:
+    onnxruntime's integer kernels read and write uint8 / int8 codes)."""
+    return (bits.weights, bits.activations) == (8, 8) and not bits.overrides
+
+
 def _write_quantized(
     staging, model, variables, bits, method, images, reference, outputs, options
 ) -> dict[str, Any]:
     """model_int8.onnx and its exit pair, post-training quantised on the calibration
-    images; the card's entry: widths, method, score, agreement and the runtime's parity."""
+    images: at 8x8 the integer graph (`onnx_int8`, every depthwise input on one grid), at
+    other widths the QDQ graph of the fake quantisation itself; the card's entry: widths,
+    method, score, agreement with float32 and the runtime's parity with its JAX side."""
     from tqdm.auto import tqdm
 
     from micronet_jax.evaluation.early_exit import logit_agreement
@@ -273,6 +281,9 @@ def _write_quantized(
     from micronet_jax.train.steps import predict
 
     calibration, test = images
+    integer = integer_eligible(bits)
+    if integer:  # onnxruntime has no integer kernel for per-channel input grids
+        bits = dataclasses.replace(bits, depthwise_channels=False)
     quantized, _ = post_training_quantize(
         model,
         variables,
@@ -281,13 +292,11 @@ def _write_quantized(
         method,
         progress=lambda total: tqdm(total=total, desc="quantise", leave=False),
     )
-    write_graphs(staging, model, quantized, bits, "_int8", outputs)
     fake = tuple(
         r for r in predict(QuantizedApply(model, bits), quantized, test, 500) if r is not None
     )
-    runtime = run_onnx(onnx_session(staging / "model_int8.onnx"), test)
-    versus_float = logit_agreement(fake, reference)
-    entry = {
+    fake_versus_float = logit_agreement(fake, reference)
+    entry: dict[str, Any] = {
         "bits": options.bits,
         "widths": bits.describe(),
         "method": method.name,
@@ -296,15 +305,82 @@ def _write_quantized(
             "split": "train",
             "images": len(calibration),
         },
-        "score": _score(model, quantized["params"], versus_float.get("exit_ratio"), bits),
-        "agreement_with_float32": versus_float,
-        "onnx_vs_jax_fake_quantisation": logit_agreement(runtime, fake),
+        "score": _score(model, quantized["params"], fake_versus_float.get("exit_ratio"), bits),
     }
+    if integer:
+        graphs = write_integer_graphs(staging, model, quantized, calibration, outputs)
+        from micronet_jax.deploy import onnx_sim
+
+        runtime = run_onnx(onnx_session(staging / "model_int8.onnx"), test)
+        simulated = _in_batches(onnx_sim.load(graphs["model"]), test)
+        entry["graph"] = (
+            "integer: every conv, dense, sigmoid, product, sum and mean on 8-bit codes "
+            "(onnxruntime's QLinear kernels); layer inputs and kernels on the project's grids, "
+            "the other tensors on grids calibrated on the same images"
+        )
+        entry["agreement_with_float32"] = logit_agreement(runtime, reference)
+        entry["fake_quantisation_agreement_with_float32"] = fake_versus_float
+        entry["onnx_vs_jax_simulation"] = logit_agreement(runtime, simulated)
+        return entry
+    write_graphs(staging, model, quantized, bits, "_int8", outputs)
+    runtime = run_onnx(onnx_session(staging / "model_int8.onnx"), test)
+    entry["graph"] = "QDQ on every layer input: the fake quantisation the score counts"
+    entry["agreement_with_float32"] = fake_versus_float
+    entry["onnx_vs_jax_fake_quantisation"] = logit_agreement(runtime, fake)
     if options.num_control > 0:
         entry["jax_xla_conv_vs_jax_fake_quantisation"] = _lowering_control(
             model, bits, quantized, test[: options.num_control], fake
         )
     return entry
+
+
+INTEGER_CALIBRATION_BATCH = 64
+
+
+def write_integer_graphs(folder: Path, model, quantized, calibration, outputs) -> dict[str, Any]:
+    """model_int8.onnx and the exit pair's head_int8 / tail_int8 as integer graphs (see
+    `onnx_int8`), each calibrated on what it reads: the calibration images, or for the tail
+    the features the float head gives for them. Returns the graphs by name."""
+    import jax
+    import onnx
+
+    from micronet_jax.deploy import onnx_graph
+    from micronet_jax.deploy.onnx_clean import clean
+    from micronet_jax.deploy.onnx_int8 import integer_graph
+
+    variables = {"params": quantized["params"], "batch_stats": quantized["batch_stats"]}
+    size = INTEGER_CALIBRATION_BATCH
+    batches = [calibration[i : i + size] for i in range(0, len(calibration), size)]
+
+    def build(forward, shape, dtype, names, inputs, input_name=onnx_graph.INPUT_NAME):
+        float_graph = clean(onnx_graph.to_onnx(forward, shape, dtype, names, input_name))
+        return integer_graph(
+            float_graph,
+            quantized["params"],
+            quantized["weight_scales"],
+            quantized["quant"],
+            inputs,
+        )
+
+    images = ("N", 32, 32, 3)
+    graphs = {
+        "model": build(onnx_graph.forward_fn(model, variables), images, np.uint8, outputs, batches)
+    }
+    onnx.save(graphs["model"], folder / "model_int8.onnx")
+    if model.arch.exit_head is None:
+        return graphs
+    (folder / "early_exit").mkdir(exist_ok=True)
+    head = onnx_graph.forward_fn(model, variables, part="head")
+    graphs["head"] = build(head, images, np.uint8, ["exit_logits", "features"], batches)
+    run_head = jax.jit(head)
+    features = [np.asarray(run_head(b)[1]) for b in batches]
+    tail = onnx_graph.forward_fn(model, variables, part="tail")
+    graphs["tail"] = build(
+        tail, ("N", *features[0].shape[1:]), np.float32, ["logits"], features, "features"
+    )
+    onnx.save(graphs["head"], folder / "early_exit" / "head_int8.onnx")
+    onnx.save(graphs["tail"], folder / "early_exit" / "tail_int8.onnx")
+    return graphs
 
 
 def _write_tflite(staging, model, variables, bits, images, reference, options) -> dict[str, Any]:

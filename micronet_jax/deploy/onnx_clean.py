@@ -59,6 +59,7 @@ def basic_optimize(model: Any) -> Any:
         onnx.save(model, source)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.log_severity_level = 3  # not its notice of every constant it folded away
         options.optimized_model_filepath = target
         ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         return onnx.load(target)
@@ -84,6 +85,7 @@ class Graph:
         self.outputs = {o.name for o in self.graph.output}
         self._removed: set[int] = set()
         self._inserted: dict[int, list[Any]] = {}
+        self._after: dict[int, list[Any]] = {}
 
     def only_consumer(self, name: str) -> Any | None:
         readers = self.consumers.get(name, [])
@@ -118,16 +120,30 @@ class Graph:
         self.remove(nodes)
         self._inserted.setdefault(id(nodes[0]), []).extend(new)
 
+    def insert_before(self, node: Any, new: list[Any]) -> None:
+        """Mark `new` to come before `node` (and before what was marked to replace it)."""
+        self._inserted[id(node)] = [*new, *self._inserted.get(id(node), [])]
+
+    def insert_after(self, node: Any, new: list[Any]) -> None:
+        """Mark `new` to follow `node` at `commit`."""
+        self._after.setdefault(id(node), []).extend(new)
+
     def commit(self) -> None:
         rebuilt = []
+
+        def emit(node: Any) -> None:
+            rebuilt.append(node)
+            rebuilt.extend(self._after.get(id(node), []))
+
         for node in self.graph.node:
-            rebuilt.extend(self._inserted.get(id(node), []))
+            for new in self._inserted.get(id(node), []):
+                emit(new)
             if id(node) not in self._removed:
-                rebuilt.append(node)
+                emit(node)
         rebuilt = [type(node).FromString(node.SerializeToString()) for node in rebuilt]
         del self.graph.node[:]
         self.graph.node.extend(rebuilt)
-        self._removed, self._inserted = set(), {}
+        self._removed, self._inserted, self._after = set(), {}, {}
 
     def rename_input(self, node: Any, old: str, new: str) -> None:
         for i, name in enumerate(node.input):
