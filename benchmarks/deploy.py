@@ -4,7 +4,7 @@
 
 Rows: every runtime × precision × mode.
 - JAX float32: the project's own CPU inference.
-- onnxruntime: `model.onnx` (float32), `model_int8.onnx` (the project's grids, QDQ), and as
+- onnxruntime: `model.onnx` (float32), `model_int8.onnx` (the integer graph), and as
   a peer onnxruntime's own `quantize_static` of model.onnx (per channel, MinMax on the same
   calibration images, integer kernels end to end).
 - OpenVINO: the same ONNX files; float32 with `INFERENCE_PRECISION_HINT=f32`, and its default

@@ -1,5 +1,6 @@
-"""`python -m micronet_jax.export`: a MicroNet as ONNX files for onnxruntime, float32 and
-quantised, with a card of what was written (the work is in `micronet_jax.deploy.export`).
+"""`python -m micronet_jax.export`: a MicroNet as ONNX (and LiteRT) files for CPU runtimes,
+float32 and quantised, with a card of what was written (the work is in
+`micronet_jax.deploy.export`).
 
     python -m micronet_jax.export --checkpoint=PATH --out=DIR [--bits=8x8]
         [--calibration=cifar-10-python.tar.gz] [--method=mse+adaround+bias]
@@ -19,8 +20,10 @@ from micronet_jax.quant.widths import SCALE_WIDTHS
 def parser() -> CommandParser:
     cli = CommandParser(
         prog="python -m micronet_jax.export",
-        description="Export a MicroNet as ONNX: model.onnx (float32, BN folded), with --bits "
-        "model_int8.onnx (post-training quantised), the early-exit pair of each, card.json.",
+        description="Export a MicroNet for CPU runtimes: model.onnx (float32, BN folded), with "
+        "--bits model_int8.onnx (post-training quantised; at 8x8 on onnxruntime's integer "
+        "kernels), with --format=onnx,tflite the LiteRT models, the early-exit pair of each, "
+        "card.json.",
     )
     cli.add_argument("--checkpoint", required=True, help="a .pth of the original or a workdir")
     cli.add_argument("--out", required=True, help="folder to write (must not exist)")

@@ -240,6 +240,16 @@ def bad_inputs(tmp_path, archive):
             "cifar-10-python.tar.gz",
         ),
         "output exists": ([f"--checkpoint={garbage}", f"--out={existing}"], "--overwrite"),
+        "unknown format": ([f"--checkpoint={garbage}", "--format=onnx,coreml"], "coreml"),
+        "tflite below 8 bits": (
+            [
+                f"--checkpoint={garbage}",
+                "--format=tflite",
+                "--bits=6x6",
+                f"--calibration={archive}",
+            ],
+            "--bits 6x6",
+        ),
     }
 
 
@@ -251,6 +261,8 @@ CASES = (
     "calibration missing",
     "calibration malformed",
     "output exists",
+    "unknown format",
+    "tflite below 8 bits",
 )
 
 

@@ -1,17 +1,22 @@
-"""Export a MicroNet for a real runtime (ONNX, run by onnxruntime), float32 and quantised:
-the library behind `python -m micronet_jax.export`.
+"""Export a MicroNet for the CPU runtimes people deploy with, float32 and quantised: the
+library behind `python -m micronet_jax.export`.
 
 The checkpoint is one of the original's `.pth` files or a finished pipeline workdir. The
 output folder gets:
-- `model.onnx`: the float32 network (BN folded), input `images` (uint8, N×32×32×3, NHWC: raw
+- `model.onnx`: the float32 network as a clean deployment graph (`onnx_clean`: BN folded,
+  one layout, about one node per operation), input `images` (uint8, N×32×32×3, NHWC: raw
   CIFAR pixels; normalisation and upsampling inside), outputs `logits` and, with an exit
   head, `exit_logits`;
 - with `bits`, `model_int8.onnx`: the network quantised post-training by `method` on
-  training images of the calibration archive, its kernels stored as int8 codes
-  (DequantizeLinear) and its layer inputs on their calibrated grids (QuantizeLinear /
-  DequantizeLinear), exactly the grids and roundings of the JAX fake quantisation;
+  training images of the calibration archive; at 8x8 the integer graph (`onnx_int8`: every
+  tensor on an 8-bit grid, run by onnxruntime's integer kernels), at other widths the QDQ
+  graph of the JAX fake quantisation itself;
+- with `formats` including tflite, the LiteRT models (`tflite`): `model.tflite`,
+  `model_sparse.tflite` and, with `bits` 8x8, the full-integer `model_int8.tflite`;
+- the early-exit pair of each (`early_exit/head*`, `early_exit/tail*`);
 - `card.json`: what was exported and from what, the honest MicroNet score of the exported
-  network, agreement and runtime parity measured on the archive's test images, file sizes.
+  network, agreement with float32 and each runtime's parity with the JAX side of its file,
+  measured on the archive's test images; file sizes.
 
 The folder is written under a temporary name and renamed when complete; an existing one is
 refused unless `overwrite`.

@@ -61,9 +61,9 @@ def to_tflite(
     least expected squared error on the same images ('mse', `quant.fake.mse_range`).
     `sparse` (float32 only) stores pruned kernels in LiteRT's sparse encoding (its
     `EXPERIMENTAL_SPARSITY`: DENSIFY ops, or XNNPACK's sparse kernels where it takes them)."""
+    tf = require_tensorflow()  # first: jax2tf imports TensorFlow, whose logging it quietens
     from jax.experimental import jax2tf
 
-    tf = require_tensorflow()
     if ranges not in CALIBRATIONS:
         raise ConfigError(f"tflite calibration must be one of {CALIBRATIONS}, got {ranges!r}")
     batch = int(input_shape[0])
