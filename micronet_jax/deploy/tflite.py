@@ -88,7 +88,9 @@ def to_tflite(
             calibrated = least_error_ranges(calibrated, calibration, batch)
         from tensorflow.lite.python import convert
 
-        quantized = convert.mlir_quantize(calibrated, fully_quantize=False)
+        with warnings.catch_warnings():  # the raw uint8 input has no statistics: by design
+            warnings.filterwarnings("ignore", "Statistics for quantized inputs")
+            quantized = convert.mlir_quantize(calibrated, fully_quantize=False)
     return free_batch(quantized, batch)
 
 
