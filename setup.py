@@ -40,6 +40,8 @@ setup(
             "jax2onnx>=0.13,<0.14",
             "openvino>=2025.0",
             "ai-edge-litert>=2.0",
+            "tensorflow-datasets>=4.9",
+            "array-record>=0.5",
         ],
         "export": [
             "onnx>=1.17",
@@ -52,7 +54,10 @@ setup(
         "tflite": ["tensorflow-cpu>=2.21"],
         "experiments": ["optuna", "matplotlib"],
         "bench": ["torch==2.13.0", "pillow"],
-        "tfds": ["tensorflow-datasets"],
+        # what reading a prepared TFDS data set needs: TFDS, its image decoder (Pillow) and
+        # the array_record reader; TFRecord data is read through TensorFlow (Colab has it;
+        # elsewhere `pip install tensorflow`, or the `tflite` extra's tensorflow-cpu)
+        "tfds": ["tensorflow-datasets>=4.9", "array-record>=0.5", "pillow"],
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

@@ -156,3 +156,17 @@ def tiny_pipeline(tmp_path_factory, tiny_archive, compile_cache):
 def tiny_pipeline_copy(tiny_pipeline, tmp_path) -> Path:
     """This test's own copy of the finished tiny pipeline's workdir, to write into."""
     return Path(shutil.copytree(tiny_pipeline[1], tmp_path / "run"))
+
+
+@pytest.fixture(scope="session")
+def prepared_tfds(cifar10_archive, build_once):
+    """CIFAR-10 prepared by TFDS from the real archive, once as TFRecord (its default) and
+    once as array_record, each in a data folder of its own."""
+    pytest.importorskip("tensorflow_datasets", reason="the tfds extra")
+    from tfds_prepared import prepare
+
+    def build(folder: Path) -> None:
+        for file_format in ("tfrecord", "array_record"):
+            prepare(cifar10_archive, folder / file_format, file_format)
+
+    return build_once("tfds_prepared", build)

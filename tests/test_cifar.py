@@ -5,12 +5,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import importlib.machinery
 import re
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -356,34 +354,85 @@ def test_tfds_not_installed(tmp_path, monkeypatch):
         load_cifar("cifar100", tmp_path, source="tfds")
 
 
-def _fake_tfds(data: FakeCifar) -> types.ModuleType:
-    """A stand-in for tensorflow_datasets whose data_source serves `data.test`."""
-    split = data.test
-    records = [
-        {"image": split.images[i], "label": split.labels[i], "coarse_label": split.coarse_labels[i]}
-        for i in range(len(split.labels))
-    ]
-    features = {
-        "label": types.SimpleNamespace(names=list(data.class_names)),
-        "coarse_label": types.SimpleNamespace(names=list(data.coarse_class_names)),
-    }
-
-    class Source(list):
-        dataset_info = types.SimpleNamespace(features=features)
-
-        def __getitems__(self, keys):
-            return [self[k] for k in keys]
-
-    module = types.ModuleType("tensorflow_datasets")
-    module.__spec__ = importlib.machinery.ModuleSpec("tensorflow_datasets", None)
-    module.data_source = lambda name, split, data_dir: Source(records)
-    return module
+FORMATS = ("tfrecord", "array_record")  # the formats conftest.prepared_tfds prepares
 
 
-@pytest.mark.parametrize("source", ["tfds", "auto"])
-def test_tfds_data_source(tmp_path, monkeypatch, source):
-    """Records from tfds.data_source become the same arrays; 'auto' uses it with no archive."""
-    data = fake_cifar(6, 4)
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", _fake_tfds(data))
-    got = load_cifar("cifar100", tmp_path if source == "auto" else None, "test", source=source)
-    assert_split_equal(got, data.test, data)
+@pytest.fixture(scope="session")
+def cifar10_reference(cifar10_archive):
+    return load_train_test("cifar10", cifar10_archive, source="archive", download=False)
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+@pytest.mark.parametrize("file_format", FORMATS)
+def test_a_really_prepared_tfds_cifar10_reads_as_the_archive(
+    prepared_tfds, cifar10_reference, file_format
+):
+    """Images, labels, class names and both splits, in the archive's order, whichever format
+    TFDS prepared them in; the splits say where they came from and in what format."""
+    from tfds_prepared import archive_indices
+
+    archive_train, archive_test = cifar10_reference
+    train_indices, test_count = archive_indices()
+    train, test = load_train_test("cifar10", prepared_tfds / file_format, source="tfds")
+    np.testing.assert_array_equal(train.images, archive_train.images[train_indices])
+    np.testing.assert_array_equal(train.labels, archive_train.labels[train_indices])
+    np.testing.assert_array_equal(test.images, archive_test.images[:test_count])
+    np.testing.assert_array_equal(test.labels, archive_test.labels[:test_count])
+    assert train.class_names == archive_train.class_names and test.num_classes == 10
+    assert test.source.startswith(f"TFDS ({file_format}) ")
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_tfrecord_without_tensorflow_names_both_fixes(prepared_tfds, monkeypatch):
+    from micronet_jax.data import cifar
+
+    real = cifar.importlib.util.find_spec
+    monkeypatch.setattr(
+        cifar.importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "tensorflow" else real(name, *args),
+    )
+    with pytest.raises(DataError) as error:
+        load_train_test("cifar10", prepared_tfds / "tfrecord", source="tfds")
+    message = str(error.value)
+    assert "prepared as tfrecord" in message and "pip install tensorflow" in message
+    assert "file_format='array_record'" in message
+    # array_record needs no TensorFlow
+    train, _ = load_train_test("cifar10", prepared_tfds / "array_record", source="tfds")
+    assert train.source.startswith("TFDS (array_record)")
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_auto_reads_a_prepared_tfds_before_downloading(prepared_tfds, tmp_path):
+    """With no archive in the data folder, `source='auto'` reads the TFDS data set prepared
+    there instead of downloading (the download address here does not exist: a download
+    would fail)."""
+    folder = prepared_tfds / "tfrecord"
+    nowhere = (tmp_path / "nowhere.tar.gz").as_uri()
+    train, test = load_train_test("cifar10", folder, source="auto", url=nowhere)
+    assert train.source.startswith("TFDS (tfrecord)") and len(test.labels) == 100
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_a_run_trains_on_tfrecord_data_and_says_so(prepared_tfds, tmp_path, compile_cache):
+    """`--config.data.source=tfds` on a TFRecord-prepared CIFAR-10: stage A trains, and the
+    banner names TFDS, the format it read and the folder."""
+    from tiny_run import TINY, main_env, run_main
+
+    folder = prepared_tfds / "tfrecord"
+    done = run_main(
+        tmp_path / "run",
+        folder,
+        "--config.data.source=tfds",
+        "--config.train.epochs=1",
+        env=main_env(compile_cache),
+        config=str(TINY),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "data: cifar10 from TFDS (tfrecord) " in done.stdout
+    assert "200 train / 100 test images" in done.stdout

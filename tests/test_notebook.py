@@ -59,10 +59,35 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch, compile_cache):
 
     text = "".join(o.get("text", "") for o in outputs(nb, "stream"))
     assert "install skipped" in text
-    assert "from archive" in text
+    assert f"read from {archive}" in text
     assert (workdir / "report.json").exists() and (workdir / "exit" / "done.json").exists()
     images = [o for o in outputs(nb, "display_data") if "image/png" in o.get("data", {})]
     pngs = sorted((workdir / "plots").glob("*.png"))
     assert len(images) == len(pngs) >= 5
     if ORIGINAL.exists():
         assert "MicroNet score" in text  # run_test printed the original's report
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+@pytest.mark.parametrize("file_format", ["tfrecord", "array_record"])
+def test_the_data_cell_reads_tfds_prepared_either_way(file_format, prepared_tfds, monkeypatch):
+    """On Colab the notebook prefers TFDS (installed there): its data cell reads a CIFAR-10
+    that TFDS prepared as TFRecord or as array_record, and says which it read."""
+    monkeypatch.setenv("MICRONET_NOTEBOOK_INSTALL", "0")
+    monkeypatch.setenv("MICRONET_NOTEBOOK_DATA", "")
+    monkeypatch.setenv("MICRONET_NOTEBOOK_DATASET", "cifar10")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(prepared_tfds / file_format))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    setup, data = (
+        next(c for c in nb.cells if c.cell_type == "code" and marker in "".join(c.source))
+        for marker in ("MICRONET_NOTEBOOK_DATASET", "load_train_test")
+    )
+    nb.cells = [setup, data]
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+    )
+    client.execute()
+    text = "".join(o.get("text", "") for o in outputs(nb, "stream"))
+    assert f"cifar10 read from TFDS ({file_format}) " in text
+    assert "200 train / 100 test images" in text

@@ -192,12 +192,12 @@ def _load(
     for split in splits:
         _check_choice("split", split, SPLITS)
     if source == "tfds":
-        return [_from(_load_tfds(name, split, data_dir), "TFDS") for split in splits]
+        return [_load_tfds(name, split, data_dir) for split in splits]
     root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
     path = _find_local(name, root)
     if path is None and source == "auto" and _tfds_installed():
         try:
-            return [_from(_load_tfds(name, split, None), "TFDS") for split in splits]
+            return [_load_tfds(name, split, data_dir) for split in splits]
         except DataError:
             pass  # not prepared there: carry on with the archive
     if path is None:
@@ -576,32 +576,102 @@ def _tfds_module():
     return tfds
 
 
+RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
+
+
 def _load_tfds(name: str, split: str, data_dir: str | Path | None) -> CifarSplit:
-    """A prepared TFDS data set through its random-access data source (no TensorFlow)."""
+    """A prepared TFDS data set, in the format it was prepared in: array_record or parquet
+    through its random-access data source (no TensorFlow needed), TFRecord (what
+    `download_and_prepare()` writes by default) through TFDS's own reader, which needs
+    TensorFlow. The split's `source` names TFDS, the format and the folder."""
     tfds = _tfds_module()
-    try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir)
-        records = source.__getitems__(list(range(len(source))))
-        features = source.dataset_info.features
-    except Exception as err:  # TFDS raises many types for "not downloaded / not prepared"
-        raise DataError(
-            f"TFDS could not provide {name} {split} ({type(err).__name__}: {err}); prepare it "
-            f"with tfds.builder({name!r}).download_and_prepare(), or use source='archive'"
-        ) from err
-    num_classes = OFFICIAL[name].num_classes
-    n = len(records)
+    builder = _tfds_builder(tfds, name, data_dir)
+    file_format = _file_format(builder)
     where = f"TFDS {name} {split}"
-    images = np.stack([np.asarray(r["image"], dtype=np.uint8) for r in records])
+    try:
+        if file_format in RANDOM_ACCESS_FORMATS:
+            records = _random_access_records(tfds, name, split, data_dir)
+        else:
+            records = _tfrecord_records(tfds, builder, name, split, file_format)
+    except DataError:
+        raise
+    except Exception as err:  # TFDS raises many types for a damaged or partial data set
+        raise DataError(f"{where}: TFDS could not read it ({type(err).__name__}: {err})") from err
+    if "id" in records:  # TFDS stores records in a hashed order; its ids keep the archive's
+        order = np.argsort(records["id"], kind="stable")
+        records = {k: np.asarray(v)[order] for k, v in records.items()}
+    features = builder.info.features
+    result = _tfds_split(name, records, features, where)
+    return dataclasses.replace(result, source=f"TFDS ({file_format}) {builder.data_dir}")
+
+
+def _tfds_builder(tfds: Any, name: str, data_dir: str | Path | None) -> Any:
+    """The builder of a prepared data set, or a DataError saying how to prepare one."""
+    try:
+        builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
+        prepared = builder.is_prepared()
+    except Exception as err:  # TFDS raises many types for "not there"
+        prepared, builder = False, None
+        reason = f" ({type(err).__name__}: {err})"
+    else:
+        reason = ""
+    if not prepared:
+        place = f" in {data_dir}" if data_dir is not None else ""
+        raise DataError(
+            f"TFDS has no prepared {name}{place}{reason}; prepare it with "
+            f"tfds.builder({name!r}).download_and_prepare(), or use source='archive'"
+        )
+    return builder
+
+
+def _file_format(builder: Any) -> str:
+    file_format = builder.info.file_format
+    return str(getattr(file_format, "value", file_format) or "tfrecord").lower()
+
+
+def _random_access_records(tfds: Any, name: str, split: str, data_dir) -> dict[str, np.ndarray]:
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    records = source.__getitems__(list(range(len(source))))
+    keys = ("image", "label", "coarse_label") if name == "cifar100" else ("image", "label")
+    arrays = {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}
+    if records and "id" in records[0]:
+        arrays["id"] = np.asarray([_text(r["id"]) for r in records])
+    return arrays
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _tfrecord_records(tfds: Any, builder: Any, name: str, split: str, file_format: str):
+    """The split as arrays through TFDS's TFRecord reader (`as_numpy` of `as_dataset`)."""
+    if importlib.util.find_spec("tensorflow") is None:
+        raise DataError(
+            f"TFDS {name} in {builder.data_dir} was prepared as {file_format}, which TFDS "
+            "reads with TensorFlow: install it (pip install tensorflow), or prepare the data "
+            f"set again with tfds.builder({name!r}, file_format='array_record')"
+            ".download_and_prepare(), which reads without TensorFlow"
+        )
+    dataset = builder.as_dataset(split=split, batch_size=-1)
+    arrays = {k: np.asarray(v) for k, v in tfds.as_numpy(dataset).items()}
+    if "id" in arrays:
+        arrays["id"] = np.asarray([_text(i) for i in arrays["id"]])
+    return arrays
+
+
+def _tfds_split(name: str, records: dict, features: Any, where: str) -> CifarSplit:
+    num_classes = OFFICIAL[name].num_classes
+    images = np.asarray(records["image"], dtype=np.uint8)
+    n = len(images)
     if images.shape[1:] != IMAGE_SHAPE:
         raise DataError(f"{where} images have shape {images.shape[1:]}, expected {IMAGE_SHAPE}")
     coarse = coarse_names = None
     if name == "cifar100":
-        coarse = [r["coarse_label"] for r in records]
-        coarse = _labels(coarse, n, _NUM_COARSE, f"{where} coarse labels")
+        coarse = _labels(list(records["coarse_label"]), n, _NUM_COARSE, f"{where} coarse labels")
         coarse_names = _names(features["coarse_label"].names, _NUM_COARSE, f"{where} names")
     return CifarSplit(
         images=images,
-        labels=_labels([r["label"] for r in records], n, num_classes, f"{where} labels"),
+        labels=_labels(list(records["label"]), n, num_classes, f"{where} labels"),
         num_classes=num_classes,
         coarse_labels=coarse,
         class_names=_names(features["label"].names, num_classes, f"{where} label names"),
