@@ -565,6 +565,11 @@ def _tfds_installed() -> bool:
 
 
 def _tfds_module():
+    # TFDS may import TensorFlow (a reader here), whose C++ start-up notices would land in
+    # the run's stderr: its oneDNN notice goes only with oneDNN off, which reading data
+    # does not miss
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:

@@ -36,6 +36,7 @@ INSTALL_HINT = 'pip install -e ".[tflite]"'
 def require_tensorflow() -> Any:
     """TensorFlow (quiet), or a ConfigError naming the extra that installs it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its start-up notice; converting only
     try:
         import tensorflow as tf
     except ImportError:
