@@ -74,7 +74,9 @@ def to_tflite(
     )
     concrete = function.get_concrete_function()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], function)
-    with _quiet():
+    with _quiet(), warnings.catch_warnings():
+        # the raw uint8 input carries no calibration statistics: by design, not a fault
+        warnings.filterwarnings("ignore", "Statistics for quantized inputs")
         if calibration is None:
             if sparse:
                 converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
@@ -89,9 +91,7 @@ def to_tflite(
             calibrated = least_error_ranges(calibrated, calibration, batch)
         from tensorflow.lite.python import convert
 
-        with warnings.catch_warnings():  # the raw uint8 input has no statistics: by design
-            warnings.filterwarnings("ignore", "Statistics for quantized inputs")
-            quantized = convert.mlir_quantize(calibrated, fully_quantize=False)
+        quantized = convert.mlir_quantize(calibrated, fully_quantize=False)
     return free_batch(quantized, batch)
 
 

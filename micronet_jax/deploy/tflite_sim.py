@@ -135,33 +135,29 @@ def _padding(options: Any) -> str:
     return "SAME" if options.padding == 0 else "VALID"  # TensorFlow's SAME: JAX's SAME
 
 
-def _conv(args, options, inputs, out):
-    x, kernel, bias = args  # kernel O, H, W, I
-    y = jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        (options.strideH, options.strideW),
-        _padding(options),
-        rhs_dilation=(options.dilationHFactor, options.dilationWFactor),
-        dimension_numbers=("NHWC", "OHWI", "NHWC"),
-    )
-    return _fused(y + (bias if bias is not None else 0.0), options)
-
-
-def _depthwise(args, options, inputs, out):
-    x, kernel, bias = args  # kernel 1, H, W, C·multiplier
-    channels = x.shape[-1]
-    rhs = jnp.transpose(kernel, (1, 2, 0, 3))  # H, W, 1, C·m
+def _convolve(x, rhs, bias, options, layout: str, groups: int = 1):
+    """A CONV_2D or DEPTHWISE_CONV_2D with its options, bias and fused activation."""
     y = jax.lax.conv_general_dilated(
         x,
         rhs,
         (options.strideH, options.strideW),
         _padding(options),
         rhs_dilation=(options.dilationHFactor, options.dilationWFactor),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=channels,
+        dimension_numbers=("NHWC", layout, "NHWC"),
+        feature_group_count=groups,
     )
     return _fused(y + (bias if bias is not None else 0.0), options)
+
+
+def _conv(args, options, inputs, out):
+    x, kernel, bias = args  # kernel O, H, W, I
+    return _convolve(x, kernel, bias, options, "OHWI")
+
+
+def _depthwise(args, options, inputs, out):
+    x, kernel, bias = args  # kernel 1, H, W, C·multiplier
+    rhs = jnp.transpose(kernel, (1, 2, 0, 3))  # H, W, 1, C·m
+    return _convolve(x, rhs, bias, options, "HWIO", groups=x.shape[-1])
 
 
 def _fully_connected(args, options, inputs, out):
