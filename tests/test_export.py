@@ -420,9 +420,9 @@ def test_released_network_exports_and_every_runtime_computes_what_jax_does(
     for parity in (
         card["quantized"]["onnx_vs_jax_simulation"],  # the integer graph's own JAX side
         card["tflite"]["int8"]["litert_vs_jax_simulation"],
-    ):
-        assert parity["confident"] >= 0.99
-        assert parity["combined"] >= 0.93
+    ):  # the layers' sums exact on both sides: what is left is the other ops' rounding
+        assert parity["confident"] == 1.0
+        assert parity["main"] >= 0.99
     simulated = onnx_sim.load(onnx.load(out / "model_int8.onnx"))(images)
     integer = ov.Core().compile_model(str(out / "model_int8.onnx"), "CPU", config)
     got = list(integer.create_infer_request().infer({0: images}).values())
@@ -489,7 +489,7 @@ def test_the_integer_graph_runs_on_integer_kernels_and_its_simulation_agrees(tmp
     assert optimised["QLinearMul"] > 0 and optimised["QLinearGlobalAveragePool"] > 0
     got = session(tmp_path / "model_int8.onnx").run(None, {"images": images})
     simulated = onnx_sim.load(graphs["model"])(images)
-    assert np.mean(got[0].argmax(-1) == np.asarray(simulated[0]).argmax(-1)) >= 0.95
+    assert np.mean(got[0].argmax(-1) == np.asarray(simulated[0]).argmax(-1)) >= 0.98
     exit_logits, features = session(tmp_path / "early_exit" / "head_int8.onnx").run(
         None, {"images": images}
     )

@@ -22,7 +22,13 @@ CODE_RANGES = {2: (0, 255), 3: (-128, 127)}  # ONNX's uint8, int8
 
 def load(model: Any, capture: Iterable[str] = ()) -> Callable:
     """`model` (a ModelProto) as a jitted function of its first input: its outputs in graph
-    order, then the values of `capture` (tensor names) when asked."""
+    order, then the values of `capture` (tensor names) when asked.
+
+    A Conv between DequantizeLinear inputs (an activation's codes, int8 kernel codes, int32
+    bias codes) and a single QuantizeLinear is computed as an integer kernel computes it:
+    the codes multiplied and summed exactly in int32, then rescaled in float32 by
+    input scale × kernel scale / output scale and rounded (half to even) onto the output's
+    grid, so that a sum is not rounded differently by a float summation order."""
     from onnx import helper, numpy_helper
 
     constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -35,6 +41,7 @@ def load(model: Any, capture: Iterable[str] = ()) -> Callable:
             raise ValueError(f"no simulation of the ONNX op {node.op_type}")
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         nodes.append((node.op_type, list(node.input), list(node.output), attributes))
+    fused = _integer_convs(nodes, constants)
     source = model.graph.input[0].name
     outputs = [o.name for o in model.graph.output]
     capture = list(capture)
@@ -48,10 +55,98 @@ def load(model: Any, capture: Iterable[str] = ()) -> Callable:
             return values[name] if name in values else constants[name]
 
         for op, inputs, outs, attributes in nodes:
+            if outs[0] in fused.skipped:
+                continue
+            if outs[0] in fused.convs:
+                conv = fused.convs[outs[0]]
+                values[conv.codes_out] = conv(value(conv.codes_in))
+                continue
             values[outs[0]] = OPS[op]([value(i) for i in inputs], attributes)
         return tuple(values[name] for name in outputs + capture)
 
     return jax.jit(run)
+
+
+class _IntegerConv:
+    """One DequantizeLinear → Conv → QuantizeLinear chain, computed on its codes."""
+
+    def __init__(self, conv, x_dq, w_dq, b_dq, quantize, constants) -> None:
+        _, conv_in, _, self.attributes = conv
+        self.codes_in = x_dq[1][0]
+        self.codes_out = quantize[2][0]
+        x_scale = np.float32(constants[x_dq[1][1]])
+        self.x_zero = np.int32(constants[x_dq[1][2]])
+        w_scale = np.asarray(constants[w_dq[1][1]], np.float32).reshape(-1)
+        self.kernel = np.asarray(constants[w_dq[1][0]], np.int32)
+        self.bias = None if b_dq is None else np.asarray(constants[b_dq[1][0]], np.int32)
+        y_scale = np.float32(constants[quantize[1][1]])
+        self.y_zero = np.float32(constants[quantize[1][2]])
+        self.low, self.high = CODE_RANGES[2 if constants[quantize[1][2]].dtype == np.uint8 else 3]
+        self.multiplier = (x_scale * w_scale / y_scale).astype(np.float32)  # float32, as ORT
+
+    def __call__(self, codes: jax.Array) -> jax.Array:
+        rank = self.kernel.ndim - 2
+        a = self.attributes
+        pads = a.get("pads", [0] * 2 * rank)
+        # integers summed in float32 are exact while every partial sum stays below 2^24:
+        # the fast float convolution then gives the int32 accumulator itself
+        dtype = jnp.float32 if self.exact_in_float32 else jnp.int32
+        shifted = (jnp.asarray(codes) - self.x_zero.astype(np.float32)).astype(dtype)
+        acc = jax.lax.conv_general_dilated(
+            shifted,
+            jnp.asarray(self.kernel, dtype),
+            tuple(a.get("strides", [1] * rank)),
+            [(pads[i], pads[i + rank]) for i in range(rank)],
+            rhs_dilation=tuple(a.get("dilations", [1] * rank)),
+            dimension_numbers=("NCHW", "OIHW", "NCHW"),
+            feature_group_count=a.get("group", 1),
+            preferred_element_type=dtype,
+        )
+        acc = acc.astype(jnp.int32)  # exact either way
+        if self.bias is not None:  # added in int32, as the kernels do (may pass 2^24)
+            acc = acc + jnp.asarray(self.bias).reshape(1, -1, 1, 1)
+        scaled = acc.astype(jnp.float32) * jnp.asarray(self.multiplier).reshape(1, -1, 1, 1)
+        return jnp.clip(jnp.round(scaled) + self.y_zero, self.low, self.high)
+
+    @property
+    def exact_in_float32(self) -> bool:
+        terms = int(np.prod(self.kernel.shape[1:]))
+        return terms * 255 * int(np.abs(self.kernel).max(initial=0)) < 2**24
+
+
+class _Fused:
+    def __init__(self) -> None:
+        self.convs: dict[str, _IntegerConv] = {}  # keyed by the Conv's output
+        self.skipped: set[str] = set()  # the QuantizeLinear nodes the convs stand in for
+
+
+def _integer_convs(nodes: list, constants: dict) -> _Fused:
+    producer = {outs[0]: node for node in nodes for outs in [node[2]]}
+    readers: dict[str, list] = {}
+    for node in nodes:
+        for name in node[1]:
+            readers.setdefault(name, []).append(node)
+    fused = _Fused()
+    for node in nodes:
+        op, inputs, outs, _ = node
+        if op != "Conv":
+            continue
+        parts = [producer.get(name) for name in inputs]
+        after = readers.get(outs[0], [])
+        if (
+            any(part is None or part[0] != "DequantizeLinear" for part in parts)
+            or len(after) != 1
+            or after[0][0] != "QuantizeLinear"
+            or parts[0][1][0] in constants  # the activation must be computed codes
+            or any(part[1][0] not in constants for part in parts[1:])
+            or len(after[0][1]) < 3
+        ):
+            continue
+        x_dq, w_dq = parts[0], parts[1]
+        b_dq = parts[2] if len(parts) > 2 else None
+        fused.convs[outs[0]] = _IntegerConv(node, x_dq, w_dq, b_dq, after[0], constants)
+        fused.skipped.add(after[0][2][0])
+    return fused
 
 
 def _quantize(args, attributes):

@@ -2,12 +2,13 @@
 
 An int8 `.tflite` model is not `QuantizedApply`: the converter puts every tensor on a grid
 of its own and rounds the kernels itself. So the JAX side of its parity is the model
-itself, read op by op from the flatbuffer and computed in float32 with each tensor on its
-grid: every op's output is quantised to its tensor's scale and zero point (round to
-nearest, clipped to the type's range) and used as (code - zero point) · scale; kernels and
-biases are the stored codes. What XNNPACK computes in integers, with its own fixed-point
-rescaling, it computes on the same grids, so the two differ only where a value lands within
-a rounding error of a grid boundary. Float32 models run the same way without the grids.
+itself, read op by op from the flatbuffer: every op's output is quantised to its tensor's
+scale and zero point (round half to even, clipped to the type's range) and used as
+(code - zero point) · scale; conv and dense layers are computed as the integer kernels
+compute them (codes times codes summed exactly, rescaled in float32: `_on_codes`), the
+other ops in float32 on their grids. XNNPACK and the simulation then part only where one of
+those other ops lands a value within a rounding error of a grid boundary. Float32 models
+run the same way without the grids.
 
 The ops are the ones MicroNet's models use (an unknown op is refused by name).
 """
@@ -88,11 +89,65 @@ def load(path_or_bytes: str | Path | bytes) -> Callable[[np.ndarray], tuple[np.n
         values = {source: _input_value(tensors[source], images)}
         for name, inputs, outputs, options in ops:
             args = [_value(values, tensors, i) for i in inputs]
-            result = OPS[name](args, options, [tensors[i] for i in inputs], tensors[outputs[0]])
-            values[outputs[0]] = tensors[outputs[0]].on_grid(result)
+            parts, out = [tensors[i] for i in inputs], tensors[outputs[0]]
+            if name in INTEGER_LAYERS and _integer_layer(parts, out):
+                values[outputs[0]] = _on_codes(name, args, options, parts, out)
+                continue
+            result = OPS[name](args, options, parts, out)
+            values[outputs[0]] = out.on_grid(result)
         return tuple(values[i] for i in order)
 
     return jax.jit(run)
+
+
+INTEGER_LAYERS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+def _integer_layer(parts: list[Tensor], out: Tensor) -> bool:
+    """Whether a layer reads and writes 8-bit codes and holds int8 kernel codes."""
+    x, kernel = parts[0], parts[1]
+    return (
+        x.type == 9
+        and out.type == 9
+        and kernel.type == 9
+        and kernel.constant is not None
+        and x.scale is not None
+        and out.scale is not None
+    )
+
+
+def _on_codes(name: str, args: list, options: Any, parts: list[Tensor], out: Tensor):
+    """A conv or dense layer as LiteRT's integer kernels compute it: the input's codes times
+    the kernel's codes summed exactly (in float32, exact while every sum stays below 2^24),
+    plus the int32 bias codes in int32, rescaled in float32 by input scale × kernel scale /
+    output scale and rounded half to even onto the output's codes."""
+    x, kernel = parts[0], parts[1]
+    bias = (
+        parts[2]
+        if len(parts) > 2 and parts[2] is not None and parts[2].constant is not None
+        else None
+    )
+    x_scale, x_zero = np.float32(x.scale[0]), np.float32(x.zero[0])
+    codes = jnp.round(args[0] / x_scale) + x_zero  # the codes the input stands for
+    kernel_codes = np.asarray(kernel.constant, np.float32)
+    kernel_scale = np.asarray(kernel.scale, np.float32).reshape(-1)
+    terms = (
+        int(np.prod(kernel_codes.shape[1:]))
+        if name != "DEPTHWISE_CONV_2D"
+        else int(np.prod(kernel_codes.shape[1:3]))
+    )
+    if terms * 255 * 128 >= 2**24:
+        raise ValueError(f"{name}: sums of {terms} products are not exact in float32")
+    no_bias = np.zeros(kernel_codes.shape[-1 if name == "DEPTHWISE_CONV_2D" else 0], np.float32)
+    acc = OPS[name]([codes - x_zero, kernel_codes, no_bias], options, parts, out)
+    acc = acc.astype(jnp.int32)  # exact: an integer below 2^24
+    if bias is not None:  # added in int32, as the kernels do (the codes may pass 2^24)
+        acc = acc + jnp.asarray(np.asarray(bias.constant, np.int32))
+    multiplier = (x_scale * kernel_scale / np.float32(out.scale[0])).astype(np.float32)
+    y_zero = np.float32(out.zero[0])
+    _, low, high = INTEGER[out.type]
+    out_codes = jnp.clip(jnp.round(acc.astype(jnp.float32) * multiplier) + y_zero, low, high)
+    return (out_codes - y_zero) * np.float32(out.scale[0])
 
 
 def _input_value(tensor: Tensor, images: Any) -> jax.Array:
