@@ -143,7 +143,9 @@ def onnxruntime_runner(precision: str, full: Path, head: Path | None, tail: Path
 def openvino_runner(precision: str, hint: str, full: Path, head: Path, tail: Path, threads):
     """OpenVINO's CPU plugin on the ONNX files; `hint` its inference precision (f32, or bf16,
     its default on a CPU with bf16 units)."""
-    import openvino as ov
+    from micronet_jax.deploy.openvino_runtime import import_openvino
+
+    ov = import_openvino()
 
     core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint}

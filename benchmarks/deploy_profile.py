@@ -54,7 +54,9 @@ def onnxruntime_profile(path: Path, images: np.ndarray, runs: int, threads: int)
 
 def openvino_profile(path: Path, images: np.ndarray, runs: int, threads: int) -> dict:
     """CPU microseconds per call by executed layer type (f32 precision)."""
-    import openvino as ov
+    from micronet_jax.deploy.openvino_runtime import import_openvino
+
+    ov = import_openvino()
 
     config = {
         "INFERENCE_NUM_THREADS": threads,

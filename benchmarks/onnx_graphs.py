@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import onnx
     import onnxruntime as ort
-    import openvino as ov
+
+    from micronet_jax.deploy.openvino_runtime import import_openvino
+
+    ov = import_openvino()
 
     from micronet_jax.deploy import onnx_graph
     from micronet_jax.deploy.onnx_clean import clean

@@ -7,8 +7,10 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,7 +36,6 @@ def session(path):
 @functools.cache
 def exported(tmp_root: str, bits_text: str | None):
     """The tiny pruned network's graphs (and its quantised variables) in a folder."""
-    from pathlib import Path
 
     model, variables, images = pruned_tiny()
     folder = Path(tmp_root) / (bits_text or "float")
@@ -371,7 +372,9 @@ def test_released_network_exports_and_every_runtime_computes_what_jax_does(
     codes, their predictions those of their own JAX simulations (up to the grid boundaries
     the runtimes' integer arithmetic lands on differently; see docs/deployment.md), OpenVINO
     running the same integer graph."""
-    import openvino as ov
+    from micronet_jax.deploy.openvino_runtime import import_openvino
+
+    ov = import_openvino()
 
     from micronet_jax.data.cifar import load_train_test
     from micronet_jax.deploy import onnx_sim
@@ -498,3 +501,38 @@ def test_the_integer_graph_runs_on_integer_kernels_and_its_simulation_agrees(tmp
     )
     assert np.mean(exit_logits.argmax(-1) == got[1].argmax(-1)) >= 0.95
     assert np.mean(logits.argmax(-1) == got[0].argmax(-1)) >= 0.9
+
+
+FORK_COUNT = """
+import os, sys
+forks = []
+fork = os.fork
+os.fork = lambda: forks.append(1) or fork()
+import jax  # multithreaded, as every process of this project is
+if sys.argv[1] == "project":
+    from micronet_jax.deploy.openvino_runtime import import_openvino
+    import_openvino()
+else:
+    import openvino
+import openvino_telemetry
+openvino_telemetry.Telemetry().force_shutdown(10.0)  # waits for the event to be sent
+print(len(forks), "CI" in os.environ)
+"""
+
+
+def test_openvino_is_imported_without_forking_this_process():
+    """A plain `import openvino` forks the process to send a usage event (unless this
+    machine's user opted out of OpenVINO's telemetry); the project's import does not, and
+    leaves the environment as it was."""
+    pytest.importorskip("openvino", reason="the bench extra")
+    counts = {}
+    for how in ("plain", "project"):
+        env = {k: v for k, v in os.environ.items() if k != "CI"}
+        result = subprocess.run(
+            [sys.executable, "-c", FORK_COUNT, how], env=env, capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        counts[how] = result.stdout.split()
+    assert counts["project"] == ["0", "False"]
+    opted_out = (Path.home() / "intel" / "openvino_telemetry").exists()
+    assert opted_out or counts["plain"][0] != "0"  # the control: the count sees the fork
