@@ -67,6 +67,8 @@ def agreement(got: Outputs, reference: Outputs) -> dict[str, float]:
     same_main = got.main.argmax(-1) == reference.main.argmax(-1)
     confident = top_probability(reference.main) >= CONFIDENT
     return {
+        "kl_divergence": mean_kl(reference.main, got.main),
+        "top5_overlap": top_k_overlap(reference.main, got.main, 5),
         "main_agreement": float(np.mean(same_main)),
         "exit_agreement": float(np.mean(got.exit.argmax(-1) == reference.exit.argmax(-1))),
         "combined_agreement": float(np.mean(got.combined == reference.combined)),
@@ -77,6 +79,27 @@ def agreement(got: Outputs, reference: Outputs) -> dict[str, float]:
         "max_logit_diff_main": float(np.max(np.abs(got.main - reference.main))),
         "max_logit_diff_exit": float(np.max(np.abs(got.exit - reference.exit))),
     }
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def mean_kl(reference: np.ndarray, got: np.ndarray) -> float:
+    """Mean KL(float32 ‖ changed) of the two softmax distributions, in nats: unlike top-1
+    agreement it sees every probability move, not only the near ties that flip."""
+    log_p, log_q = _log_softmax(reference), _log_softmax(got)
+    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
+
+
+def top_k_overlap(reference: np.ndarray, got: np.ndarray, k: int) -> float:
+    """The mean share of the float32 network's top-k classes that are also the changed
+    network's top-k."""
+    top_ref = np.argsort(-reference, axis=-1)[:, :k]
+    top_got = np.argsort(-got, axis=-1)[:, :k]
+    shared = (top_ref[:, :, None] == top_got[:, None, :]).any(-1).sum(-1)
+    return float(np.mean(shared) / k)
 
 
 def near_ties(reference: Outputs) -> str:

@@ -1,21 +1,35 @@
-"""Post-training quantisation of both released checkpoints: every method, every width.
+"""Post-training quantisation of both released checkpoints: every method, every width, every
+calibration source, and the mixed-precision frontier.
 
     python -m experiments.ptq --out=runs/ptq [--data=…/cifar-10-python.tar.gz]
-        [--bits 8x8 6x6 4x8 4x4] [--methods nearest mse bias adaround mse+adaround+bias]
+        [--bits 8x8 6x6 4x8] [--methods nearest mse+adaround+bias mse+lsq …]
+        [--calibration cifar10 synthetic both] [--floors 0.97]
 
 BN folded into the convs, weights per output channel (symmetric), the input of every conv and
 dense layer on an affine grid (a depthwise conv's input per channel, or per tensor with
-`WxA/tensor`), calibrated on `--num_calibration` CIFAR-10 training images; the methods
-(`micronet_jax.quant.ptq`): rounding to nearest on max scales, MSE-chosen weight clipping, bias
-correction, AdaRound's learned rounding, and all three. Agreement is measured on the test
-images, which calibration never sees. Pruning masks are kept exactly (a pruned weight is 0
-on every grid). Each row gives top-1 agreement with the float32 network on real CIFAR-10 test
-images (outside its classes, so agreement, not accuracy; `confident_agreement` counts only the
-images the float32 network is sure of), and the honest MicroNet score: each tensor's real
-mask, BN counted as a bias, the exit ratio measured at the recipe's threshold on these images,
-and at the ratio the checkpoint was published with (CIFAR-100's). `--scale_bits 16` adds the
-last method's rows with float16 scales; `--peers` adds onnxruntime's own static int8
-quantisation of the float32 export (MinMax, Entropy, Percentile) at 8x8.
+`WxA/tensor`), calibrated on `--num_calibration` CIFAR-10 training images (`cifar10`), on as
+many images made from the network's BN statistics (`synthetic`: no data), or on both; the
+methods (`micronet_jax.quant.ptq`): rounding to nearest on max scales, MSE-chosen weight
+clipping, bias correction, AdaRound's learned rounding, and the block reconstructions that
+learn activation grids (lsq), the rounding of a whole block (brecq) and drop activations from
+quantisation while learning (qdrop). The synthetic and combined calibrations are run at the
+first width. Agreement is measured on the test images, which calibration never sees. Pruning
+masks are kept exactly (a pruned weight is 0 on every grid). Each row gives top-1 agreement
+with the float32 network on real CIFAR-10 test images (outside its classes, so agreement, not
+accuracy; `confident_agreement` counts only the images the float32 network is sure of), the
+mean KL divergence float32‖quantised of the main path's softmax, the overlap of the top-5
+classes, and the honest MicroNet score: each tensor's real mask, BN counted as a bias, the exit
+ratio measured at the recipe's threshold on these images, and at the ratio the checkpoint was
+published with (CIFAR-100's). `--scale_bits 16` adds the last method's rows with float16
+scales; `--peers` adds onnxruntime's own static int8 quantisation of the float32 export
+(MinMax, Entropy, Percentile) at 8x8.
+
+The frontier (`--floors`, `micronet_jax.quant.mixed`): per-layer widths (weights 4/6/8,
+activations 8/16, scales 16-bit) chosen by Fisher sensitivity on held-out training images,
+each configuration of the sweep quantised (`--frontier_method`) and measured on other
+held-out training images; the configurations on the score–agreement frontier are then
+measured on the test images, their width files written under `OUT/widths/`, and for each floor
+the lowest-score configuration meeting it on the held-out images is marked.
 """
 
 from __future__ import annotations
@@ -31,13 +45,23 @@ import numpy as np
 from experiments import agreement
 from micronet_jax.data.augment import eval_transform
 from micronet_jax.models.fold import fold_batch_norm
+from micronet_jax.quant import mixed
 from micronet_jax.quant.fake import QuantizedApply, calibrate
 from micronet_jax.quant.ptq import parse_method, post_training_quantize
-from micronet_jax.quant.widths import BitWidths, parse_override
+from micronet_jax.quant.reconstruct import Reconstruction
+from micronet_jax.quant.widths import BitWidths, parse_override, save_widths
 from micronet_jax.scoring.counter import count_micronet
 
-DEFAULT_BITS = ("8x8", "6x6", "4x8", "4x4")
-DEFAULT_METHODS = ("nearest", "mse", "bias", "adaround", "mse+adaround+bias")
+DEFAULT_BITS = ("8x8", "6x6", "4x8")
+DEFAULT_METHODS = (
+    "nearest",
+    "mse+adaround+bias",
+    "mse+adaround+bias+lsq",
+    "mse+brecq+lsq",
+    "mse+brecq+lsq+qdrop",
+)
+CALIBRATIONS = ("cifar10", "synthetic", "both")
+FRONTIER_BASE = "8x8"  # the sweep's starting widths (scales at 16 bits)
 PEERS = ("MinMax", "Entropy", "Percentile")
 # onnxruntime's histogram calibrators hold every intermediate output of every calibration
 # image in memory (~24 MB an image for this network): 1,024 images do not fit in 24 GB
@@ -45,17 +69,35 @@ PEER_CALIBRATION = 256
 COLUMNS = (
     "checkpoint",
     "bits",
+    "calibration",
     "method",
     "main_agreement",
     "exit_agreement",
     "combined_agreement",
     "confident_agreement",
+    "kl_divergence",
+    "top5_overlap",
     "exit_ratio",
     "score_measured_ratio",
     "score_published_ratio",
     "param_score",
     "math_score_published_ratio",
     "seconds",
+)
+FRONTIER_COLUMNS = (
+    "checkpoint",
+    "configuration",
+    "floor_met",
+    "held_out_agreement",
+    "main_agreement",
+    "confident_agreement",
+    "kl_divergence",
+    "top5_overlap",
+    "score_measured_ratio",
+    "score_published_ratio",
+    "wider_layers",
+    "narrower_layers",
+    "widths_file",
 )
 
 
@@ -74,53 +116,202 @@ def honest_score(arch, params, bits: BitWidths, ratio: float):
     return count_micronet(arch, params=params, exit_ratio=ratio, bn_as_bias=True, bits=bits)
 
 
-def measure(args: argparse.Namespace) -> list[dict]:
+def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(the method × width × calibration rows, the frontier rows) of every checkpoint."""
     from micronet_jax.models.torch_import import load_original
 
-    images, calibration_images = agreement.measured_images(
-        args.data, args.num_test, args.num_calibration
+    images, train_images = agreement.measured_images(
+        args.data, args.num_test, args.num_calibration + FISHER_IMAGES + args.held_out
     )
-    batches = [calibration_images[i : i + 64] for i in range(0, len(calibration_images), 64)]
-    rows = []
+    cifar10 = train_images[: args.num_calibration]
+    held_out = train_images[args.num_calibration :]
+    rows, frontier_rows = [], []
     for name in args.only or agreement.CHECKPOINTS:
         loaded = load_original(agreement.checkpoint_path(args.checkpoints, name))
         model, variables = loaded.model, loaded.variables
         reference = agreement.run(model.apply, variables, images, args.batch_size)
-        calibration = calibrate(model, fold_batch_norm(variables), batches, eval_transform)
         published = agreement.PUBLISHED_RATIO[name]
         float_count = honest_score(loaded.arch, variables["params"], BitWidths(), published)
         rows.append(
             {"checkpoint": name, "bits": "float32 (16-bit freebie)", "method": ""}
             | _scores(float_count, None, published)
         )
-        runs = [(text, method, 32) for text in args.bits for method in args.methods]
-        runs += [(text, args.methods[-1], bits) for text in args.bits for bits in args.scale_bits]
-        for text, method_text, scale_bits in runs:
-            tic = time.perf_counter()
-            bits = parse_bits(text, args.keep, scale_bits)
-            quantized, _ = post_training_quantize(
-                model,
-                variables,
-                calibration_images,
-                bits,
-                parse_method(method_text),
-                calibration=calibration,
-                iterations=args.iterations,
-            )
-            got = agreement.run(QuantizedApply(model, bits), quantized, images, args.batch_size)
-            label = text + "".join(f" {k}" for k in args.keep)
-            label += f", scales {scale_bits}-bit" if scale_bits != 32 else ""
-            row = {"checkpoint": name, "bits": label, "method": method_text}
-            row |= agreement.agreement(got, reference)
-            params = quantized["params"]
-            measured = honest_score(loaded.arch, params, bits, row["exit_ratio"])
-            row |= _scores(honest_score(loaded.arch, params, bits, published), measured, published)
-            row["seconds"] = time.perf_counter() - tic
-            rows.append(row)
-            print(agreement.proxy.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
+        sources = calibration_sets(args.calibration, model, variables, cifar10)
+        for source, calibration_images in sources.items():
+            histograms = histograms_of(model, variables, calibration_images)
+            widths = args.bits if source == "cifar10" else args.bits[:1]
+            runs = [(text, method, 32) for text in widths for method in args.methods]
+            if source == "cifar10":
+                runs += [(t, args.methods[-1], b) for t in widths for b in args.scale_bits]
+            for text, method_text, scale_bits in runs:
+                row = {"checkpoint": name, "calibration": _source_label(source, sources)}
+                row |= quantised_row(
+                    loaded,
+                    published,
+                    (calibration_images, histograms),
+                    images,
+                    reference,
+                    args,
+                    text,
+                    method_text,
+                    scale_bits,
+                )
+                rows.append(row)
+                print(agreement.proxy.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
         if args.peers:
-            rows += peer_rows(name, loaded, calibration_images, images, reference, args)
+            rows += peer_rows(name, loaded, cifar10, images, reference, args)
+        if args.floors:
+            frontier_rows += frontier(name, loaded, cifar10, held_out, images, reference, args)
+    return rows, frontier_rows
+
+
+FISHER_IMAGES = 256  # held-out training images the Fisher information is estimated on
+
+
+def calibration_sets(names, model, variables, cifar10: np.ndarray) -> dict[str, np.ndarray]:
+    """The calibration images of each requested source (synthetic ones made once)."""
+    from micronet_jax.quant.synthetic import synthesise
+
+    synthetic = None
+    if {"synthetic", "both"} & set(names):
+        tic = time.perf_counter()
+        synthetic = synthesise(model, variables, len(cifar10))
+        print(
+            f"synthetic calibration: {len(synthetic)} images in {time.perf_counter() - tic:.0f} s",
+            flush=True,
+        )
+    out = {}
+    for name in names:
+        if name == "cifar10":
+            out[name] = cifar10
+        elif name == "synthetic":
+            out[name] = synthetic
+        else:  # both: half of each, the same number of images
+            half = len(cifar10) // 2
+            out[name] = np.concatenate([cifar10[:half], synthetic[: len(cifar10) - half]])
+    return out
+
+
+def _source_label(source: str, sources: dict[str, np.ndarray]) -> str:
+    return f"{source} ({len(sources[source])})"
+
+
+def histograms_of(model, variables, images: np.ndarray):
+    """The activation histograms of the BN-folded network on calibration `images` (shared by
+    every method and width calibrated on them)."""
+    batches = [images[i : i + 64] for i in range(0, len(images), 64)]
+    return calibrate(model, fold_batch_norm(variables), batches, eval_transform)
+
+
+def quantise(loaded, calibration, bits: BitWidths, method_text: str, args) -> dict:
+    """The checkpoint post-training quantised on `calibration` = (images, their histograms)."""
+    calibration_images, histograms = calibration
+    quantized, _ = post_training_quantize(
+        loaded.model,
+        loaded.variables,
+        calibration_images,
+        bits,
+        parse_method(method_text),
+        calibration=histograms,
+        iterations=args.iterations,
+        reconstruction=Reconstruction(iterations=args.reconstruction_iterations),
+    )
+    return quantized
+
+
+def quantised_row(
+    loaded,
+    published: float,
+    calibration,
+    images,
+    reference,
+    args,
+    text,
+    method_text,
+    scale_bits,
+) -> dict:
+    """One post-training quantisation, measured on the test images and scored (at the exit
+    ratio measured there, and at the `published` one)."""
+    tic = time.perf_counter()
+    model = loaded.model
+    bits = parse_bits(text, args.keep, scale_bits)
+    quantized = quantise(loaded, calibration, bits, method_text, args)
+    got = agreement.run(QuantizedApply(model, bits), quantized, images, args.batch_size)
+    label = text + "".join(f" {k}" for k in args.keep)
+    label += f", scales {scale_bits}-bit" if scale_bits != 32 else ""
+    row = {"bits": label, "method": method_text}
+    row |= agreement.agreement(got, reference)
+    params = quantized["params"]
+    measured = honest_score(loaded.arch, params, bits, row["exit_ratio"])
+    row |= _scores(honest_score(loaded.arch, params, bits, published), measured, published)
+    row["seconds"] = time.perf_counter() - tic
+    return row
+
+
+def frontier(name, loaded, cifar10, held_out, images, reference, args) -> list[dict]:
+    """The mixed-precision sweep of one checkpoint (see the module docstring): its frontier
+    measured on the test images, one row per configuration, width files written."""
+    tic = time.perf_counter()
+    model, variables = loaded.model, loaded.variables
+    fisher_images, proxy_images = held_out[:FISHER_IMAGES], held_out[FISHER_IMAGES:]
+    base = parse_bits(FRONTIER_BASE, (), 16)
+    histograms = histograms_of(model, variables, cifar10)
+    info = mixed.fisher(model, variables, fisher_images)
+    params = fold_batch_norm(variables)["params"]
+    published = agreement.PUBLISHED_RATIO[name]
+
+    def score(bits: BitWidths) -> float:
+        return honest_score(loaded.arch, params, bits, published).score
+
+    table = mixed.option_table(info, params, histograms.ranges(base), base, score)
+    candidates = mixed.sweep(table, base, mixed.multipliers(table, args.sweep_points))
+    print(
+        f"{name}: {len(candidates)} configurations on the sweep "
+        f"({time.perf_counter() - tic:.0f} s for the Fisher information and the options)"
+    )
+    proxy_reference = agreement.run(model.apply, variables, proxy_images, args.batch_size)
+    quantized_by = {}
+
+    def measure(bits: BitWidths) -> dict:
+        quantized = quantise(loaded, (cifar10, histograms), bits, args.frontier_method, args)
+        quantized_by[bits] = quantized
+        got = agreement.run(QuantizedApply(model, bits), quantized, proxy_images, args.batch_size)
+        score_now = honest_score(loaded.arch, quantized["params"], bits, published).score
+        return {"score": score_now} | agreement.agreement(got, proxy_reference)
+
+    chosen = {}
+    for floor in sorted(args.floors):
+        best, measured = mixed.search(candidates, measure, floor)
+        chosen[floor] = best
+    rows = []
+    out = Path(args.out) / "widths"
+    for index, candidate in enumerate(mixed.frontier(measured)):
+        bits = candidate.bits
+        quantized = quantized_by[bits]
+        got = agreement.run(QuantizedApply(model, bits), quantized, images, args.batch_size)
+        row = {"checkpoint": name, "configuration": index}
+        row |= agreement.agreement(got, reference)
+        measured_ratio = honest_score(loaded.arch, quantized["params"], bits, row["exit_ratio"])
+        at_published = honest_score(loaded.arch, quantized["params"], bits, published)
+        row |= _scores(at_published, measured_ratio, published)
+        row["held_out_agreement"] = candidate.measured["main_agreement"]
+        row["floor_met"] = " ".join(f"{f:g}" for f, c in chosen.items() if c is candidate)
+        row["wider_layers"] = _layers(bits, lambda w, a: w > base.weights or a > base.activations)
+        row["narrower_layers"] = _layers(bits, lambda w, a: w < base.weights)
+        row["widths_file"] = str(save_widths(out / f"{name}_{index}.json", bits))
+        rows.append(row)
+        print(agreement.proxy.markdown_table([row], FRONTIER_COLUMNS).splitlines()[-1], flush=True)
+    print(f"{name}: frontier in {time.perf_counter() - tic:.0f} s", flush=True)
     return rows
+
+
+def _layers(bits: BitWidths, select) -> str:
+    """'path w/a' of the overridden layers `select(weights, activations)` picks."""
+    return ", ".join(
+        f"{prefix.removesuffix('/kernel')} {w}/{a}"
+        for prefix, w, a in bits.overrides
+        if select(w, a)
+    )
 
 
 def peer_rows(name, loaded, calibration_images, images, reference, args) -> list[dict]:
@@ -187,8 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--methods",
         nargs="+",
         default=list(DEFAULT_METHODS),
-        help="nearest, or '+'-joined mse, adaround, bias (the last one is also run with "
-        "--scale_bits)",
+        help="nearest, or '+'-joined mse, adaround or brecq, bias, lsq, qdrop (the last one is "
+        "also run with --scale_bits)",
     )
     parser.add_argument(
         "--scale_bits", nargs="*", type=int, default=[16], help="extra rows: scales at 16 bits"
@@ -202,18 +393,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--iterations", type=int, default=2000, help="AdaRound's, per layer")
     parser.add_argument(
+        "--reconstruction_iterations",
+        type=int,
+        default=Reconstruction().iterations,
+        help="lsq / brecq: Adam steps per segment",
+    )
+    parser.add_argument(
+        "--calibration",
+        nargs="+",
+        choices=CALIBRATIONS,
+        default=list(CALIBRATIONS),
+        help="calibration images: CIFAR-10 training images, synthetic ones (from the BN "
+        "statistics), or half of each; the last two at the first --bits only",
+    )
+    parser.add_argument(
+        "--floors",
+        nargs="*",
+        type=float,
+        default=[0.97],
+        help="agreement floors of the mixed-precision search (none: no frontier)",
+    )
+    parser.add_argument(
+        "--frontier_method", default="mse", help="the search's post-training quantisation"
+    )
+    parser.add_argument(
+        "--held_out", type=int, default=1000, help="held-out training images the search measures"
+    )
+    parser.add_argument("--sweep_points", type=int, default=10, help="multipliers swept")
+    parser.add_argument(
         "--peers", action="store_true", help="add onnxruntime's quantize_static rows (8x8)"
     )
     args = parser.parse_args(argv)
-    rows = measure(args)
+    for text in args.methods + [args.frontier_method]:
+        parse_method(text)  # a bad method fails now, not an hour in
+    tic = time.perf_counter()
+    rows, frontier_rows = measure(args)
+    minutes = (time.perf_counter() - tic) / 60
     notes = [
         f"{args.num_test:,} real CIFAR-10 test images (agreement with the float32 network); "
-        f"calibration on {args.num_calibration:,} training images; "
+        f"calibration on {args.num_calibration:,} images (training images of CIFAR-10, "
+        "synthetic ones made from the network's BN statistics, or half of each); "
         "scores: real masks, BN as bias, upsample not counted. Command: "
-        "`python -m experiments.ptq`.",
+        f"`python -m experiments.ptq`; {minutes:.0f} minutes in all.",
     ]
     title = "Post-training quantisation of the released checkpoints"
     print(agreement.write(Path(args.out), "ptq", title, notes, rows, COLUMNS))
+    if frontier_rows:
+        frontier_notes = [
+            f"Per-layer widths by Fisher sensitivity ({FISHER_IMAGES} held-out training "
+            f"images), from {FRONTIER_BASE} with 16-bit scales: weights 4/6/8, activations "
+            f"8/16; each configuration quantised by {args.frontier_method} and measured on "
+            f"{args.held_out:,} other held-out training images (held_out_agreement); the "
+            "frontier's configurations then on the test images. floor_met: the lowest-score "
+            "configuration at or above that floor on the held-out images.",
+        ]
+        title = "Mixed precision: the score–agreement frontier"
+        print(
+            agreement.write(
+                Path(args.out), "frontier", title, frontier_notes, frontier_rows, FRONTIER_COLUMNS
+            )
+        )
     return 0
 
 

@@ -3,7 +3,7 @@ float32 and quantised, with a card of what was written (the work is in
 `micronet_jax.deploy.export`).
 
     python -m micronet_jax.export --checkpoint=PATH --out=DIR [--bits=8x8]
-        [--calibration=cifar-10-python.tar.gz] [--method=mse+adaround+bias]
+        [--calibration=cifar-10-python.tar.gz|synthetic] [--method=mse+adaround+bias]
 """
 
 from __future__ import annotations
@@ -27,11 +27,16 @@ def parser() -> CommandParser:
     )
     cli.add_argument("--checkpoint", required=True, help="a .pth of the original or a workdir")
     cli.add_argument("--out", required=True, help="folder to write (must not exist)")
-    cli.add_argument("--bits", default=None, help="WxA, e.g. 8x8: also write model_int8.onnx")
+    cli.add_argument(
+        "--bits",
+        default=None,
+        help="WxA, e.g. 8x8, or a width file (JSON, per layer): also write model_int8.onnx",
+    )
     cli.add_argument(
         "--calibration",
         default=None,
-        help="CIFAR archive: training images calibrate, test images measure",
+        help="CIFAR archive (training images calibrate, test images measure), or 'synthetic': "
+        "images made from the network's BN statistics (no data set; nothing measured)",
     )
     cli.add_argument(
         "--method",

@@ -11,7 +11,7 @@ from micronet_jax.data.cifar import CifarSplit, load_train_test
 from micronet_jax.errors import ConfigError
 from micronet_jax.models.architecture import Architecture, build_architecture
 from micronet_jax.models.efficientnet import MicroNet
-from micronet_jax.quant.widths import BitWidths, bit_widths
+from micronet_jax.quant.widths import BitWidths, bit_widths, load_widths
 
 NUM_CLASSES = {"cifar100": 100, "cifar10": 10}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -47,9 +47,11 @@ def architecture_from_config(config: Any, with_exit: bool = False) -> Architectu
 
 
 def bit_widths_of(config: Any) -> BitWidths:
-    """The widths `config.quant` asks for (all 32: no quantisation)."""
+    """The widths `config.quant` asks for (all 32: no quantisation), or its width file's."""
     q = config.quant
     try:
+        if q.get("widths_file"):
+            return load_widths(q.widths_file)
         return bit_widths(q.weight_bits, q.activation_bits, tuple(q.keep), q.depthwise_channels)
     except ConfigError as exc:
         raise ConfigError(f"quant: {exc}") from None

@@ -57,6 +57,12 @@ def default_config() -> ConfigDict:
     config.quant.freeze_bn = False  # keep BN's running statistics (fine-tuning on other data)
     config.quant.calibration_images = 1000  # training images that calibrate activation grids
     config.quant.calibration = "mse"  # mse | max
+    # a width file (JSON, per-layer widths: quant.widths.save_widths, experiments.ptq's
+    # search); when set it replaces weight_bits, activation_bits, keep and depthwise_channels
+    config.quant.widths_file = ""
+    # mode=test with widths below 16: post-training quantisation of the checkpoint by this
+    # method (quant.ptq.parse_method), calibrated on calibration_images training images
+    config.quant.ptq_method = "mse+bias"
 
     config.data = ConfigDict()
     config.data.name = "cifar100"  # cifar100 | cifar10

@@ -122,6 +122,10 @@ def _check_quant(config: Any) -> None:
     _positive("quant.temperature", q.temperature)
     _positive("quant.calibration_images", q.calibration_images)
     _choice("quant.calibration", q.calibration, CALIBRATIONS)
+    if config.mode == "test" and builders.bit_widths_of(config).quantised:
+        from micronet_jax.quant.ptq import parse_method
+
+        parse_method(q.ptq_method)
     if config.mode == "quantize" and not builders.bit_widths_of(config).quantised:
         raise ConfigError(
             "mode=quantize needs quant.weight_bits or quant.activation_bits below 16 "

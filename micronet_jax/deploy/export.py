@@ -40,12 +40,24 @@ from micronet_jax.errors import CheckpointError, ConfigError, DataError
 
 INT8_WIDTHS = range(2, 9)  # widths a code fits in int8 (kernels) and uint8 (inputs)
 CONTROL_IMAGES = 2000
+SYNTHETIC = "synthetic"  # --calibration: images made from the network's BN statistics
 
 
 def parse_bits(text: str, scale_bits: int = 32) -> Any:
     """'WxA' (weights x activations, each 2..8 bits; a depthwise conv's input on a grid per
-    channel) or 'WxA/tensor' (one grid per depthwise input); scales at `scale_bits`."""
-    from micronet_jax.quant.widths import BitWidths
+    channel) or 'WxA/tensor' (one grid per depthwise input); scales at `scale_bits`. Or the
+    path of a width file (`quant.widths.save_widths`: per-layer widths, e.g. from
+    `experiments.ptq`'s search), whose own scale width holds."""
+    from micronet_jax.quant.widths import FULL, BitWidths, load_widths
+
+    if text.endswith(".json") or Path(text).is_file():
+        bits = load_widths(text)
+        if scale_bits not in (FULL, bits.scale_bits):
+            raise ConfigError(
+                f"--scale_bits {scale_bits}: the width file {text} stores its scales at "
+                f"{bits.scale_bits} bits"
+            )
+        return bits
 
     widths, _, grids = text.partition("/")
     weights, _, activations = widths.partition("x")
@@ -120,6 +132,21 @@ def load_images(archive: Path, num_calibration: int, num_test: int):
     return train.images[:num_calibration], test.images[:num_test]
 
 
+def synthetic_images(model, variables, count: int) -> np.ndarray:
+    """`count` calibration images made from the network's BN statistics (`quant.synthetic`),
+    seeded: no data set needed, nothing measured."""
+    from tqdm.auto import tqdm
+
+    from micronet_jax.quant.synthetic import synthesise
+
+    return synthesise(
+        model,
+        variables,
+        count,
+        progress=lambda total: tqdm(total=total, desc="synthesise calibration", leave=False),
+    )
+
+
 def onnx_session(path: Path, threads: int = 0) -> Any:
     import onnxruntime as ort
 
@@ -143,7 +170,8 @@ class ExportOptions:
     checkpoint: str  # a .pth of the original or a finished workdir
     out: str  # the folder to write
     bits: str | None = None  # 'WxA' (e.g. 8x8): also write model_int8.onnx
-    calibration: str | None = None  # a CIFAR archive: train images calibrate, test measure
+    # a CIFAR archive (train images calibrate, test images measure) or "synthetic"
+    calibration: str | None = None
     method: str = "mse+adaround+bias"
     scale_bits: int = 32
     num_calibration: int = 1024
@@ -171,9 +199,11 @@ def export(options: ExportOptions) -> dict[str, Any]:
 
     method = parse_method(options.method)
     images = None
-    if options.calibration:
+    if options.calibration and options.calibration != SYNTHETIC:
         images = load_images(Path(options.calibration), options.num_calibration, options.num_test)
     model, variables, source = load_network(Path(options.checkpoint))
+    if options.calibration == SYNTHETIC:
+        images = (synthetic_images(model, variables, options.num_calibration), None)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -196,7 +226,7 @@ def _check_formats(options: ExportOptions, bits: Any) -> None:
         )
     if "tflite" not in options.formats:
         return
-    if bits is not None and (bits.weights, bits.activations) != (8, 8):
+    if bits is not None and not integer_eligible(bits):
         raise ConfigError(
             f"--format tflite: LiteRT's int8 model is 8-bit throughout; --bits {options.bits} "
             "needs --format onnx"
@@ -226,7 +256,7 @@ def _write(staging, model, variables, bits, method, images, options) -> dict[str
         "outputs": outputs,
     }
     tic = time.perf_counter()
-    if images is not None:
+    if images is not None and images[1] is not None:
         card["measured_on"] = {"archive": str(options.calibration), "test_images": len(images[1])}
     card["float32"], reference = _write_float32(staging, model, variables, images, outputs)
     if bits is not None:
@@ -255,7 +285,7 @@ def _write_float32(staging, model, variables, images, outputs) -> tuple[dict[str
     write_graphs(staging, model, folded, None, "", outputs)
     entry: dict[str, Any] = {}
     reference, ratio = None, None
-    if images is not None:
+    if images is not None and images[1] is not None:
         test = images[1]
         reference = tuple(r for r in predict(model.apply, variables, test, 500) if r is not None)
         runtime = run_onnx(onnx_session(staging / "model.onnx"), test)
@@ -297,39 +327,38 @@ def _write_quantized(
         method,
         progress=lambda total: tqdm(total=total, desc="quantise", leave=False),
     )
-    fake = tuple(
-        r for r in predict(QuantizedApply(model, bits), quantized, test, 500) if r is not None
-    )
-    fake_versus_float = logit_agreement(fake, reference)
+    fake, fake_versus_float = None, {}
+    if test is not None:
+        fake = tuple(
+            r for r in predict(QuantizedApply(model, bits), quantized, test, 500) if r is not None
+        )
+        fake_versus_float = logit_agreement(fake, reference)
     entry: dict[str, Any] = {
         "bits": options.bits,
         "widths": bits.describe(),
         "method": method.name,
-        "calibration": {
-            "archive": str(options.calibration),
-            "split": "train",
-            "images": len(calibration),
-        },
+        "calibration": calibration_entry(options, len(calibration)),
         "score": _score(model, quantized["params"], fake_versus_float.get("exit_ratio"), bits),
     }
     if integer:
         graphs = write_integer_graphs(staging, model, quantized, calibration, outputs)
+        if test is None:
+            entry["graph"] = INTEGER_GRAPH
+            return entry
         from micronet_jax.deploy import onnx_sim
 
         runtime = run_onnx(onnx_session(staging / "model_int8.onnx"), test)
         simulated = _in_batches(onnx_sim.load(graphs["model"]), test)
-        entry["graph"] = (
-            "integer: every conv, dense, sigmoid, product, sum and mean on 8-bit codes "
-            "(onnxruntime's QLinear kernels); layer inputs and kernels on the project's grids, "
-            "the other tensors on grids calibrated on the same images"
-        )
+        entry["graph"] = INTEGER_GRAPH
         entry["agreement_with_float32"] = logit_agreement(runtime, reference)
         entry["fake_quantisation_agreement_with_float32"] = fake_versus_float
         entry["onnx_vs_jax_simulation"] = logit_agreement(runtime, simulated)
         return entry
     write_graphs(staging, model, quantized, bits, "_int8", outputs)
-    runtime = run_onnx(onnx_session(staging / "model_int8.onnx"), test)
     entry["graph"] = "QDQ on every layer input: the fake quantisation the score counts"
+    if test is None:
+        return entry
+    runtime = run_onnx(onnx_session(staging / "model_int8.onnx"), test)
     entry["agreement_with_float32"] = fake_versus_float
     entry["onnx_vs_jax_fake_quantisation"] = logit_agreement(runtime, fake)
     if options.num_control > 0:
@@ -340,6 +369,21 @@ def _write_quantized(
 
 
 INTEGER_CALIBRATION_BATCH = 64
+INTEGER_GRAPH = (
+    "integer: every conv, dense, sigmoid, product, sum and mean on 8-bit codes "
+    "(onnxruntime's QLinear kernels); layer inputs and kernels on the project's grids, "
+    "the other tensors on grids calibrated on the same images"
+)
+
+
+def calibration_entry(options: ExportOptions, count: int) -> dict[str, Any]:
+    """Where the calibration images came from, for the card."""
+    if options.calibration == SYNTHETIC:
+        return {
+            "synthetic": "made from the network's BN statistics (quant.synthetic), seed 0",
+            "images": count,
+        }
+    return {"archive": str(options.calibration), "split": "train", "images": count}
 
 
 def write_integer_graphs(folder: Path, model, quantized, calibration, outputs) -> dict[str, Any]:
@@ -418,11 +462,8 @@ def _write_tflite(staging, model, variables, bits, images, reference, options) -
                 "by": "every tensor's range measured by the converter on the calibration "
                 "images, then clipped to its grid's least expected squared error on them; "
                 "kernels rounded by the converter (the project's grids are not taken)",
-                "archive": str(options.calibration),
-                "split": "train",
-                "images": len(data),
-            }
-        if images is not None:
+            } | calibration_entry(options, len(data))
+        if images is not None and images[1] is not None:
             from micronet_jax.deploy import tflite_sim
 
             path = staging / f"model{suffix}.tflite"
@@ -495,13 +536,14 @@ def _score(model, params, ratio, bits) -> dict[str, Any]:
     from micronet_jax.scoring.counter import count_micronet
 
     count = count_micronet(model.arch, params=params, exit_ratio=ratio, bn_as_bias=True, bits=bits)
+    measured = "measured on the test images" if ratio is not None else "0 (no test images)"
     return {
         "total": count.score,
         "param": count.param_score,
         "math": count.math_score,
         "exit_ratio": ratio,
         "widths": count.widths,
-        "counted": "real masks, BN as a bias, exit ratio measured on the test images",
+        "counted": f"real masks, BN as a bias, exit ratio {measured}",
     }
 
 

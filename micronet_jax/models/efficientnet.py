@@ -169,10 +169,13 @@ class Segment:
     scopes: tuple[str, ...]
 
 
+@functools.cache
 def segments(arch: Architecture) -> tuple[Segment, ...]:
     """MicroNet's forward pass as segments: stem, every block (the exit head right after the
     exit block, reading its output), head. Segments after the first read the one before,
-    except the block after the exit head, which reads the exit block's output too."""
+    except the block after the exit head, which reads the exit block's output too. Cached:
+    the same segments (and their `run` functions) for the same architecture, so programs
+    compiled for a segment are reused across quantisations of the network."""
     split = arch.exit_head.after_block if arch.exit_head is not None else None
     out = [Segment("stem", "image", MicroNet.stem, ("stem_conv/",))]
     for index in range(len(arch.blocks)):

@@ -56,11 +56,13 @@ from micronet_jax.quant.fake import (
     round_scale,
     scale_key,
 )
+from micronet_jax.quant.reconstruct import Reconstruction, reconstruct_segment
 from micronet_jax.quant.widths import FULL, INTEGER_BELOW, BitWidths, is_depthwise
 
 CLIPS = ("max", "mse")
 DEPTHWISE_POSITIONS = 8192  # per batch, for a depthwise conv's per-channel moments
-ROUNDINGS = ("nearest", "adaround")
+ROUNDINGS = ("nearest", "adaround", "brecq")
+QDROP = 0.5  # QDrop's probability of leaving an activation unquantised while learning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,43 +73,69 @@ class Method:
     rounding: str = "nearest"
     bias_correction: bool = False
     activation_clip: str = "mse"  # how activation ranges are chosen from their histograms
+    learned_grids: bool = False  # activation steps and zero points learned per segment (LSQ)
+    qdrop: bool = False  # activations dropped from quantisation while learning (QDrop)
 
     def __post_init__(self) -> None:
         if self.weight_clip not in CLIPS or self.activation_clip not in CLIPS:
             raise ConfigError(f"clipping must be one of {CLIPS}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.qdrop and not self.reconstructs:
+            raise ConfigError("qdrop drops activations while a segment learns: add lsq or brecq")
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether layers are visited with calibration images (AdaRound, bias correction)."""
+        return self.rounding == "adaround" or self.bias_correction
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether each segment is reconstructed (`reconstruct`: BRECQ, LSQ steps)."""
+        return self.rounding == "brecq" or self.learned_grids
 
     @property
     def needs_data(self) -> bool:
-        """Whether layers are visited with calibration images (beyond activation ranges)."""
-        return self.rounding != "nearest" or self.bias_correction
+        """Whether calibration images flow through the network beyond activation ranges."""
+        return self.per_layer or self.reconstructs
 
     @property
     def name(self) -> str:
-        parts = [p for p, on in (("mse", self.weight_clip == "mse"),) if on]
-        parts += ["adaround"] if self.rounding == "adaround" else []
+        parts = ["mse"] if self.weight_clip == "mse" else []
+        parts += [self.rounding] if self.rounding != "nearest" else []
         parts += ["bias"] if self.bias_correction else []
+        parts += ["lsq"] if self.learned_grids else []
+        parts += ["qdrop"] if self.qdrop else []
         return "+".join(parts) or "nearest"
 
 
-METHOD_PARTS = ("nearest", "mse", "adaround", "bias")
+METHOD_PARTS = ("nearest", "mse", "adaround", "brecq", "bias", "lsq", "qdrop")
 
 
 def parse_method(text: str) -> Method:
-    """'nearest', or '+'-joined parts of 'mse' (weight clipping), 'adaround' (learned
-    rounding) and 'bias' (bias correction), e.g. 'mse+adaround+bias'."""
+    """'nearest', or '+'-joined parts: 'mse' (weight clipping), 'adaround' (rounding learned
+    layer by layer) or 'brecq' (learned block by block), 'bias' (bias correction), 'lsq'
+    (activation grids learned block by block) and 'qdrop' (with lsq or brecq), e.g.
+    'mse+adaround+bias' or 'mse+brecq+lsq+qdrop'."""
     parts = [p for p in text.strip().split("+") if p]
     unknown = [p for p in parts if p not in METHOD_PARTS]
-    if not parts or unknown or ("nearest" in parts and len(parts) > 1):
+    if (
+        not parts
+        or unknown
+        or ("nearest" in parts and len(parts) > 1)
+        or {"adaround", "brecq"} <= set(parts)
+    ):
         raise ConfigError(
-            f"a method is 'nearest' or a '+'-joined set of mse, adaround and bias "
-            f"(e.g. mse+adaround+bias), got {text!r}"
+            f"a method is 'nearest' or a '+'-joined set of mse, adaround or brecq, bias, lsq "
+            f"and qdrop (e.g. mse+adaround+bias, mse+brecq+lsq+qdrop), got {text!r}"
         )
+    rounding = next((r for r in ("adaround", "brecq") if r in parts), "nearest")
     return Method(
         weight_clip="mse" if "mse" in parts else "max",
-        rounding="adaround" if "adaround" in parts else "nearest",
+        rounding=rounding,
         bias_correction="bias" in parts,
+        learned_grids="lsq" in parts,
+        qdrop="qdrop" in parts,
     )
 
 
@@ -386,6 +414,15 @@ class LayerReport:
     bias_shift: float = 0.0  # largest bias correction (|mean shift| over channels)
 
 
+class Reports(list):
+    """One `LayerReport` per quantised kernel, in running order; `segments`: one
+    `SegmentReport` per reconstructed segment (empty unless the method reconstructs)."""
+
+    def __init__(self, layers: Sequence[LayerReport], segments: Sequence[Any] = ()) -> None:
+        super().__init__(layers)
+        self.segments = list(segments)
+
+
 def post_training_quantize(
     model: nn.Module,
     variables: dict,
@@ -397,7 +434,8 @@ def post_training_quantize(
     progress: Callable[[int], Any] | None = None,
     iterations: int = 2000,
     calibration: Calibration | None = None,
-) -> tuple[dict, list[LayerReport]]:
+    reconstruction: Reconstruction | None = None,
+) -> tuple[dict, Reports]:
     """The network on its grids, by `method`, calibrated on uint8 `images` (training images:
     never the ones it is measured on); see the module docstring. Returns (variables for
     `QuantizedApply(model, bits)`, one report per quantised kernel).
@@ -406,7 +444,9 @@ def post_training_quantize(
     kept for all calibration images, in the quantised network and in the float32 one, so a
     layer's moments cost one pass over its own segment, not over the network before it.
     `calibration` (of the BN-folded network on the same images) saves recomputing the
-    activation histograms; `progress(total)` makes a bar (`update`, `set_postfix_str`)."""
+    activation histograms; `progress(total)` makes a bar (`update`, `set_postfix_str`).
+    Methods that reconstruct segments (`reconstruct`) do so after each segment's kernels
+    are on their grids, with `reconstruction`'s settings (QDrop's rate from the method)."""
     if prepare is None:
         from micronet_jax.data.augment import eval_transform as prepare
     folded = fold_batch_norm(variables)
@@ -417,25 +457,27 @@ def post_training_quantize(
     params = {k: np.asarray(v) for k, v in _flat(folded["params"]).items()}
     order = layer_order(model, folded, inputs_shape(images))
     order = _fix_sixteen_bit_kernels(params, order, bits)
-    walk = _SegmentWalk(model, bits, folded, ranges, params, method, iterations)
+    walk = _SegmentWalk(model, bits, folded, ranges, params, method, iterations, reconstruction)
     if method.needs_data:
         walk.start([prepare(b) for b in image_batches])
+    walk.float_kernels = dict(params)
     scales, reports = {}, []
     with _progress_bar(progress, len(order)) as bar:
         for segment in segments(model.arch):
-            for path in [p for p in order if p.startswith(segment.scopes)]:
+            paths = [p for p in order if p.startswith(segment.scopes)]
+            for path in paths:
                 scales[scale_key(path)], report = walk.quantize_layer(segment, path)
                 reports.append(report)
                 bar(path)
             if method.needs_data:
-                walk.advance(segment)
+                walk.advance(segment, paths, scales)
     quantized = {
         "params": jax.tree_util.tree_map(jnp.asarray, _nested(params)),
         "batch_stats": folded["batch_stats"],
         "quant": ranges,
         "weight_scales": scales,
     }
-    return quantized, reports
+    return quantized, Reports(reports, walk.segment_reports)
 
 
 def _fix_sixteen_bit_kernels(params: dict, order: list[str], bits: BitWidths) -> list[str]:
@@ -461,8 +503,11 @@ class _SegmentWalk:
     params: dict
     method: Method
     iterations: int
+    reconstruction: Reconstruction | None = None
     inputs: dict = dataclasses.field(default_factory=dict)
     float_inputs: dict = dataclasses.field(default_factory=dict)
+    segment_reports: list = dataclasses.field(default_factory=list)
+    float_kernels: dict = dataclasses.field(default_factory=dict)
 
     def start(self, batches: list[jax.Array]) -> None:
         self.inputs = {"image": batches}
@@ -474,7 +519,7 @@ class _SegmentWalk:
         weight_bits = self.bits.of(path)[0]
         kernel = jnp.asarray(self.params[path])
         scale = weight_scales(kernel, weight_bits, self.bits.scale_bits, self.method.weight_clip)
-        if self.method.needs_data:
+        if self.method.per_layer:
             moments = layer_moments(
                 self.model,
                 self.bits,
@@ -495,17 +540,41 @@ class _SegmentWalk:
         self.params[path] = (codes * np.asarray(scale)).astype(np.float32)
         return jnp.asarray(scale, jnp.float32), report
 
-    def advance(self, segment: Any) -> None:
-        """`segment`'s outputs, quantised and float32, for the segments that read them."""
-        current = {**self.folded, "params": _nested(self.params)}
+    def advance(self, segment: Any, paths: list[str], scales: dict) -> None:
+        """`segment`'s outputs, float32 and quantised, for the segments that read them; with a
+        reconstructing method, the segment's grids are learned first (on those outputs)."""
         run, model, bits = segment.run, self.model, self.bits
-        self.inputs[segment.name] = [
-            _segment_output(model, bits, run, current, self.ranges, x)
-            for x in self.inputs[segment.source]
-        ]
         self.float_inputs[segment.name] = [
             _segment_output(model, None, run, self.folded, {}, x)
             for x in self.float_inputs[segment.source]
+        ]
+        if self.method.reconstructs:
+            options = dataclasses.replace(
+                self.reconstruction or Reconstruction(), drop=QDROP if self.method.qdrop else 0.0
+            )
+            self.segment_reports.append(
+                reconstruct_segment(
+                    model,
+                    bits,
+                    segment,
+                    self.params,
+                    self.folded["batch_stats"],
+                    self.ranges,
+                    scales,
+                    paths,
+                    self.float_kernels,
+                    self.inputs[segment.source],
+                    self.float_inputs[segment.name],
+                    _nested,
+                    options,
+                    rounding=self.method.rounding == "brecq",
+                    seed=len(self.segment_reports),
+                )
+            )
+        current = {**self.folded, "params": _nested(self.params)}
+        self.inputs[segment.name] = [
+            _segment_output(model, bits, run, current, self.ranges, x)
+            for x in self.inputs[segment.source]
         ]
 
 

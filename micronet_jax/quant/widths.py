@@ -18,11 +18,15 @@ multiplication counts at its real width, 32 for what stays in float32.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from micronet_jax.errors import ConfigError
 
+WIDTHS_FORMAT = "micronet_jax/bit_widths/1"  # the width file's "format" entry
 FULL = 32  # float32: not quantised
 FREEBIE = 16  # what every width counts as while nothing is below 16 bits
 INTEGER_BELOW = 16  # widths under this are integer grids with a scale (16 is fp16, exact)
@@ -117,3 +121,56 @@ def bit_widths(
     """A `BitWidths` from command-line style values."""
     parsed = tuple(parse_override(o) for o in overrides)
     return BitWidths(weights, activations, parsed, depthwise_channels, scale_bits)
+
+
+def widths_to_dict(bits: BitWidths) -> dict[str, Any]:
+    """The width file's content: defaults, then one entry per overridden layer prefix."""
+    return {
+        "format": WIDTHS_FORMAT,
+        "weights": bits.weights,
+        "activations": bits.activations,
+        "depthwise_channels": bits.depthwise_channels,
+        "scale_bits": bits.scale_bits,
+        "layers": {prefix: [w, a] for prefix, w, a in bits.overrides},
+    }
+
+
+def widths_from_dict(data: dict[str, Any], source: str = "widths") -> BitWidths:
+    """The inverse of `widths_to_dict`, with one-line errors naming `source`."""
+    if not isinstance(data, dict) or data.get("format") != WIDTHS_FORMAT:
+        raise ConfigError(f"{source}: not a width file (its format is not {WIDTHS_FORMAT!r})")
+    try:
+        layers = data.get("layers", {})
+        overrides = tuple((prefix, int(w), int(a)) for prefix, (w, a) in layers.items())
+        return BitWidths(
+            int(data["weights"]),
+            int(data["activations"]),
+            overrides,
+            bool(data.get("depthwise_channels", True)),
+            int(data.get("scale_bits", FULL)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: malformed width file ({exc!r})") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def save_widths(path: str | Path, bits: BitWidths) -> Path:
+    """Write `bits` as a width file (JSON) that `load_widths`, the export's `--bits` and
+    `config.quant.widths_file` read."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(widths_to_dict(bits), indent=2) + "\n")
+    return path
+
+
+def load_widths(path: str | Path) -> BitWidths:
+    """A width file written by `save_widths` (or by hand)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no width file at {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from None
+    return widths_from_dict(data, str(path))

@@ -548,16 +548,23 @@ def run_test(config: Any, workdir: str | Path | None) -> dict[str, Any]:
             config, builders.architecture_from_config(config, with_exit=True)
         )
         variables, _ = load_final(config, stage, path / stage.name)
-    _, test = builders.load_data(config)
+    train, test = builders.load_data(config)
     expected = model.arch.num_classes
     if test.num_classes != expected:
         raise ConfigError(
             f"the checkpoint has {expected} classes but data set {config.data.name!r} has "
             f"{test.num_classes}"
         )
+    bits = builders.bit_widths_of(config)
     if is_primary():
         lines = [banner.device_line(), banner.data_line(config.data.name, None, test)]
         print("\n".join([*lines, banner.model_line(model.arch), f"checkpoint: {path}"]))
+    reference = None
+    if bits.quantised:
+        reference = exit_predict_exact(
+            model, variables, test.images, config.pipeline.threshold, config.train.eval_batch_size
+        )
+        variables = _post_training_quantized(config, model, variables, train.images, bits)
     report = build_report(
         model,
         variables,
@@ -566,9 +573,39 @@ def run_test(config: Any, workdir: str | Path | None) -> dict[str, Any]:
         config.pipeline.threshold,
         config.train.eval_batch_size,
         source=str(path),
+        bits=bits if bits.quantised else None,
+        reference=reference,
     )
     if workdir:
         write_report(Path(workdir), report)
     else:
         print(report_markdown(report))
     return report
+
+
+def _post_training_quantized(
+    config: Any, model: MicroNet, variables: dict, train_images: np.ndarray, bits: BitWidths
+) -> dict:
+    """The checkpoint on the grids of `bits` (mode=test with widths below 16), by
+    `quant.ptq_method` on the first `quant.calibration_images` training images."""
+    from tqdm.auto import tqdm
+
+    from micronet_jax.quant.ptq import parse_method, post_training_quantize
+
+    method = parse_method(config.quant.ptq_method)
+    images = np.asarray(train_images[: config.quant.calibration_images])
+    if is_primary():
+        print(
+            f"post-training quantisation: {bits.describe()}; {method.name} on "
+            f"{len(images):,} training images",
+            flush=True,
+        )
+    quantized, _ = post_training_quantize(
+        model,
+        variables,
+        images,
+        bits,
+        method,
+        progress=lambda total: tqdm(total=total, desc="quantise", disable=not is_primary()),
+    )
+    return quantized
