@@ -7,8 +7,6 @@ import fcntl
 import json
 import os
 import shutil
-import signal
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -75,17 +73,6 @@ def pytest_configure(config) -> None:
     from micronet_jax.backend import enable_compilation_cache
 
     enable_compilation_cache()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _stray_signal)
-
-
-def _stray_signal(signum: int, frame) -> None:
-    """SIGINT/SIGTERM in a test process with no run's handler active: the tests of stopping
-    send these to their own process, and one that lands outside the run it was meant for
-    must not end the test process (a pytest-xdist worker that dies mid-test leaves the whole
-    session waiting on its channel); it is reported instead."""
-    del frame
-    warnings.warn(f"signal {signum} reached the test process outside any run", stacklevel=1)
 
 
 @pytest.fixture(scope="session")
