@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -73,6 +74,23 @@ def pytest_configure(config) -> None:
     from micronet_jax.backend import enable_compilation_cache
 
     enable_compilation_cache()
+    _prime_signal_delivery()
+
+
+def _prime_signal_delivery() -> None:
+    """Deliver one signal to a Python handler now, while the process has its full stack.
+
+    Python's C signal handler runs on the alternate signal stack when one is set, and the
+    first time it runs, the dynamic linker resolves its symbols there (saving every vector
+    register on that stack). A library loaded later in the same test process sets a small
+    alternate stack, and the first SIGTERM of the tests that stop a run then overflowed it:
+    a segmentation fault inside the handler (gdb: `_dl_runtime_resolve_xsavec` under
+    `trip_signal`), which ended a pytest-xdist worker and left the session waiting on it."""
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: None)
+    try:
+        signal.raise_signal(signal.SIGUSR2)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
 
 
 @pytest.fixture(scope="session")
