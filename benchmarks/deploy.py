@@ -143,17 +143,14 @@ def onnxruntime_runner(precision: str, full: Path, head: Path | None, tail: Path
 def openvino_runner(precision: str, hint: str, full: Path, head: Path, tail: Path, threads):
     """OpenVINO's CPU plugin on the ONNX files; `hint` its inference precision (f32, or bf16,
     its default on a CPU with bf16 units)."""
-    from micronet_jax.deploy.openvino_runtime import import_openvino
+    from micronet_jax.deploy import openvino_runtime
 
-    ov = import_openvino()
-
-    core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint}
 
     def compiled(path):
         if path is None:
             return None
-        model = core.compile_model(str(path), "CPU", config)
+        model = openvino_runtime.compile_model(path, config)
         request = model.create_infer_request()
 
         def run(x):

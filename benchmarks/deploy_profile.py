@@ -54,16 +54,14 @@ def onnxruntime_profile(path: Path, images: np.ndarray, runs: int, threads: int)
 
 def openvino_profile(path: Path, images: np.ndarray, runs: int, threads: int) -> dict:
     """CPU microseconds per call by executed layer type (f32 precision)."""
-    from micronet_jax.deploy.openvino_runtime import import_openvino
-
-    ov = import_openvino()
+    from micronet_jax.deploy import openvino_runtime
 
     config = {
         "INFERENCE_NUM_THREADS": threads,
         "INFERENCE_PRECISION_HINT": "f32",
         "PERF_COUNT": True,
     }
-    request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
+    request = openvino_runtime.compile_model(path, config).create_infer_request()
     request.infer({0: images})
     totals: collections.Counter = collections.Counter()
     for _ in range(runs):

@@ -41,11 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnx
     import onnxruntime as ort
 
-    from micronet_jax.deploy.openvino_runtime import import_openvino
-
-    ov = import_openvino()
-
-    from micronet_jax.deploy import onnx_graph
+    from micronet_jax.deploy import onnx_graph, openvino_runtime
     from micronet_jax.deploy.onnx_clean import clean
     from micronet_jax.models.fold import fold_batch_norm
     from micronet_jax.models.torch_import import load_original
@@ -65,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             runners["onnxruntime", name] = lambda x, s=session: s.run(None, {"images": x})
             config = {"INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": "f32"}
-            request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
+            request = openvino_runtime.compile_model(path, config).create_infer_request()
             runners["OpenVINO f32", name] = lambda x, r=request: list(r.infer({0: x}).values())
         for key, run in runners.items():
             outputs[key] = np.asarray(run(images)[0])  # also the warm-up

@@ -7,7 +7,6 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -74,23 +73,24 @@ def pytest_configure(config) -> None:
     from micronet_jax.backend import enable_compilation_cache
 
     enable_compilation_cache()
-    _prime_signal_delivery()
 
 
-def _prime_signal_delivery() -> None:
-    """Deliver one signal to a Python handler now, while the process has its full stack.
+@pytest.fixture(autouse=True)
+def _signal_stack_unchanged() -> Iterator[None]:
+    """Fails a test that leaves this thread's alternate signal stack changed. A runtime that
+    swaps in a small stack of its own (OpenVINO's CPU plugin does, see
+    `micronet_jax.deploy.openvino_runtime`) makes a later test's first signal a segmentation
+    fault that ends the whole pytest-xdist worker, far from its cause; this names the cause."""
+    from micronet_jax.deploy.openvino_runtime import alternate_signal_stack
 
-    Python's C signal handler runs on the alternate signal stack when one is set, and the
-    first time it runs, the dynamic linker resolves its symbols there (saving every vector
-    register on that stack). A library loaded later in the same test process sets a small
-    alternate stack, and the first SIGTERM of the tests that stop a run then overflowed it:
-    a segmentation fault inside the handler (gdb: `_dl_runtime_resolve_xsavec` under
-    `trip_signal`), which ended a pytest-xdist worker and left the session waiting on it."""
-    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: None)
-    try:
-        signal.raise_signal(signal.SIGUSR2)
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
+    before = alternate_signal_stack()
+    yield
+    after = alternate_signal_stack()
+    if after != before:
+        pytest.fail(
+            f"this test changed the thread's alternate signal stack ({before} -> {after}); "
+            "compile OpenVINO models through micronet_jax.deploy.openvino_runtime"
+        )
 
 
 @pytest.fixture(scope="session")

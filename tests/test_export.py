@@ -372,12 +372,8 @@ def test_released_network_exports_and_every_runtime_computes_what_jax_does(
     codes, their predictions those of their own JAX simulations (up to the grid boundaries
     the runtimes' integer arithmetic lands on differently; see docs/deployment.md), OpenVINO
     running the same integer graph."""
-    from micronet_jax.deploy.openvino_runtime import import_openvino
-
-    ov = import_openvino()
-
     from micronet_jax.data.cifar import load_train_test
-    from micronet_jax.deploy import onnx_sim
+    from micronet_jax.deploy import onnx_sim, openvino_runtime
     from micronet_jax.deploy.tflite import Runner
     from micronet_jax.models.torch_import import load_original
 
@@ -407,7 +403,7 @@ def test_released_network_exports_and_every_runtime_computes_what_jax_does(
     loaded = load_original(pth)
     reference = predict(loaded.model.apply, loaded.variables, images, 500)
     config = {"INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": "f32"}
-    openvino = ov.Core().compile_model(str(out / "model.onnx"), "CPU", config)
+    openvino = openvino_runtime.compile_model(out / "model.onnx", config)
     for got in (
         run_onnx(session(out / "model.onnx"), images),
         tuple(openvino.create_infer_request().infer({0: images}).values()),
@@ -427,7 +423,7 @@ def test_released_network_exports_and_every_runtime_computes_what_jax_does(
         assert parity["confident"] == 1.0
         assert parity["main"] >= 0.99
     simulated = onnx_sim.load(onnx.load(out / "model_int8.onnx"))(images)
-    integer = ov.Core().compile_model(str(out / "model_int8.onnx"), "CPU", config)
+    integer = openvino_runtime.compile_model(out / "model_int8.onnx", config)
     got = list(integer.create_infer_request().infer({0: images}).values())
     assert np.mean(got[0].argmax(-1) == np.asarray(simulated[0]).argmax(-1)) >= 0.9
     assert card["source"]["sha256"] == file_sha256([pth])
@@ -536,3 +532,65 @@ def test_openvino_is_imported_without_forking_this_process():
     assert counts["project"] == ["0", "False"]
     opted_out = (Path.home() / "intel" / "openvino_telemetry").exists()
     assert opted_out or counts["plain"][0] != "0"  # the control: the count sees the fork
+
+
+SIGNAL_AFTER_TWO_CORES = """
+import os, signal, sys, gc
+import onnx
+from onnx import TensorProto, helper
+from micronet_jax.deploy import openvino_runtime
+
+path = sys.argv[2]
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+if sys.argv[1] == "plain":
+    ov = openvino_runtime.import_openvino()
+    models = [ov.Core().compile_model(path, "CPU") for _ in range(2)]
+else:
+    models = [openvino_runtime.compile_model(path) for _ in range(2)]
+while models:
+    del models[0]  # released in the order they were made
+    gc.collect()
+signal.signal(signal.SIGTERM, lambda signum, frame: print("handled", signum, flush=True))
+os.kill(os.getpid(), signal.SIGTERM)
+print("alive", flush=True)
+"""
+
+
+def test_openvino_leaves_a_process_that_can_still_take_a_signal(tmp_path):
+    """Two OpenVINO cores released in the order they were made leave the thread's alternate
+    signal stack unmapped: the next SIGTERM (a Ctrl-C, a scheduler's stop) is a segmentation
+    fault (the control). Compiled through the project's one core, the same process takes the
+    signal in its Python handler and carries on."""
+    pytest.importorskip("openvino", reason="the bench extra")
+    import signal
+
+    outcome = {}
+    for how in ("plain", "project"):
+        outcome[how] = subprocess.run(
+            [sys.executable, "-c", SIGNAL_AFTER_TWO_CORES, how, str(tmp_path / f"{how}.onnx")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    project = outcome["project"]
+    assert project.returncode == 0, project.stderr[-2000:]
+    assert project.stdout.split() == ["handled", str(int(signal.SIGTERM)), "alive"]
+    assert outcome["plain"].returncode == -signal.SIGSEGV, (
+        "OpenVINO no longer leaves an unmapped signal stack behind: "
+        "openvino_runtime.core() may no longer be needed"
+    )
+
+
+def test_the_project_core_keeps_the_callers_signal_stack():
+    """Loading the CPU plugin through `openvino_runtime.core()` leaves the calling thread's
+    alternate signal stack where it was (a plain core replaces it with its own)."""
+    pytest.importorskip("openvino", reason="the bench extra")
+    from micronet_jax.deploy import openvino_runtime
+
+    openvino_runtime.core.cache_clear()  # a new core: its plugin loads again
+    before = openvino_runtime.alternate_signal_stack()
+    openvino_runtime.core()
+    assert openvino_runtime.alternate_signal_stack() == before
