@@ -121,10 +121,17 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     from micronet_jax.models.torch_import import load_original
 
     images, train_images = agreement.measured_images(
-        args.data, args.num_test, args.num_calibration + FISHER_IMAGES + args.held_out
+        args.data, args.num_test, args.num_calibration + args.fisher_images + args.held_out
     )
     cifar10 = train_images[: args.num_calibration]
     held_out = train_images[args.num_calibration :]
+    if args.floors and len(held_out) < args.fisher_images + args.held_out:
+        raise SystemExit(
+            f"error: the mixed-precision search needs {args.fisher_images} + {args.held_out} "
+            f"training images beyond the {args.num_calibration} calibration images, and the "
+            f"archive has {len(held_out)} more: lower --fisher_images/--held_out, or pass "
+            "--floors with no value (no search)"
+        )
     rows, frontier_rows = [], []
     for name in args.only or agreement.CHECKPOINTS:
         loaded = load_original(agreement.checkpoint_path(args.checkpoints, name))
@@ -137,8 +144,11 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             | _scores(float_count, None, published)
         )
         sources = calibration_sets(args.calibration, model, variables, cifar10)
+        histograms_by_source = {}
         for source, calibration_images in sources.items():
-            histograms = histograms_of(model, variables, calibration_images)
+            histograms = histograms_by_source[source] = histograms_of(
+                model, variables, calibration_images
+            )
             widths = args.bits if source == "cifar10" else args.bits[:1]
             runs = [(text, method, 32) for text in widths for method in args.methods]
             if source == "cifar10":
@@ -161,11 +171,11 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
         if args.peers:
             rows += peer_rows(name, loaded, cifar10, images, reference, args)
         if args.floors:
-            frontier_rows += frontier(name, loaded, cifar10, held_out, images, reference, args)
+            if "cifar10" not in histograms_by_source:
+                histograms_by_source["cifar10"] = histograms_of(model, variables, cifar10)
+            calibration = (cifar10, histograms_by_source["cifar10"])
+            frontier_rows += frontier(name, loaded, calibration, held_out, images, reference, args)
     return rows, frontier_rows
-
-
-FISHER_IMAGES = 256  # held-out training images the Fisher information is estimated on
 
 
 def calibration_sets(names, model, variables, cifar10: np.ndarray) -> dict[str, np.ndarray]:
@@ -248,14 +258,15 @@ def quantised_row(
     return row
 
 
-def frontier(name, loaded, cifar10, held_out, images, reference, args) -> list[dict]:
-    """The mixed-precision sweep of one checkpoint (see the module docstring): its frontier
-    measured on the test images, one row per configuration, width files written."""
+def frontier(name, loaded, calibration, held_out, images, reference, args) -> list[dict]:
+    """The mixed-precision sweep of one checkpoint (see the module docstring), calibrated on
+    `calibration` = (CIFAR-10 images, their histograms): its frontier measured on the test
+    images, one row per configuration, width files written."""
     tic = time.perf_counter()
     model, variables = loaded.model, loaded.variables
-    fisher_images, proxy_images = held_out[:FISHER_IMAGES], held_out[FISHER_IMAGES:]
+    fisher_images, proxy_images = held_out[: args.fisher_images], held_out[args.fisher_images :]
     base = parse_bits(FRONTIER_BASE, (), 16)
-    histograms = histograms_of(model, variables, cifar10)
+    histograms = calibration[1]
     info = mixed.fisher(model, variables, fisher_images)
     params = fold_batch_norm(variables)["params"]
     published = agreement.PUBLISHED_RATIO[name]
@@ -273,7 +284,7 @@ def frontier(name, loaded, cifar10, held_out, images, reference, args) -> list[d
     quantized_by = {}
 
     def measure(bits: BitWidths) -> dict:
-        quantized = quantise(loaded, (cifar10, histograms), bits, args.frontier_method, args)
+        quantized = quantise(loaded, calibration, bits, args.frontier_method, args)
         quantized_by[bits] = quantized
         got = agreement.run(QuantizedApply(model, bits), quantized, proxy_images, args.batch_size)
         score_now = honest_score(loaded.arch, quantized["params"], bits, published).score
@@ -419,6 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--held_out", type=int, default=1000, help="held-out training images the search measures"
     )
+    parser.add_argument(
+        "--fisher_images",
+        type=int,
+        default=256,
+        help="held-out training images the layers' Fisher sensitivities are estimated on",
+    )
     parser.add_argument("--sweep_points", type=int, default=10, help="multipliers swept")
     parser.add_argument(
         "--peers", action="store_true", help="add onnxruntime's quantize_static rows (8x8)"
@@ -440,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(agreement.write(Path(args.out), "ptq", title, notes, rows, COLUMNS))
     if frontier_rows:
         frontier_notes = [
-            f"Per-layer widths by Fisher sensitivity ({FISHER_IMAGES} held-out training "
+            f"Per-layer widths by Fisher sensitivity ({args.fisher_images} held-out training "
             f"images), from {FRONTIER_BASE} with 16-bit scales: weights 4/6/8, activations "
             f"8/16; each configuration quantised by {args.frontier_method} and measured on "
             f"{args.held_out:,} other held-out training images (held_out_agreement); the "

@@ -175,6 +175,7 @@ def test_ptq_table_scores_what_it_quantised(original_checkpoints, archive, tmp_p
     out = tmp_path / "ptq"
     argv = [f"--out={out}", f"--data={archive}", f"--checkpoints={original_checkpoints}"]
     options = ["--num_test=40", "--num_calibration=40", "--bits", "8x8", "--methods", "nearest"]
+    options += ["--calibration", "cifar10", "--floors"]  # no synthetic rows, no search
     assert ptq.main([*argv, *options, "--scale_bits"]) == 0
     rows = read_csv(out / "ptq.csv")
     assert [(r["checkpoint"], r["bits"], r["method"]) for r in rows] == [
@@ -192,6 +193,59 @@ def test_ptq_table_scores_what_it_quantised(original_checkpoints, archive, tmp_p
     for row in (rows[1], rows[3]):
         assert 0 <= float(row["combined_agreement"]) <= 1
     assert (out / "ptq.md").read_text().count("\n|") >= 5
+
+
+def test_ptq_search_without_enough_held_out_images_is_one_clear_error(archive, tmp_path):
+    from experiments import ptq
+
+    argv = [f"--out={tmp_path}", f"--data={archive}", "--num_test=40", "--num_calibration=40"]
+    with pytest.raises(SystemExit, match="lower --fisher_images/--held_out"):
+        ptq.main([*argv, "--floors", "0.97"])  # 160 more training images, not 256 + 1,000
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_ptq_frontier_writes_width_files_that_reproduce_its_rows(
+    original_checkpoints, archive, tmp_path
+):
+    """The mixed-precision search end to end on the released final network: frontier rows
+    sorted by score with agreement rising, each row's widths in a width file that, read back,
+    scores what the row says."""
+    from experiments import ptq
+    from micronet_jax.models.fold import fold_batch_norm
+    from micronet_jax.models.torch_import import load_original
+    from micronet_jax.quant.fake import quantize_weights
+    from micronet_jax.quant.widths import load_widths
+    from micronet_jax.scoring.counter import count_micronet
+
+    out = tmp_path / "ptq"
+    argv = [f"--out={out}", f"--data={archive}", f"--checkpoints={original_checkpoints}"]
+    options = ["--only", "final_ee50", "--num_test=40", "--num_calibration=40", "--bits", "8x8"]
+    options += ["--methods", "nearest", "--scale_bits", "--calibration", "cifar10"]
+    search = ["--floors", "0.5", "--frontier_method", "nearest", "--fisher_images=32"]
+    search += ["--held_out=40", "--sweep_points=3"]
+    assert ptq.main([*argv, *options, *search]) == 0
+    rows = read_csv(out / "frontier.csv")
+    assert rows, "the frontier is empty"
+    scores = [float(r["score_published_ratio"]) for r in rows]
+    assert scores == sorted(scores)
+    held_out = [float(r["held_out_agreement"]) for r in rows]
+    assert held_out == sorted(held_out)
+    assert any(r["floor_met"] == "0.5" for r in rows)
+    final = load_original(original_checkpoints / "final_ee50" / "trained_model.pth")
+    params = fold_batch_norm(final.variables)["params"]
+    assert len(list((out / "widths").glob("*.json"))) == len(rows)
+    for row in rows:
+        bits = load_widths(row["widths_file"])
+        counted = count_micronet(
+            final.arch,
+            params=quantize_weights(params, bits),
+            exit_ratio=0.2929,
+            bn_as_bias=True,
+            bits=bits,
+        )
+        assert counted.score == pytest.approx(float(row["score_published_ratio"]), rel=1e-5)
+    assert "| configuration |" in (out / "frontier.md").read_text()
 
 
 @pytest.mark.slow
