@@ -2,13 +2,18 @@
 calibration source, and the mixed-precision frontier.
 
     python -m experiments.ptq --out=runs/ptq [--data=…/cifar-10-python.tar.gz]
-        [--bits 8x8 6x6 4x8] [--methods nearest mse+adaround+bias mse+lsq …]
+        [--bits 8x8 6x6 4x8] [--methods nearest mse+bias mse+brecq+lsq+qdrop …]
         [--calibration cifar10 synthetic both] [--floors 0.97]
+
+The defaults are sized to run both checkpoints in under an hour on 2 CPU cores; the costly
+rows (AdaRound's 2,000 steps per layer, 400 reconstruction steps per segment as the export
+uses, 16-bit-scale variants) are one option away.
 
 BN folded into the convs, weights per output channel (symmetric), the input of every conv and
 dense layer on an affine grid (a depthwise conv's input per channel, or per tensor with
-`WxA/tensor`), calibrated on `--num_calibration` CIFAR-10 training images (`cifar10`), on as
-many images made from the network's BN statistics (`synthetic`: no data), or on both; the
+`WxA/tensor`), calibrated on `--num_calibration` CIFAR-10 training images (`cifar10`), on
+`--num_synthetic` images made from the network's BN statistics (`synthetic`: no data), or on
+those and as many CIFAR-10 images (`both`); the
 methods (`micronet_jax.quant.ptq`): rounding to nearest on max scales, MSE-chosen weight
 clipping, bias correction, AdaRound's learned rounding, and the block reconstructions that
 learn activation grids (lsq), the rounding of a whole block (brecq) and drop activations from
@@ -53,14 +58,10 @@ from micronet_jax.quant.widths import BitWidths, parse_override, save_widths
 from micronet_jax.scoring.counter import count_micronet
 
 DEFAULT_BITS = ("8x8", "6x6", "4x8")
-DEFAULT_METHODS = (
-    "nearest",
-    "mse+adaround+bias",
-    "mse+adaround+bias+lsq",
-    "mse+brecq+lsq",
-    "mse+brecq+lsq+qdrop",
-)
+DEFAULT_METHODS = ("nearest", "mse+bias", "mse+brecq+lsq+qdrop")
 CALIBRATIONS = ("cifar10", "synthetic", "both")
+DEFAULT_CALIBRATIONS = ("cifar10", "synthetic")
+DEFAULT_RECONSTRUCTION_ITERATIONS = 100  # a quarter of the export's: the table's time budget
 FRONTIER_BASE = "8x8"  # the sweep's starting widths (scales at 16 bits)
 PEERS = ("MinMax", "Entropy", "Percentile")
 # onnxruntime's histogram calibrators hold every intermediate output of every calibration
@@ -143,7 +144,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             {"checkpoint": name, "bits": "float32 (16-bit freebie)", "method": ""}
             | _scores(float_count, None, published)
         )
-        sources = calibration_sets(args.calibration, model, variables, cifar10)
+        sources = calibration_sets(args.calibration, model, variables, cifar10, args.num_synthetic)
         histograms_by_source = {}
         for source, calibration_images in sources.items():
             histograms = histograms_by_source[source] = histograms_of(
@@ -178,14 +179,16 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     return rows, frontier_rows
 
 
-def calibration_sets(names, model, variables, cifar10: np.ndarray) -> dict[str, np.ndarray]:
+def calibration_sets(
+    names, model, variables, cifar10: np.ndarray, num_synthetic: int
+) -> dict[str, np.ndarray]:
     """The calibration images of each requested source (synthetic ones made once)."""
     from micronet_jax.quant.synthetic import synthesise
 
     synthetic = None
     if {"synthetic", "both"} & set(names):
         tic = time.perf_counter()
-        synthetic = synthesise(model, variables, len(cifar10))
+        synthetic = synthesise(model, variables, num_synthetic)
         print(
             f"synthetic calibration: {len(synthetic)} images in {time.perf_counter() - tic:.0f} s",
             flush=True,
@@ -196,9 +199,8 @@ def calibration_sets(names, model, variables, cifar10: np.ndarray) -> dict[str, 
             out[name] = cifar10
         elif name == "synthetic":
             out[name] = synthetic
-        else:  # both: half of each, the same number of images
-            half = len(cifar10) // 2
-            out[name] = np.concatenate([cifar10[:half], synthetic[: len(cifar10) - half]])
+        else:  # both: the synthetic images and as many CIFAR-10 ones
+            out[name] = np.concatenate([cifar10[: len(synthetic)], synthetic])
     return out
 
 
@@ -393,7 +395,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "also run with --scale_bits)",
     )
     parser.add_argument(
-        "--scale_bits", nargs="*", type=int, default=[16], help="extra rows: scales at 16 bits"
+        "--scale_bits",
+        nargs="*",
+        type=int,
+        default=[],
+        help="extra rows of the last method with scales at these bits, e.g. 16",
     )
     parser.add_argument(
         "--keep", nargs="*", default=[], help="overrides, e.g. stem_conv=8,32 fc=8,32"
@@ -406,16 +412,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--reconstruction_iterations",
         type=int,
-        default=Reconstruction().iterations,
-        help="lsq / brecq: Adam steps per segment",
+        default=DEFAULT_RECONSTRUCTION_ITERATIONS,
+        help=f"lsq / brecq: Adam steps per segment (the export's: {Reconstruction().iterations})",
     )
     parser.add_argument(
         "--calibration",
         nargs="+",
         choices=CALIBRATIONS,
-        default=list(CALIBRATIONS),
+        default=list(DEFAULT_CALIBRATIONS),
         help="calibration images: CIFAR-10 training images, synthetic ones (from the BN "
-        "statistics), or half of each; the last two at the first --bits only",
+        "statistics), or both; the last two at the first --bits only",
+    )
+    parser.add_argument(
+        "--num_synthetic", type=int, default=256, help="synthetic calibration images"
     )
     parser.add_argument(
         "--floors",
@@ -436,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=256,
         help="held-out training images the layers' Fisher sensitivities are estimated on",
     )
-    parser.add_argument("--sweep_points", type=int, default=10, help="multipliers swept")
+    parser.add_argument("--sweep_points", type=int, default=6, help="multipliers swept")
     parser.add_argument(
         "--peers", action="store_true", help="add onnxruntime's quantize_static rows (8x8)"
     )
@@ -448,8 +457,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     minutes = (time.perf_counter() - tic) / 60
     notes = [
         f"{args.num_test:,} real CIFAR-10 test images (agreement with the float32 network); "
-        f"calibration on {args.num_calibration:,} images (training images of CIFAR-10, "
-        "synthetic ones made from the network's BN statistics, or half of each); "
+        f"calibration on {args.num_calibration:,} training images of CIFAR-10, or "
+        f"{args.num_synthetic:,} synthetic ones made from the network's BN statistics, or "
+        f"those and {args.num_synthetic:,} CIFAR-10 ones; reconstruction "
+        f"{args.reconstruction_iterations} steps per segment; "
         "scores: real masks, BN as bias, upsample not counted. Command: "
         f"`python -m experiments.ptq`; {minutes:.0f} minutes in all.",
     ]
