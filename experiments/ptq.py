@@ -169,6 +169,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                 )
                 rows.append(row)
                 print(agreement.proxy.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
+                release_compiled()
         if args.peers:
             rows += peer_rows(name, loaded, cifar10, images, reference, args)
         if args.floors:
@@ -177,6 +178,19 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             calibration = (cifar10, histograms_by_source["cifar10"])
             frontier_rows += frontier(name, loaded, calibration, held_out, images, reference, args)
     return rows, frontier_rows
+
+
+def release_compiled() -> None:
+    """Drops the programs compiled so far. Each row compiles its own (every reconstruction
+    segment, every width's fake-quantised network), and a whole table's worth of them
+    exhausted the process's memory mappings (LLVM: "Cannot allocate memory", then a crash)
+    in the frontier's compile."""
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
 
 
 def calibration_sets(
