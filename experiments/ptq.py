@@ -145,11 +145,11 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             | _scores(float_count, None, published)
         )
         sources = calibration_sets(args.calibration, model, variables, cifar10, args.num_synthetic)
-        histograms_by_source = {}
+        cifar10_histograms = None  # the search calibrates on them too
         for source, calibration_images in sources.items():
-            histograms = histograms_by_source[source] = histograms_of(
-                model, variables, calibration_images
-            )
+            histograms = histograms_of(model, variables, calibration_images)
+            if source == "cifar10":
+                cifar10_histograms = histograms
             widths = args.bits if source == "cifar10" else args.bits[:1]
             runs = [(text, method, 32) for text in widths for method in args.methods]
             if source == "cifar10":
@@ -173,9 +173,9 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
         if args.peers:
             rows += peer_rows(name, loaded, cifar10, images, reference, args)
         if args.floors:
-            if "cifar10" not in histograms_by_source:
-                histograms_by_source["cifar10"] = histograms_of(model, variables, cifar10)
-            calibration = (cifar10, histograms_by_source["cifar10"])
+            if cifar10_histograms is None:
+                cifar10_histograms = histograms_of(model, variables, cifar10)
+            calibration = (cifar10, cifar10_histograms)
             frontier_rows += frontier(name, loaded, calibration, held_out, images, reference, args)
     return rows, frontier_rows
 

@@ -499,17 +499,13 @@ def test_the_integer_graph_runs_on_integer_kernels_and_its_simulation_agrees(tmp
     assert np.mean(logits.argmax(-1) == got[0].argmax(-1)) >= 0.9
 
 
-def require_openvino(import_here: bool = True) -> None:
+def require_openvino() -> None:
     """Skips without OpenVINO (the bench extra). Not `pytest.importorskip`: a plain import
-    forks this test process (see the test below); here it is imported the project's way."""
+    forks this test process (see the test below); the tests import it the project's way."""
     import importlib.util
 
     if importlib.util.find_spec("openvino") is None:
         pytest.skip("openvino is not installed (the bench extra)")
-    if import_here:
-        from micronet_jax.deploy.openvino_runtime import import_openvino
-
-        import_openvino()
 
 
 FORK_COUNT = """
@@ -533,7 +529,7 @@ def test_openvino_is_imported_without_forking_this_process():
     """A plain `import openvino` forks the process to send a usage event (unless this
     machine's user opted out of OpenVINO's telemetry); the project's import does not, and
     leaves the environment as it was."""
-    require_openvino(import_here=False)  # both imports happen in the children
+    require_openvino()  # both imports happen in the children
     counts = {}
     for how in ("plain", "project"):
         env = {k: v for k, v in os.environ.items() if k != "CI"}
@@ -577,7 +573,7 @@ def test_openvino_leaves_a_process_that_can_still_take_a_signal(tmp_path):
     signal stack unmapped: the next SIGTERM (a Ctrl-C, a scheduler's stop) is a segmentation
     fault (the control). Compiled through the project's one core, the same process takes the
     signal in its Python handler and carries on."""
-    require_openvino(import_here=False)
+    require_openvino()
     import signal
 
     outcome = {}
