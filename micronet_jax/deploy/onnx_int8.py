@@ -12,9 +12,16 @@ tensor an integer kernel reads or writes:
 - every conv and dense layer's input on the project's own grid (from post-training
   quantisation, one grid per tensor: `--bits=8x8/tensor`), its kernel as the project's int8
   codes with one scale per output channel, its bias as int32 on the product of the two;
-- every other output of a conv, dense layer, sigmoid, product, sum or spatial mean on a grid
-  of its own, calibrated like the layers' inputs (the clip of least expected squared error
-  on the calibration images, `quant.fake.mse_range`).
+- every sigmoid output on the grid LiteRT fixes for it (step 1/256, zero point 0: the
+  int8 model's -128 on uint8 codes), so that one set of grids serves both runtimes;
+- every other output of a conv, dense layer, product, sum or spatial mean on a grid of its
+  own, calibrated like the layers' inputs (the clip of least expected squared error on the
+  calibration images, `quant.fake.mse_range`).
+
+A tensor that only moves values (Transpose, Gather, Flatten, Reshape: the input's
+upsampling, the flatten before a classifier) shares the grid of the tensor it moves, so a
+value is rounded once however many nodes carry it (`grid_roots`). `integer_net` is the
+trainable twin of this graph: it learns every code and grid here and writes them back.
 
 The JAX side of its parity is this graph itself (`onnx_sim`), not `QuantizedApply`: the
 extra requantisation points make it a different function from the fake quantisation.
@@ -33,6 +40,9 @@ from micronet_jax.models.paths import path_name
 
 LAYERS = ("Conv", "Gemm")
 REQUANTISED = ("Conv", "Gemm", "Sigmoid", "Mul", "Add", "GlobalAveragePool")
+QDQ = ("QuantizeLinear", "DequantizeLinear")
+PASS_THROUGH = ("Transpose", "Gather", "Flatten", "Reshape")  # move values, compute none
+SIGMOID_GRID = (np.float32(1 / 256), np.uint8(0))  # LiteRT's fixed LOGISTIC output grid
 HISTOGRAM_BINS = 2048
 
 
@@ -65,6 +75,13 @@ def integer_graph(
                 )
             step, zero = activation_grid(bounds, 8)
             grids[node.input[0]] = (np.float32(step), np.uint8(zero))
+    roots = grid_roots(graph.graph.node)
+    for name in list(grids):  # the moved tensor's grid is its source's too
+        if roots.get(name, name) != name and roots[name] in graph.producer:
+            grids[roots[name]] = grids[name]
+    for node in graph.graph.node:
+        if node.op_type == "Sigmoid":
+            grids[node.output[0]] = SIGMOID_GRID
     own = [
         node.output[0]
         for node in graph.graph.node
@@ -79,6 +96,26 @@ def integer_graph(
     result = helper.make_model(model.graph, opset_imports=model.opset_import)
     onnx.checker.check_model(result)
     return result
+
+
+def grid_roots(nodes: Sequence[Any]) -> dict[str, str]:
+    """Each tensor's source: the tensor it is a moved copy of (through PASS_THROUGH nodes
+    and, in an integer graph, activation QuantizeLinear/DequantizeLinear pairs), or itself."""
+    producer = {out: node for node in nodes for out in node.output}
+    roots: dict[str, str] = {}
+    for node in nodes:
+        for name in node.output:
+            source, at = name, producer.get(name)
+            while at is not None and (
+                at.op_type in PASS_THROUGH
+                or (
+                    at.op_type in ("QuantizeLinear", "DequantizeLinear") and at.input[0] in producer
+                )
+            ):
+                source = at.input[0]
+                at = producer.get(source)
+            roots[name] = source
+    return roots
 
 
 def _match_layers(graph: Graph, params: dict) -> dict[int, str]:

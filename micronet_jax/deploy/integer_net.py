@@ -1,0 +1,409 @@
+"""The integer network as a trainable JAX function: the twin of an integer ONNX graph.
+
+`onnx_int8.integer_graph` writes the quantised network as the runtimes run it: every tensor
+an integer kernel reads or writes on one 8-bit grid, kernels as int8 codes with a scale per
+output channel, biases as int32 codes on input step × kernel scale. This module reads such
+a graph back as parameters (each kernel and bias as the float value its codes stand for,
+each grid's step and zero point) and computes the same graph with every rounding in place,
+rounding through straight-through gradients (LSQ+: the grids' steps and zero points learn
+too), so that the network the runtimes run can be learned against the float32 network
+(`integer_learn`). `to_onnx` writes learned parameters back into the graph: the same nodes,
+new codes and grids. Tensors that share a grid in the graph (a moved copy, see
+`onnx_int8.grid_roots`) share one learned grid; sigmoid outputs keep LiteRT's fixed grid.
+
+Computed in NHWC with the project's CPU-friendly convolutions (`models.conv`): the graph's
+NCHW tensors are held transposed, which no op here can tell. Sums are float32 here and exact
+integers in the runtimes (and in `onnx_sim`, the file's own simulation); that difference
+only shows where a value lies within a float rounding of a grid boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from micronet_jax.models.conv import conv2d
+
+CODES = (0, 255)  # activations: uint8
+KERNEL_CODES = 127  # int8 kernels, symmetric (LiteRT requires -127..127)
+NCHW_TO_NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}
+
+
+def round_ste(x: jax.Array) -> jax.Array:
+    """Round to nearest even (as the runtimes do), with the identity's gradient."""
+    return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+def fake_quant(x: jax.Array, step: jax.Array, zero: jax.Array) -> jax.Array:
+    """`x` on the uint8 grid (step, zero point): LSQ+ gradients to the step and zero point
+    (the zero point rounded, straight through)."""
+    zero = jnp.clip(round_ste(zero), *CODES)
+    codes = jnp.clip(round_ste(x / step) + zero, *CODES)
+    return (codes - zero) * step
+
+
+def quantised_kernel(kernel: jax.Array, scale: jax.Array, mask: jax.Array) -> jax.Array:
+    """A kernel (output channels last) on its int8 grid, pruned weights kept at 0."""
+    codes = jnp.clip(round_ste(kernel / scale), -KERNEL_CODES, KERNEL_CODES)
+    return codes * scale * mask
+
+
+@dataclasses.dataclass
+class _Layer:
+    """One Conv or Gemm node: its kernel in NHWC terms and where its codes live."""
+
+    node: int  # index into the graph's nodes
+    kind: str  # "conv" or "gemm"
+    codes: str  # initializer names of the kernel's int8 codes, scales, zero points
+    scales: str
+    bias: str | None  # initializer of the int32 bias codes (its scale: bias_scale)
+    bias_scale: str | None
+    input_grid: str  # the grid (root tensor) of the layer's input
+    output_quantiser: int  # the QuantizeLinear node its output goes to
+    attributes: dict
+
+
+class IntegerNetwork:
+    """An integer ONNX graph (`onnx_int8`) as parameters and a differentiable function.
+
+    `params` holds `kernels`/`biases` (float values, NHWC layouts), `scales` (kernel channel
+    scales) and `steps` (activation grid steps, by root tensor) as multiples of the graph's
+    own (1 at the start, so learning starts exactly at the graph), `zeros` (zero points).
+    `apply(params, images)` computes the graph's outputs; `to_onnx(params)` is the graph
+    with those parameters' codes and grids."""
+
+    def __init__(self, model: Any) -> None:
+        from onnx import helper, numpy_helper
+
+        from micronet_jax.deploy.onnx_int8 import grid_roots
+
+        self.model = model
+        self.constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "Constant":
+                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        self.nodes = [
+            (
+                n.op_type,
+                list(n.input),
+                list(n.output),
+                {a.name: helper.get_attribute_value(a) for a in n.attribute},
+            )
+            for n in model.graph.node
+            if n.op_type != "Constant"
+        ]
+        self.roots = grid_roots(model.graph.node)
+        self.source = model.graph.input[0].name
+        self.outputs = [o.name for o in model.graph.output]
+        producer = {outs[0]: i for i, (_, _, outs, _) in enumerate(self.nodes)}
+        self.grids: dict[str, list[int]] = {}  # root tensor -> its QuantizeLinear nodes
+        self.fixed: set[str] = set()  # grids not learned (sigmoid outputs)
+        self.layers: dict[int, _Layer] = {}
+        self.skipped: set[int] = set()  # DequantizeLinear nodes folded into others
+        for i, (op, inputs, _, _) in enumerate(self.nodes):
+            if op == "QuantizeLinear":
+                root = self.roots.get(inputs[0], inputs[0])
+                self.grids.setdefault(root, []).append(i)
+                made_by = producer.get(root)
+                if made_by is not None and self.nodes[made_by][0] == "Sigmoid":
+                    self.fixed.add(root)
+            elif op == "DequantizeLinear" and inputs[0] in self.constants:
+                self.skipped.add(i)
+            elif op in ("Conv", "Gemm"):
+                self.layers[i] = self._layer(i, producer)
+        self.fused = {layer.output_quantiser: i for i, layer in self.layers.items()}
+        self.masks = {
+            i: jnp.asarray(self._kernel_layout(layer, self.constants[layer.codes]) != 0)
+            for i, layer in self.layers.items()
+        }
+
+    def _layer(self, index: int, producer: dict) -> _Layer:
+        op, inputs, _, attributes = self.nodes[index]
+        x_dq = self.nodes[producer[inputs[0]]]
+        quantise = self.nodes[producer[x_dq[1][0]]]
+        w_dq = self.nodes[producer[inputs[1]]]
+        b_dq = self.nodes[producer[inputs[2]]] if len(inputs) > 2 else None
+        readers = [j for j, n in enumerate(self.nodes) if self.nodes[index][2][0] in n[1]]
+        if len(readers) != 1 or self.nodes[readers[0]][0] != "QuantizeLinear":
+            raise ValueError(f"{op} {self.nodes[index][2][0]}: not an integer graph's layer")
+        if attributes.get("transB", 0) or attributes.get("transA", 0):
+            raise ValueError("a transposed Gemm operand: not an integer graph from onnx_int8")
+        return _Layer(
+            node=index,
+            kind="conv" if op == "Conv" else "gemm",
+            codes=w_dq[1][0],
+            scales=w_dq[1][1],
+            bias=None if b_dq is None else b_dq[1][0],
+            bias_scale=None if b_dq is None else b_dq[1][1],
+            input_grid=self.roots.get(quantise[1][0], quantise[1][0]),
+            output_quantiser=readers[0],
+            attributes=attributes,
+        )
+
+    @staticmethod
+    def _kernel_layout(layer: _Layer, codes: np.ndarray) -> np.ndarray:
+        """OIHW -> HWIO for a conv; a Gemm's B is (in, out) already."""
+        return np.transpose(codes, (2, 3, 1, 0)) if layer.kind == "conv" else codes
+
+    @staticmethod
+    def _onnx_layout(layer: _Layer, kernel: np.ndarray) -> np.ndarray:
+        return np.transpose(kernel, (3, 2, 0, 1)) if layer.kind == "conv" else kernel
+
+    # --- parameters ----------------------------------------------------------------------
+
+    def init_params(self) -> dict:
+        """The graph's own codes and grids as parameters (learning starts exactly there)."""
+        kernels, scales, biases = {}, {}, {}
+        for i, layer in self.layers.items():
+            scale = self.kernel_scale(layer)
+            codes = self._kernel_layout(layer, self.constants[layer.codes]).astype(np.float32)
+            key = str(i)
+            kernels[key] = jnp.asarray(codes * scale)
+            scales[key] = jnp.ones_like(scale)
+            if layer.bias is not None:
+                bias_scale = np.asarray(self.constants[layer.bias_scale], np.float32)
+                biases[key] = jnp.asarray(
+                    self.constants[layer.bias].astype(np.float32) * bias_scale
+                )
+        steps = {root: jnp.ones((), jnp.float32) for root in self.grids}
+        zeros = {root: jnp.asarray(self.grid(root)[1]) for root in self.grids}
+        return {
+            "kernels": kernels,
+            "scales": scales,
+            "biases": biases,
+            "steps": steps,
+            "zeros": zeros,
+        }
+
+    def kernel_scale(self, layer: _Layer) -> np.ndarray:
+        """The graph's own channel scales of a layer's kernel (float32)."""
+        return np.asarray(self.constants[layer.scales], np.float32).reshape(-1)
+
+    def grid(self, root: str) -> tuple[np.float32, np.float32]:
+        """The graph's own (step, zero point) of a grid."""
+        _, inputs, _, _ = self.nodes[self.grids[root][0]]
+        return np.float32(self.constants[inputs[1]]), np.float32(self.constants[inputs[2]])
+
+    def steps(self, params: dict) -> dict:
+        """Every grid's step (float32): the graph's own times its learned multiple."""
+        return {r: self.grid(r)[0] * params["steps"][r] for r in self.grids}
+
+    def trainable_mask(self, params: dict) -> dict:
+        """True where a parameter learns: everything but the fixed (sigmoid) grids."""
+        mask = jax.tree_util.tree_map(lambda _: True, params)
+        for root in self.fixed:
+            mask["steps"][root] = False
+            mask["zeros"][root] = False
+        return mask
+
+    # --- the function --------------------------------------------------------------------
+
+    def apply(self, params: dict, images: jax.Array, quantised: bool = True) -> tuple:
+        """The graph's outputs on `images` (the graph's input: uint8 NHWC images, or NCHW
+        features for a tail graph); `quantised=False` skips every rounding (the float
+        network the parameters stand for)."""
+        x = jnp.asarray(images)
+        if x.ndim == 4 and self.model.graph.input[0].name != "images":
+            x = jnp.transpose(x, (0, 2, 3, 1))  # NCHW features, held as NHWC
+        values: dict[str, Any] = {self.source: x}
+        nhwc: set[str] = {self.source} if self.source != "images" else set()
+        grid_of = {}
+        for root, quantisers in self.grids.items():
+            for i in quantisers:
+                grid_of[i] = root
+
+        def value(name: str) -> Any:
+            return values[name] if name in values else self.constants[name]
+
+        steps = self.steps(params)
+        for i, (op, inputs, outs, attributes) in enumerate(self.nodes):
+            if i in self.skipped:
+                continue
+            if op == "QuantizeLinear":
+                root = grid_of[i]
+                if i in self.fused:  # a layer's output: rescaled from its integer sums
+                    layer = self.layers[self.fused[i]]
+                    y = self._apply_layer(params, steps, layer, value, quantised, root)
+                    if layer.kind == "conv":
+                        nhwc.add(outs[0])
+                elif quantised:
+                    y = fake_quant(values[inputs[0]], steps[root], params["zeros"][root])
+                else:
+                    y = values[inputs[0]]
+                values[outs[0]] = y
+                if inputs[0] in nhwc:
+                    nhwc.add(outs[0])
+                continue
+            if op == "DequantizeLinear":  # the partner of the QuantizeLinear before it
+                values[outs[0]] = values[inputs[0]]
+                if inputs[0] in nhwc:
+                    nhwc.add(outs[0])
+                continue
+            if i in self.layers:
+                continue  # computed with its QuantizeLinear
+            args = [value(name) if name else None for name in inputs]
+            layout = any(name in nhwc for name in inputs)
+            result, still_nhwc = _OPS[op](args, attributes, layout)
+            values[outs[0]] = result
+            if still_nhwc:
+                nhwc.add(outs[0])
+        results = []
+        for name in self.outputs:
+            y = values[name]
+            if name in nhwc and y.ndim == 4:
+                y = jnp.transpose(y, (0, 3, 1, 2))  # the graph's NCHW
+            results.append(y)
+        return tuple(results)
+
+    def _apply_layer(self, params, steps, layer: _Layer, value, quantised: bool, out: str):
+        """A layer and the grid of its output, as the integer kernels compute them: input
+        codes times kernel codes summed (exact in float32 while sums stay below 2^24), the
+        int32 bias codes added, one float32 rescale (input step × kernel scale / output
+        step) and rounding onto the output's codes."""
+        key = str(layer.node)
+        _, inputs, _, a = self.nodes[layer.node]
+        x, kernel = value(inputs[0]), params["kernels"][key]
+        bias = params["biases"].get(key)
+        mask = self.masks[layer.node]
+        if not quantised:
+            y = self._linear(layer, a, x, kernel * mask)
+            return y if bias is None else y + bias
+        x_step = steps[layer.input_grid]
+        w_scale = self.kernel_scale(layer) * params["scales"][key]
+        codes = jnp.clip(round_ste(kernel / w_scale), -KERNEL_CODES, KERNEL_CODES) * mask
+        acc = self._linear(layer, a, round_ste(x / x_step), codes)
+        if bias is not None:
+            acc = acc + round_ste(bias / (x_step * w_scale))
+        multiplier = x_step * w_scale / steps[out]
+        zero = jnp.clip(round_ste(params["zeros"][out]), *CODES)
+        y_codes = jnp.clip(round_ste(acc * multiplier) + zero, *CODES)
+        return (y_codes - zero) * steps[out]
+
+    @staticmethod
+    def _linear(layer: _Layer, a: dict, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        if layer.kind == "gemm":
+            return x @ kernel
+        pads = a.get("pads", [0, 0, 0, 0])
+        if pads[0] != pads[1] or pads[2] != pads[3]:
+            x = jnp.pad(x, ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0)))
+            padding = (0, 0)
+        else:
+            padding = (pads[0], pads[2])
+        stride = a.get("strides", [1, 1])[0]
+        return conv2d(x, kernel, stride, padding, a.get("group", 1))
+
+    # --- back to the graph ---------------------------------------------------------------
+
+    def to_onnx(self, params: dict) -> Any:
+        """The graph with `params`' codes and grids (a new ModelProto; nodes unchanged)."""
+        import copy
+
+        from onnx import numpy_helper
+
+        values: dict[str, np.ndarray] = {}
+        steps = {r: np.float32(v) for r, v in self.steps(params).items()}
+        zeros = {
+            r: np.uint8(np.clip(np.rint(np.float32(v)), *CODES)) for r, v in params["zeros"].items()
+        }
+        for root, quantisers in self.grids.items():
+            for i in quantisers:
+                _, inputs, _, _ = self.nodes[i]
+                values[inputs[1]] = steps[root]
+                values[inputs[2]] = zeros[root]
+        for layer in self.layers.values():
+            codes, scales, bias = self.layer_codes(params, layer, steps)
+            values[layer.codes] = self._onnx_layout(layer, codes)
+            values[layer.scales] = scales
+            if bias is not None:
+                values[layer.bias], values[layer.bias_scale] = bias
+        model = copy.deepcopy(self.model)
+        for tensor in model.graph.initializer:
+            if tensor.name in values:
+                new = np.asarray(values[tensor.name]).astype(
+                    numpy_helper.to_array(tensor).dtype, copy=False
+                )
+                tensor.CopyFrom(
+                    numpy_helper.from_array(new.reshape(tuple(tensor.dims)), tensor.name)
+                )
+        return model
+
+    def layer_codes(self, params: dict, layer: _Layer, steps: dict | None = None):
+        """(int8 kernel codes in NHWC layout, float32 channel scales, (int32 bias codes,
+        float32 bias scale) or None) as the files store them."""
+        key = str(layer.node)
+        scales = self.kernel_scale(layer) * np.asarray(params["scales"][key], np.float32)
+        scales = scales.astype(np.float32)
+        kernel = np.asarray(params["kernels"][key], np.float32)
+        codes = np.clip(np.rint(kernel / scales), -KERNEL_CODES, KERNEL_CODES)
+        codes = (codes * np.asarray(self.masks[layer.node])).astype(np.int8)
+        if layer.bias is None:
+            return codes, scales, None
+        if steps is None:
+            steps = {r: np.float32(v) for r, v in self.steps(params).items()}
+        bias_scale = (steps[layer.input_grid] * scales).astype(np.float32)
+        bias_codes = np.rint(np.asarray(params["biases"][key], np.float32) / bias_scale)
+        return codes, scales, (bias_codes.astype(np.int32), bias_scale)
+
+
+# --- the other ops, NCHW tensors held as NHWC -------------------------------------------------
+
+
+def _binary(fn):
+    def op(args, attributes, nhwc):
+        a, b = (jnp.asarray(_as_nhwc(v, nhwc)) for v in args)
+        return fn(a, b), nhwc
+
+    return op
+
+
+def _as_nhwc(v: Any, nhwc: bool) -> Any:
+    """A constant operand of an NCHW op, (1, C, 1, 1) or (C, 1, 1), in NHWC order."""
+    if nhwc and isinstance(v, np.ndarray) and v.ndim >= 3 and v.shape[-1] == 1:
+        return np.moveaxis(v, -3, -1)
+    return v
+
+
+def _transpose(args, attributes, nhwc):
+    perm = list(attributes.get("perm", []))
+    if not nhwc and perm == [0, 3, 1, 2]:
+        return args[0], True  # the input's NHWC -> NCHW: held as it is
+    if nhwc and perm == [0, 2, 3, 1]:
+        return args[0], False  # back to real NHWC
+    raise ValueError(f"no twin of Transpose{perm} on a {'NHWC-held' if nhwc else 'plain'} tensor")
+
+
+def _gather(args, attributes, nhwc):
+    axis = attributes.get("axis", 0)
+    axis = NCHW_TO_NHWC_AXIS[axis % 4] if nhwc else axis
+    return jnp.take(args[0], jnp.asarray(args[1]), axis=axis), nhwc
+
+
+def _pool(args, attributes, nhwc):
+    return jnp.mean(args[0], axis=(1, 2) if nhwc else (2, 3), keepdims=True), nhwc
+
+
+def _flatten(args, attributes, nhwc):
+    x = args[0]
+    if nhwc:  # only spatial 1x1 tensors are flattened in MicroNet's graphs
+        assert x.shape[1] == x.shape[2] == 1, x.shape
+    axis = attributes.get("axis", 1)
+    return x.reshape(int(np.prod(x.shape[:axis])), -1), False
+
+
+_OPS: dict[str, Callable] = {
+    "Cast": lambda args, a, nhwc: (jnp.asarray(args[0]).astype(jnp.float32), nhwc),
+    "Mul": _binary(jnp.multiply),
+    "Add": _binary(jnp.add),
+    "Sub": _binary(jnp.subtract),
+    "Div": _binary(jnp.divide),
+    "Sigmoid": lambda args, a, nhwc: (jax.nn.sigmoid(args[0]), nhwc),
+    "GlobalAveragePool": _pool,
+    "Transpose": _transpose,
+    "Gather": _gather,
+    "Flatten": _flatten,
+}
