@@ -71,9 +71,10 @@ class _Layer:
 class IntegerNetwork:
     """An integer ONNX graph (`onnx_int8`) as parameters and a differentiable function.
 
-    `params` holds `kernels`/`biases` (float values, NHWC layouts), `scales` (kernel channel
-    scales) and `steps` (activation grid steps, by root tensor) as multiples of the graph's
-    own (1 at the start, so learning starts exactly at the graph), `zeros` (zero points).
+    `params` holds `kernels` and `biases` in units of the graph's own kernel and bias scales
+    (NHWC layouts; their codes at the start), `scales` (kernel channel scales) and `steps`
+    (activation grid steps, by root tensor) as multiples of the graph's own (1 at the start:
+    learning starts exactly at the graph), and `zeros` (zero points, in codes).
     `apply(params, images)` computes the graph's outputs; `to_onnx(params)` is the graph
     with those parameters' codes and grids."""
 
@@ -160,29 +161,26 @@ class IntegerNetwork:
         """The graph's own codes and grids as parameters (learning starts exactly there)."""
         kernels, scales, biases = {}, {}, {}
         for i, layer in self.layers.items():
-            scale = self.kernel_scale(layer)
             codes = self._kernel_layout(layer, self.constants[layer.codes]).astype(np.float32)
-            key = str(i)
-            kernels[key] = jnp.asarray(codes * scale)
-            scales[key] = jnp.ones_like(scale)
+            kernels[str(i)] = jnp.asarray(codes)
+            scales[str(i)] = jnp.ones_like(self.kernel_scale(layer))
             if layer.bias is not None:
-                bias_scale = np.asarray(self.constants[layer.bias_scale], np.float32)
-                biases[key] = jnp.asarray(
-                    self.constants[layer.bias].astype(np.float32) * bias_scale
-                )
-        steps = {root: jnp.ones((), jnp.float32) for root in self.grids}
-        zeros = {root: jnp.asarray(self.grid(root)[1]) for root in self.grids}
+                biases[str(i)] = jnp.asarray(self.constants[layer.bias].astype(np.float32))
         return {
             "kernels": kernels,
             "scales": scales,
             "biases": biases,
-            "steps": steps,
-            "zeros": zeros,
+            "steps": {root: jnp.ones((), jnp.float32) for root in self.grids},
+            "zeros": {root: jnp.asarray(self.grid(root)[1]) for root in self.grids},
         }
 
     def kernel_scale(self, layer: _Layer) -> np.ndarray:
         """The graph's own channel scales of a layer's kernel (float32)."""
         return np.asarray(self.constants[layer.scales], np.float32).reshape(-1)
+
+    def bias_scale(self, layer: _Layer) -> np.ndarray:
+        """The graph's own scale of a layer's int32 bias (float32, per channel)."""
+        return np.asarray(self.constants[layer.bias_scale], np.float32).reshape(-1)
 
     def grid(self, root: str) -> tuple[np.float32, np.float32]:
         """The graph's own (step, zero point) of a grid."""
@@ -271,14 +269,14 @@ class IntegerNetwork:
         bias = params["biases"].get(key)
         mask = self.masks[layer.node]
         if not quantised:
-            y = self._linear(layer, a, x, kernel * mask)
-            return y if bias is None else y + bias
+            y = self._linear(layer, a, x, kernel * mask * self.kernel_scale(layer))
+            return y if bias is None else y + bias * self.bias_scale(layer)
         x_step = steps[layer.input_grid]
         w_scale = self.kernel_scale(layer) * params["scales"][key]
-        codes = jnp.clip(round_ste(kernel / w_scale), -KERNEL_CODES, KERNEL_CODES) * mask
-        acc = self._linear(layer, a, round_ste(x / x_step), codes)
+        codes = jnp.clip(round_ste(kernel / params["scales"][key]), -KERNEL_CODES, KERNEL_CODES)
+        acc = self._linear(layer, a, round_ste(x / x_step), codes * mask)
         if bias is not None:
-            acc = acc + round_ste(bias / (x_step * w_scale))
+            acc = acc + round_ste(bias * self.bias_scale(layer) / (x_step * w_scale))
         multiplier = x_step * w_scale / steps[out]
         zero = jnp.clip(round_ste(params["zeros"][out]), *CODES)
         y_codes = jnp.clip(round_ste(acc * multiplier) + zero, *CODES)
@@ -301,22 +299,26 @@ class IntegerNetwork:
 
     def to_onnx(self, params: dict) -> Any:
         """The graph with `params`' codes and grids (a new ModelProto; nodes unchanged)."""
+        steps = {r: np.float32(v) for r, v in self.steps(params).items()}
+        zeros = {r: _zero_code(params["zeros"][r]) for r in self.grids}
+        layers = {i: self.layer_codes(params, layer, steps) for i, layer in self.layers.items()}
+        return self.write(steps, zeros, layers)
+
+    def write(self, steps: dict, zeros: dict, layers: dict) -> Any:
+        """The graph with these values: grid steps and zero points by root tensor, (codes,
+        scales, bias) by layer node as `layer_codes` gives them."""
         import copy
 
         from onnx import numpy_helper
 
         values: dict[str, np.ndarray] = {}
-        steps = {r: np.float32(v) for r, v in self.steps(params).items()}
-        zeros = {
-            r: np.uint8(np.clip(np.rint(np.float32(v)), *CODES)) for r, v in params["zeros"].items()
-        }
         for root, quantisers in self.grids.items():
             for i in quantisers:
                 _, inputs, _, _ = self.nodes[i]
-                values[inputs[1]] = steps[root]
-                values[inputs[2]] = zeros[root]
-        for layer in self.layers.values():
-            codes, scales, bias = self.layer_codes(params, layer, steps)
+                values[inputs[1]] = np.float32(steps[root])
+                values[inputs[2]] = np.uint8(zeros[root])
+        for i, layer in self.layers.items():
+            codes, scales, bias = layers[i]
             values[layer.codes] = self._onnx_layout(layer, codes)
             values[layer.scales] = scales
             if bias is not None:
@@ -324,29 +326,27 @@ class IntegerNetwork:
         model = copy.deepcopy(self.model)
         for tensor in model.graph.initializer:
             if tensor.name in values:
-                new = np.asarray(values[tensor.name]).astype(
-                    numpy_helper.to_array(tensor).dtype, copy=False
-                )
-                tensor.CopyFrom(
-                    numpy_helper.from_array(new.reshape(tuple(tensor.dims)), tensor.name)
-                )
+                dtype = numpy_helper.to_array(tensor).dtype
+                new = np.asarray(values[tensor.name]).astype(dtype).reshape(tuple(tensor.dims))
+                tensor.CopyFrom(numpy_helper.from_array(new, tensor.name))
         return model
 
     def layer_codes(self, params: dict, layer: _Layer, steps: dict | None = None):
         """(int8 kernel codes in NHWC layout, float32 channel scales, (int32 bias codes,
         float32 bias scale) or None) as the files store them."""
         key = str(layer.node)
-        scales = self.kernel_scale(layer) * np.asarray(params["scales"][key], np.float32)
-        scales = scales.astype(np.float32)
+        multiple = np.asarray(params["scales"][key], np.float32)
+        scales = (self.kernel_scale(layer) * multiple).astype(np.float32)
         kernel = np.asarray(params["kernels"][key], np.float32)
-        codes = np.clip(np.rint(kernel / scales), -KERNEL_CODES, KERNEL_CODES)
+        codes = np.clip(np.rint(kernel / multiple), -KERNEL_CODES, KERNEL_CODES)
         codes = (codes * np.asarray(self.masks[layer.node])).astype(np.int8)
         if layer.bias is None:
             return codes, scales, None
         if steps is None:
             steps = {r: np.float32(v) for r, v in self.steps(params).items()}
         bias_scale = (steps[layer.input_grid] * scales).astype(np.float32)
-        bias_codes = np.rint(np.asarray(params["biases"][key], np.float32) / bias_scale)
+        bias = np.asarray(params["biases"][key], np.float32) * self.bias_scale(layer)
+        bias_codes = np.rint(bias / bias_scale)
         return codes, scales, (bias_codes.astype(np.int32), bias_scale)
 
 
@@ -407,3 +407,136 @@ _OPS: dict[str, Callable] = {
     "Gather": _gather,
     "Flatten": _flatten,
 }
+
+
+# --- one tensor's name in every file: its place in the network --------------------------------
+
+
+def structural_keys(
+    producers: dict[str, tuple[str, list[str]]],
+    layers: dict[str, str],
+    constants: set[str],
+    source: str,
+) -> dict[str, str]:
+    """Each tensor's key: what it computes from the input and the layers, in one vocabulary
+    for ONNX and LiteRT graphs: a layer's output is `out:<layer>`, a sigmoid `Sigmoid(k)`, a
+    product or sum of tensors `Mul(k1,k2)` / `Add(..)` (operands sorted; constant operands
+    left out), a spatial mean `Mean(k)`; ops that only move values keep their input's key.
+    `producers` maps a tensor to (normalised op, inputs), `layers` a layer's output tensor
+    to its layer's name."""
+    keys: dict[str, str] = {source: "input"}
+
+    def key(name: str) -> str:
+        stack = [name]
+        while stack:
+            top = stack[-1]
+            if top in keys:
+                stack.pop()
+                continue
+            op, inputs = producers.get(top, ("Input", []))
+            operands = [i for i in inputs if i not in ("", -1) and i not in constants]
+            missing = [i for i in operands if i not in keys]
+            if missing and op not in ("Layer", "Input"):
+                stack.extend(missing)
+                continue
+            stack.pop()
+            if op == "Layer":
+                keys[top] = "out:" + layers[top]
+            elif op == "Input":
+                keys[top] = "input:" + top
+            elif not operands:  # computed from constants alone
+                keys[top] = f"const:{top}"
+            elif op == "Move":
+                keys[top] = keys[operands[0]]
+            else:
+                keys[top] = f"{op}({','.join(sorted(keys[o] for o in operands))})"
+        return keys[name]
+
+    for name in producers:
+        key(name)
+    return keys
+
+
+ONNX_OPS = {
+    "Sigmoid": "Sigmoid",
+    "Mul": "Mul",
+    "Add": "Add",
+    "GlobalAveragePool": "Mean",
+    **{op: "Move" for op in ("QuantizeLinear", "DequantizeLinear", "Cast", "Transpose")},
+    **{op: "Move" for op in ("Gather", "Flatten", "Reshape")},
+}
+
+
+def onnx_keys(net: IntegerNetwork, names: dict[int, str]) -> dict[str, str]:
+    """Every tensor's structural key in `net`'s graph, its layers named by `names`."""
+    producers, layers = {}, {}
+    for i, (op, inputs, outs, _) in enumerate(net.nodes):
+        if i in net.layers:
+            producers[outs[0]] = ("Layer", inputs)
+            layers[outs[0]] = names[i]
+        elif i not in net.skipped:
+            producers[outs[0]] = (ONNX_OPS.get(op, op), inputs)
+    return structural_keys(producers, layers, set(net.constants), net.source)
+
+
+def layer_names(net: IntegerNetwork, reference: dict[str, np.ndarray]) -> dict[int, str]:
+    """Each layer of `net` named after the `reference` kernel (name -> HWIO or (in, out)
+    float values) its own start kernel is nearest to, among kernels of its shape."""
+    names = {}
+    for i, layer in net.layers.items():
+        codes = net._kernel_layout(layer, net.constants[layer.codes]).astype(np.float32)
+        kernel = codes * net.kernel_scale(layer)
+        names[i] = nearest_kernel(kernel, reference)
+    return names
+
+
+def nearest_kernel(kernel: np.ndarray, reference: dict[str, np.ndarray]) -> str:
+    candidates = [n for n, k in reference.items() if k.shape == kernel.shape]
+    if not candidates:
+        raise ValueError(f"no kernel of shape {kernel.shape} to match")
+    errors = [float(np.sum((reference[n] - kernel) ** 2)) for n in candidates]
+    return candidates[int(np.argmin(errors))]
+
+
+def learned_values(net: IntegerNetwork, params: dict, names: dict[int, str]):
+    """What a learned network stores, by structural key: {key: (step, zero point)} for
+    every grid (also under `in:<layer>` for a layer's input), {layer name: (codes, scales,
+    bias)} (NHWC layouts) for every layer, and {key of a product or sum: its constant
+    operand} (the input's normalisation)."""
+    keys = onnx_keys(net, names)
+    constants = {}
+    for op, inputs, outs, _ in net.nodes:
+        if op in ("Mul", "Add"):
+            for name in inputs:
+                if name in net.constants and net.constants[name].dtype == np.float32:
+                    constants[keys[outs[0]]] = net.constants[name]
+    steps = {r: np.float32(v) for r, v in net.steps(params).items()}
+    grids = {}
+    for root in net.grids:
+        grids[keys[root]] = (steps[root], _zero_code(params["zeros"][root]))
+    layers = {}
+    for i, layer in net.layers.items():
+        layers[names[i]] = net.layer_codes(params, layer, steps)
+        grids["in:" + names[i]] = (steps[layer.input_grid], grids[keys[layer.input_grid]][1])
+    return grids, layers, constants
+
+
+def transfer(source: IntegerNetwork, params: dict, target: IntegerNetwork, reference: dict):
+    """`target`'s graph (another graph of the same network: the early-exit pair's head or
+    tail) holding `source`'s learned codes and grids, matched by structural key and kernel.
+    Every grid and layer of `target` must be found."""
+    grids, layers, _ = learned_values(source, params, layer_names(source, reference))
+    names = layer_names(target, reference)
+    keys = onnx_keys(target, names)
+    readers = {t.input_grid: names[i] for i, t in target.layers.items()}
+    steps, zeros = {}, {}
+    for root in target.grids:
+        found = grids.get(keys[root]) or grids.get("in:" + readers.get(root, ""))
+        if found is None:
+            raise ValueError(f"the grid of {root} ({keys[root]}) is not in the learned network")
+        steps[root], zeros[root] = found
+    return target.write(steps, zeros, {i: layers[names[i]] for i in target.layers})
+
+
+def _zero_code(zero: Any) -> np.float32:
+    return np.float32(np.clip(np.rint(np.float32(zero)), *CODES))

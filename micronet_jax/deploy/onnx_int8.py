@@ -63,6 +63,7 @@ def integer_graph(
     from micronet_jax.quant.fake import activation_grid, scale_key
 
     graph = Graph(model)
+    _constants_on_grids(graph)
     layers = _match_layers(graph, params)
     grids: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for node in graph.graph.node:
@@ -96,6 +97,26 @@ def integer_graph(
     result = helper.make_model(model.graph, opset_imports=model.opset_import)
     onnx.checker.check_model(result)
     return result
+
+
+def constant_grid(value: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """(int8 codes, step) of a constant operand on one symmetric grid, as LiteRT stores it."""
+    step = np.float32(max(float(np.max(np.abs(value))), 1e-12) / 127)
+    return np.rint(value / step).astype(np.int8), step
+
+
+def _constants_on_grids(graph: Graph) -> None:
+    """Each product's or sum's constant operand (the input's normalisation) replaced by its
+    value on an 8-bit grid: a full-integer model can hold no other, so both files compute
+    with the same constants."""
+    for node in graph.graph.node:
+        if node.op_type not in ("Mul", "Add"):
+            continue
+        for name in node.input:
+            value = graph.constants.get(name)
+            if value is not None and value.dtype == np.float32:
+                codes, step = constant_grid(value)
+                graph.set_constant(name, (codes.astype(np.float32) * step).astype(np.float32))
 
 
 def grid_roots(nodes: Sequence[Any]) -> dict[str, str]:

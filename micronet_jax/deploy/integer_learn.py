@@ -1,0 +1,129 @@
+"""Learn the integer network as the runtimes run it, against the float32 network.
+
+The post-training integer graph (`onnx_int8`) loses predictions because one grid per
+tensor cannot serve channels whose ranges differ by decades, and because every tensor is
+rounded. Post-training methods move one layer or block at a time; here the whole integer
+network (`integer_net.IntegerNetwork`: every kernel code, kernel scale, bias code, grid step
+and zero point) learns by gradient descent (straight-through rounding) to give the float32
+network's own predictions on unlabelled images: the loss is the KL divergence from the
+teacher's soft predictions on both heads. The teacher is frozen, the pruned weights stay
+zero, and what is learned is written back as codes and grids (`IntegerNetwork.to_onnx`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from micronet_jax.deploy.integer_net import IntegerNetwork
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnOptions:
+    """How the integer network learns (the export's `--learn_*` flags)."""
+
+    steps: int = 400
+    batch_size: int = 64
+    kernel_lr: float = 0.02  # kernel and bias codes per step (Adam), cosine to zero
+    grid_lr: float = 0.002  # kernel scales and grid steps, as multiples of their start
+    zero_lr: float = 0.05  # zero points, in codes
+    augment: bool = True  # random flips and 4-pixel shifts of the unlabelled images
+    seed: int = 0
+
+
+def kl_to_teacher(student: tuple, teacher: tuple) -> jax.Array:
+    """Σ over heads of the mean KL(teacher ‖ student) of the softmax predictions."""
+    total = 0.0
+    for s, t in zip(student, teacher, strict=True):
+        p = jax.nn.softmax(t, -1)
+        total = total + jnp.mean(
+            jnp.sum(p * (jax.nn.log_softmax(t, -1) - jax.nn.log_softmax(s, -1)), -1)
+        )
+    return total
+
+
+def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random horizontal flips and shifts of up to 4 pixels (edges repeated): uint8 NHWC."""
+    flip = rng.random(len(images)) < 0.5
+    images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)), mode="edge")
+    out = np.empty_like(images)
+    dy, dx = rng.integers(0, 9, len(images)), rng.integers(0, 9, len(images))
+    for i in range(len(images)):
+        out[i] = padded[i, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
+    return out
+
+
+def optimizer(net: IntegerNetwork, params: dict, options: LearnOptions):
+    def schedule(lr: float) -> optax.Schedule:
+        return optax.cosine_decay_schedule(lr, max(options.steps, 1))
+
+    groups = {
+        "kernels": "codes",
+        "biases": "codes",
+        "scales": "grids",
+        "steps": "grids",
+        "zeros": "zeros",
+    }
+    labels = {
+        name: jax.tree_util.tree_map(lambda _, g=g: g, params[name]) for name, g in groups.items()
+    }
+    for root in net.fixed:
+        labels["steps"][root] = labels["zeros"][root] = "fixed"
+    return optax.multi_transform(
+        {
+            "codes": optax.adam(schedule(options.kernel_lr)),
+            "grids": optax.adam(schedule(options.grid_lr)),
+            "zeros": optax.adam(schedule(options.zero_lr)),
+            "fixed": optax.set_to_zero(),
+        },
+        labels,
+    )
+
+
+def learn(
+    net: IntegerNetwork,
+    teacher: Callable[[Any], tuple],
+    images: np.ndarray,
+    options: LearnOptions = LearnOptions(),
+    params: dict | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> tuple[dict, list[float]]:
+    """`net`'s parameters learned on `images` (uint8, the graph's input) to give `teacher`'s
+    outputs (a function of the same images, the graph's output order); the loss per step."""
+    params = net.init_params() if params is None else params
+    tx = optimizer(net, params, options)
+    state = tx.init(params)
+
+    def loss_fn(p, batch, target):
+        return kl_to_teacher(net.apply(p, batch), target)
+
+    @jax.jit
+    def step(p, s, batch):
+        target = jax.lax.stop_gradient(teacher(batch))
+        loss, grads = jax.value_and_grad(loss_fn)(p, batch, target)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    rng = np.random.default_rng(options.seed)
+    losses: list[float] = []
+    bar = progress(options.steps) if progress is not None else None
+    size = min(options.batch_size, len(images))
+    for _ in range(options.steps):
+        batch = images[rng.choice(len(images), size, replace=False)]
+        if options.augment:
+            batch = augment(batch, rng)
+        params, state, loss = step(params, state, batch)
+        losses.append(float(loss))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(kl=f"{losses[-1]:.4f}")
+    if bar is not None:
+        bar.close()
+    return params, losses
