@@ -4,6 +4,7 @@ float32 and quantised, with a card of what was written (the work is in
 
     python -m micronet_jax.export --checkpoint=PATH --out=DIR [--bits=8x8]
         [--calibration=cifar-10-python.tar.gz|synthetic] [--method=mse+adaround+bias]
+        [--learn_steps=N] [--format=onnx,tflite]
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import sys
 from collections.abc import Sequence
 
 from micronet_jax.deploy.export import CONTROL_IMAGES, ExportOptions, export
+from micronet_jax.deploy.integer_learn import LearnOptions
 from micronet_jax.errors import CommandParser, MicronetError, report
 from micronet_jax.quant.widths import SCALE_WIDTHS
+
+LEARN = LearnOptions()
 
 
 def parser() -> CommandParser:
@@ -22,7 +26,8 @@ def parser() -> CommandParser:
         prog="python -m micronet_jax.export",
         description="Export a MicroNet for CPU runtimes: model.onnx (float32, BN folded), with "
         "--bits model_int8.onnx (post-training quantised; at 8x8 on onnxruntime's integer "
-        "kernels), with --format=onnx,tflite the LiteRT models, the early-exit pair of each, "
+        "kernels, then learned against the float32 network), with --format=onnx,tflite the "
+        "LiteRT models (int8: the same codes and grids), the early-exit pair of each, "
         "card.json.",
     )
     cli.add_argument("--checkpoint", required=True, help="a .pth of the original or a workdir")
@@ -60,6 +65,19 @@ def parser() -> CommandParser:
         default=CONTROL_IMAGES,
         help="test images for the control (the fake quantisation under XLA's convolutions "
         "against the CPU's; what two JAX lowerings disagree on); 0 skips it",
+    )
+    cli.add_argument(
+        "--learn_steps",
+        type=int,
+        default=LEARN.steps,
+        help="at 8x8: steps that learn the integer network (codes and grids) against the "
+        "float32 network's predictions on unlabelled training images; 0: post-training only",
+    )
+    cli.add_argument(
+        "--num_learn",
+        type=int,
+        default=10_000,
+        help="training images the integer network learns from (synthetic: --num_calibration)",
     )
     cli.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     cli.add_argument(

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from micronet_jax.deploy.integer_learn import LearnOptions
 from micronet_jax.errors import CheckpointError, ConfigError, DataError
 
 INT8_WIDTHS = range(2, 9)  # widths a code fits in int8 (kernels) and uint8 (inputs)
@@ -120,8 +121,9 @@ def load_network(path: Path) -> tuple[Any, dict, dict[str, Any]]:
     raise CheckpointError(f"--checkpoint: no file or directory at {path}")
 
 
-def load_images(archive: Path, num_calibration: int, num_test: int):
-    """(calibration images from the training split, measured images from the test split)."""
+def load_images(archive: Path, num_calibration: int, num_test: int, num_learn: int = 0):
+    """(calibration images from the training split, measured images from the test split,
+    images to learn the integer network from: the first `num_learn` training images)."""
     from micronet_jax.data.cifar import load_train_test
 
     name = "cifar100" if "100" in archive.name else "cifar10"
@@ -129,7 +131,11 @@ def load_images(archive: Path, num_calibration: int, num_test: int):
         train, test = load_train_test(name, str(archive), download=False)
     except DataError as error:
         raise DataError(f"--calibration: {error}") from None
-    return train.images[:num_calibration], test.images[:num_test]
+    return (
+        train.images[:num_calibration],
+        test.images[:num_test],
+        train.images[: max(num_learn, num_calibration)],
+    )
 
 
 def synthetic_images(model, variables, count: int) -> np.ndarray:
@@ -179,6 +185,8 @@ class ExportOptions:
     num_control: int = CONTROL_IMAGES
     overwrite: bool = False
     formats: tuple[str, ...] = ("onnx",)  # onnx, tflite
+    learn_steps: int = LearnOptions.steps  # at 8x8: learning the integer network
+    num_learn: int = 10_000  # training images it learns from
 
 
 FORMATS = ("onnx", "tflite")
@@ -198,12 +206,17 @@ def export(options: ExportOptions) -> dict[str, Any]:
     from micronet_jax.quant.ptq import parse_method
 
     method = parse_method(options.method)
+    if options.learn_steps < 0 or options.num_learn < 0:
+        raise ConfigError("--learn_steps and --num_learn must be 0 or more")
     images = None
     if options.calibration and options.calibration != SYNTHETIC:
-        images = load_images(Path(options.calibration), options.num_calibration, options.num_test)
+        images = load_images(
+            Path(options.calibration), options.num_calibration, options.num_test, options.num_learn
+        )
     model, variables, source = load_network(Path(options.checkpoint))
     if options.calibration == SYNTHETIC:
-        images = (synthetic_images(model, variables, options.num_calibration), None)
+        synthetic = synthetic_images(model, variables, options.num_calibration)
+        images = (synthetic, None, synthetic)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -259,12 +272,15 @@ def _write(staging, model, variables, bits, method, images, options) -> dict[str
     if images is not None and images[1] is not None:
         card["measured_on"] = {"archive": str(options.calibration), "test_images": len(images[1])}
     card["float32"], reference = _write_float32(staging, model, variables, images, outputs)
+    learned = None
     if bits is not None:
-        card["quantized"] = _write_quantized(
+        card["quantized"], learned = _write_quantized(
             staging, model, variables, bits, method, images, reference, outputs, options
         )
     if "tflite" in options.formats:
-        card["tflite"] = _write_tflite(staging, model, variables, bits, images, reference, options)
+        card["tflite"] = _write_tflite(
+            staging, model, variables, bits, images, reference, options, learned
+        )
     card["files"] = {
         p.relative_to(staging).as_posix(): p.stat().st_size
         for p in sorted(staging.rglob("*"))
@@ -303,11 +319,13 @@ def integer_eligible(bits: Any) -> bool:
 
 def _write_quantized(
     staging, model, variables, bits, method, images, reference, outputs, options
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Any]:
     """model_int8.onnx and its exit pair, post-training quantised on the calibration
-    images: at 8x8 the integer graph (`onnx_int8`, every depthwise input on one grid), at
-    other widths the QDQ graph of the fake quantisation itself; the card's entry: widths,
-    method, score, agreement with float32 and the runtime's parity with its JAX side."""
+    images: at 8x8 the integer graph (`onnx_int8`, every depthwise input on one grid), then
+    learned against the float32 network (`integer_learn`), at other widths the QDQ graph of
+    the fake quantisation itself; the card's entry (widths, method, score, agreement with
+    float32, the runtime's parity with its JAX side) and, at 8x8, the learned values
+    (`integer_net.learned_values`) for the LiteRT model."""
     from tqdm.auto import tqdm
 
     from micronet_jax.evaluation.early_exit import logit_agreement
@@ -315,7 +333,7 @@ def _write_quantized(
     from micronet_jax.quant.ptq import post_training_quantize
     from micronet_jax.train.steps import predict
 
-    calibration, test = images
+    calibration, test, learn_images = images
     integer = integer_eligible(bits)
     if integer:  # onnxruntime has no integer kernel for per-channel input grids
         bits = dataclasses.replace(bits, depthwise_channels=False)
@@ -341,23 +359,34 @@ def _write_quantized(
         "score": _score(model, quantized["params"], fake_versus_float.get("exit_ratio"), bits),
     }
     if integer:
-        graphs = write_integer_graphs(staging, model, quantized, calibration, outputs)
-        if test is None:
-            entry["graph"] = INTEGER_GRAPH
-            return entry
         from micronet_jax.deploy import onnx_sim
 
+        entry["graph"] = INTEGER_GRAPH
+        graphs = write_integer_graphs(staging, model, quantized, calibration, outputs)
+        post_training = graphs["model"]
+        learned = None
+        if options.learn_steps > 0:
+            graphs, learned, entry["learning"] = learn_integer_graphs(
+                staging, model, variables, graphs, learn_images, options
+            )
+        if test is None:
+            return entry, learned
         runtime = run_onnx(onnx_session(staging / "model_int8.onnx"), test)
         simulated = _in_batches(onnx_sim.load(graphs["model"]), test)
-        entry["graph"] = INTEGER_GRAPH
         entry["agreement_with_float32"] = logit_agreement(runtime, reference)
+        if learned is not None:
+            before = _in_batches(onnx_sim.load(post_training), test)
+            entry["learning"]["post_training_agreement_with_float32"] = logit_agreement(
+                before, reference
+            )
+            entry["learning"]["agreement_with_float32"] = logit_agreement(simulated, reference)
         entry["fake_quantisation_agreement_with_float32"] = fake_versus_float
         entry["onnx_vs_jax_simulation"] = logit_agreement(runtime, simulated)
-        return entry
+        return entry, learned
     write_graphs(staging, model, quantized, bits, "_int8", outputs)
     entry["graph"] = "QDQ on every layer input: the fake quantisation the score counts"
     if test is None:
-        return entry
+        return entry, None
     runtime = run_onnx(onnx_session(staging / "model_int8.onnx"), test)
     entry["agreement_with_float32"] = fake_versus_float
     entry["onnx_vs_jax_fake_quantisation"] = logit_agreement(runtime, fake)
@@ -365,7 +394,7 @@ def _write_quantized(
         entry["jax_xla_conv_vs_jax_fake_quantisation"] = _lowering_control(
             model, bits, quantized, test[: options.num_control], fake
         )
-    return entry
+    return entry, None
 
 
 INTEGER_CALIBRATION_BATCH = 64
@@ -432,12 +461,16 @@ def write_integer_graphs(folder: Path, model, quantized, calibration, outputs) -
     return graphs
 
 
-def _write_tflite(staging, model, variables, bits, images, reference, options) -> dict[str, Any]:
+def _write_tflite(
+    staging, model, variables, bits, images, reference, options, learned=None
+) -> dict[str, Any]:
     """model.tflite (float32; model_sparse.tflite the same with its pruned kernels in
-    LiteRT's sparse encoding) and, with `bits` (8x8), model_int8.tflite (full-integer, every
-    tensor's range measured on the calibration images, see `tflite.to_tflite`), each with
-    its early-exit pair; the card's entry: calibration, agreement with JAX float32 and
-    LiteRT's parity with the JAX simulation of each model."""
+    LiteRT's sparse encoding) and, with `bits` (8x8), model_int8.tflite (full-integer: the
+    converter's graph holding the integer network's codes and grids, `tflite_grids`; or,
+    with nothing learned, every tensor's range measured on the calibration images, see
+    `tflite.to_tflite`), each with its early-exit pair; the card's entry: calibration,
+    agreement with JAX float32, LiteRT's parity with the JAX simulation of each model and,
+    learned, whether every value read back from the files equals the JAX network's."""
     from micronet_jax.deploy import onnx_graph, tflite
     from micronet_jax.evaluation.early_exit import logit_agreement
     from micronet_jax.models.fold import fold_batch_norm
@@ -452,12 +485,20 @@ def _write_tflite(staging, model, variables, bits, images, reference, options) -
         if precision == "int8" and data is None:
             continue
         write_tflite_models(staging, model, folded, suffix, data)
+        if precision == "int8" and learned is not None:
+            part_values = hold_learned_values(staging, learned)
         if precision == "float32":  # the pruned kernels in LiteRT's sparse encoding
             forward = onnx_graph.forward_fn(model, folded, target="tflite")
             sparse = tflite.to_tflite(forward, (1, 32, 32, 3), np.uint8, sparse=True)
             (staging / "model_sparse.tflite").write_bytes(sparse)
         part: dict[str, Any] = {}
-        if precision == "int8":
+        if precision == "int8" and learned is not None:
+            part["calibration"] = {
+                "by": "the converter's graph holding the learned integer network's kernel "
+                "codes, scales, bias codes and every tensor's grid (those of model_int8.onnx)",
+            } | calibration_entry(options, len(data))
+            part["values_equal_to_jax"] = part_values
+        elif precision == "int8":
             part["calibration"] = {
                 "by": "every tensor's range measured by the converter on the calibration "
                 "images, then clipped to its grid's least expected squared error on them; "
@@ -473,6 +514,113 @@ def _write_tflite(staging, model, variables, bits, images, reference, options) -
             part["litert_vs_jax_simulation"] = logit_agreement(got, simulated)
         entry[precision] = part
     return entry
+
+
+def learn_integer_graphs(folder: Path, model, variables, graphs: dict, images, options):
+    """The integer graphs learned against the float32 network (`integer_learn`) on
+    `images`, saved over the post-training ones: (graphs, the learned values by structural
+    key for the LiteRT models, the card's entry)."""
+    import onnx
+    from tqdm.auto import tqdm
+
+    from micronet_jax.deploy import integer_learn
+    from micronet_jax.deploy.integer_net import (
+        IntegerNetwork,
+        float_params,
+        layer_names,
+        learned_values,
+        reference_kernels,
+        transfer,
+    )
+    from micronet_jax.models.fold import fold_batch_norm
+
+    learn = dataclasses.replace(integer_learn.LearnOptions(), steps=options.learn_steps)
+    tic = time.perf_counter()
+    net = IntegerNetwork(graphs["model"])
+    folded = fold_batch_norm(variables)["params"]
+    params, losses = integer_learn.learn(
+        net,
+        integer_learn.teacher_fn(model, variables),
+        images,
+        learn,
+        progress=lambda total: tqdm(total=total, desc="learn the integer network", leave=False),
+        float_params=float_params(net, net.init_params(), folded),
+    )
+    reference = reference_kernels(folded)
+    learned = {"model": net.to_onnx(params)}
+    for part, name in (("head", "head_int8.onnx"), ("tail", "tail_int8.onnx")):
+        if part in graphs:
+            learned[part] = transfer(net, params, IntegerNetwork(graphs[part]), reference)
+            onnx.save(learned[part], folder / "early_exit" / name)
+    onnx.save(learned["model"], folder / "model_int8.onnx")
+    values = learned_values(net, params, layer_names(net, reference))
+    check = IntegerNetwork(onnx.load(folder / "model_int8.onnx"))
+    entry = {
+        "by": "every kernel code, kernel scale, bias code, grid step and zero point learned "
+        "(straight-through rounding) to give the float32 network's predictions on both heads "
+        "(KL divergence) and every gridded tensor's float32 value (normalised squared error, "
+        "weighted) on unlabelled training images",
+        "images": len(images),
+        "steps": learn.steps,
+        "batch_size": learn.batch_size,
+        "augment": learn.augment,
+        "feature_weight": learn.feature_weight,
+        "loss_first_and_last_10_steps": [
+            round(float(np.mean(losses[:10])), 5),
+            round(float(np.mean(losses[-10:])), 5),
+        ],
+        "values_equal_to_jax": same_values(
+            values, learned_values(check, check.init_params(), layer_names(check, reference))
+        ),
+        "seconds": round(time.perf_counter() - tic, 1),
+    }
+    return learned, (values, reference), entry
+
+
+def same_values(ours: tuple, theirs: tuple) -> dict[str, Any]:
+    """Whether a file holds exactly the learned network's grids, codes and scales (each
+    grid and layer of the file compared with the JAX side's)."""
+    grids, layers = ours[0], ours[1]
+    file_grids, file_layers = theirs[0], theirs[1]
+    grid_equal = sum(
+        1
+        for key, value in file_grids.items()
+        if key in grids and tuple(map(float, value)) == tuple(map(float, grids[key]))
+    )
+    layer_equal = 0
+    for name, (codes, scales, bias) in file_layers.items():
+        mine = layers.get(name)
+        if mine is None:
+            continue
+        same = np.array_equal(codes, mine[0]) and np.allclose(scales, mine[1], rtol=1e-6, atol=0)
+        if bias is not None:
+            same = same and np.array_equal(bias[0], mine[2][0])
+            same = same and np.allclose(bias[1], mine[2][1], rtol=1e-6, atol=0)
+        layer_equal += bool(same)
+    return {
+        "grids": len(file_grids),
+        "grids_equal": grid_equal,
+        "layers": len(file_layers),
+        "layers_equal": layer_equal,
+    }
+
+
+def hold_learned_values(folder: Path, learned) -> dict[str, Any]:
+    """The LiteRT int8 models rewritten to hold the learned network's values; what each
+    file reads back, compared with them."""
+    from micronet_jax.deploy import tflite_grids
+
+    values, reference = learned
+    checks = {}
+    paths = [folder / "model_int8.tflite"]
+    paths += sorted((folder / "early_exit").glob("*_int8.tflite"))
+    for path in paths:
+        data = tflite_grids.write_network(path.read_bytes(), values, reference)
+        path.write_bytes(data)
+        checks[path.relative_to(folder).as_posix()] = same_values(
+            values, tflite_grids.read_back(data, reference)
+        )
+    return checks
 
 
 def _in_batches(run, images: np.ndarray, batch: int = 500) -> tuple[np.ndarray, ...]:

@@ -28,13 +28,28 @@ from micronet_jax.deploy.integer_net import IntegerNetwork
 class LearnOptions:
     """How the integer network learns (the export's `--learn_*` flags)."""
 
-    steps: int = 400
-    batch_size: int = 64
-    kernel_lr: float = 0.02  # kernel and bias codes per step (Adam), cosine to zero
-    grid_lr: float = 0.002  # kernel scales and grid steps, as multiples of their start
+    steps: int = 500
+    batch_size: int = 32
+    kernel_lr: float = 0.05  # kernel and bias codes per step (Adam), cosine to zero
+    grid_lr: float = 0.005  # kernel scales and grid steps, as multiples of their start
     zero_lr: float = 0.05  # zero points, in codes
     augment: bool = True  # random flips and 4-pixel shifts of the unlabelled images
+    feature_weight: float = 10.0  # every gridded tensor's normalised error to the float one
     seed: int = 0
+
+
+def teacher_fn(model: Any, variables: dict) -> Callable[[Any], tuple]:
+    """The float32 network as a function of uint8 NHWC images: (logits, exit logits when it
+    has an exit head), in the integer graph's output order, on the CPU's fast convolutions."""
+    from micronet_jax.data.augment import normalize_affine
+
+    def forward(images):
+        outputs = model.apply(variables, normalize_affine(images), train=False)
+        if isinstance(outputs, tuple):
+            return tuple(o for o in outputs if o is not None)
+        return (outputs,)
+
+    return forward
 
 
 def kl_to_teacher(student: tuple, teacher: tuple) -> jax.Array:
@@ -87,6 +102,16 @@ def optimizer(net: IntegerNetwork, params: dict, options: LearnOptions):
     )
 
 
+def feature_error(student: dict, teacher: dict) -> jax.Array:
+    """The mean over gridded tensors of each one's squared error to the float network's
+    value, relative to that value's mean square."""
+    errors = [
+        jnp.mean((student[k] - teacher[k]) ** 2) / (jnp.mean(teacher[k] ** 2) + 1e-8)
+        for k in teacher
+    ]
+    return jnp.mean(jnp.stack(errors))
+
+
 def learn(
     net: IntegerNetwork,
     teacher: Callable[[Any], tuple],
@@ -94,20 +119,33 @@ def learn(
     options: LearnOptions = LearnOptions(),
     params: dict | None = None,
     progress: Callable[[int], Any] | None = None,
+    float_params: dict | None = None,
 ) -> tuple[dict, list[float]]:
     """`net`'s parameters learned on `images` (uint8, the graph's input) to give `teacher`'s
-    outputs (a function of the same images, the graph's output order); the loss per step."""
+    outputs (a function of the same images, the graph's output order) and, with
+    `float_params` (`integer_net.float_params`) and a feature weight, each gridded tensor
+    the float network's value of it (block-wise targets); the loss per step."""
     params = net.init_params() if params is None else params
     tx = optimizer(net, params, options)
     state = tx.init(params)
+    features = float_params is not None and options.feature_weight > 0
 
-    def loss_fn(p, batch, target):
-        return kl_to_teacher(net.apply(p, batch), target)
+    def loss_fn(p, batch, target, target_features):
+        if not features:
+            return kl_to_teacher(net.apply(p, batch), target)
+        outputs, captured = net.apply(p, batch, capture=True)
+        return kl_to_teacher(outputs, target) + options.feature_weight * feature_error(
+            captured, target_features
+        )
 
     @jax.jit
     def step(p, s, batch):
         target = jax.lax.stop_gradient(teacher(batch))
-        loss, grads = jax.value_and_grad(loss_fn)(p, batch, target)
+        target_features = None
+        if features:
+            _, target_features = net.apply(float_params, batch, quantised=False, capture=True)
+            target_features = jax.lax.stop_gradient(target_features)
+        loss, grads = jax.value_and_grad(loss_fn)(p, batch, target, target_features)
         updates, s = tx.update(grads, s, p)
         return optax.apply_updates(p, updates), s, loss
 

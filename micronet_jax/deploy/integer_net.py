@@ -201,10 +201,12 @@ class IntegerNetwork:
 
     # --- the function --------------------------------------------------------------------
 
-    def apply(self, params: dict, images: jax.Array, quantised: bool = True) -> tuple:
+    def apply(
+        self, params: dict, images: jax.Array, quantised: bool = True, capture: bool = False
+    ) -> tuple:
         """The graph's outputs on `images` (the graph's input: uint8 NHWC images, or NCHW
         features for a tail graph); `quantised=False` skips every rounding (the float
-        network the parameters stand for)."""
+        network the parameters stand for). With `capture`, also {grid: the tensor on it}."""
         x = jnp.asarray(images)
         if x.ndim == 4 and self.model.graph.input[0].name != "images":
             x = jnp.transpose(x, (0, 2, 3, 1))  # NCHW features, held as NHWC
@@ -219,6 +221,7 @@ class IntegerNetwork:
             return values[name] if name in values else self.constants[name]
 
         steps = self.steps(params)
+        captured: dict[str, Any] = {}
         for i, (op, inputs, outs, attributes) in enumerate(self.nodes):
             if i in self.skipped:
                 continue
@@ -234,6 +237,7 @@ class IntegerNetwork:
                 else:
                     y = values[inputs[0]]
                 values[outs[0]] = y
+                captured.setdefault(root, y)
                 if inputs[0] in nhwc:
                     nhwc.add(outs[0])
                 continue
@@ -256,7 +260,7 @@ class IntegerNetwork:
             if name in nhwc and y.ndim == 4:
                 y = jnp.transpose(y, (0, 3, 1, 2))  # the graph's NCHW
             results.append(y)
-        return tuple(results)
+        return (tuple(results), captured) if capture else tuple(results)
 
     def _apply_layer(self, params, steps, layer: _Layer, value, quantised: bool, out: str):
         """A layer and the grid of its output, as the integer kernels compute them: input
@@ -477,6 +481,39 @@ def onnx_keys(net: IntegerNetwork, names: dict[int, str]) -> dict[str, str]:
         elif i not in net.skipped:
             producers[outs[0]] = (ONNX_OPS.get(op, op), inputs)
     return structural_keys(producers, layers, set(net.constants), net.source)
+
+
+def reference_kernels(params: dict) -> dict[str, np.ndarray]:
+    """The float32 kernels of a (BN-folded) parameter tree by layer path: what layers in
+    every file are named after."""
+    from micronet_jax.models.paths import path_name
+
+    return {
+        path_name(key).removesuffix("/kernel"): np.asarray(leaf, np.float32)
+        for key, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if path_name(key).endswith("/kernel")
+    }
+
+
+def float_params(net: IntegerNetwork, params: dict, folded: dict) -> dict:
+    """`params` with the float32 network's own kernels and biases (BN-folded `folded`
+    parameters) in the twin's units: with `apply(quantised=False)`, the float network
+    computed along the integer graph, whose every gridded tensor is a target."""
+    from micronet_jax.models.paths import path_name
+
+    biases = {
+        path_name(key).removesuffix("/bias"): np.asarray(leaf, np.float32)
+        for key, leaf in jax.tree_util.tree_flatten_with_path(folded)[0]
+        if path_name(key).endswith("/bias")
+    }
+    reference = reference_kernels(folded)
+    names = layer_names(net, reference)
+    new = dict(params, kernels=dict(params["kernels"]), biases=dict(params["biases"]))
+    for i, layer in net.layers.items():
+        new["kernels"][str(i)] = jnp.asarray(reference[names[i]] / net.kernel_scale(layer))
+        if layer.bias is not None and names[i] in biases:
+            new["biases"][str(i)] = jnp.asarray(biases[names[i]] / net.bias_scale(layer))
+    return new
 
 
 def layer_names(net: IntegerNetwork, reference: dict[str, np.ndarray]) -> dict[int, str]:
