@@ -242,6 +242,10 @@ def bad_inputs(tmp_path, archive):
         ),
         "output exists": ([f"--checkpoint={garbage}", f"--out={existing}"], "--overwrite"),
         "unknown format": ([f"--checkpoint={garbage}", "--format=onnx,coreml"], "coreml"),
+        "negative learning steps": (
+            [f"--checkpoint={garbage}", "--learn_steps=-1"],
+            "--learn_steps",
+        ),
         "tflite below 8 bits": (
             [
                 f"--checkpoint={garbage}",
@@ -256,6 +260,7 @@ def bad_inputs(tmp_path, archive):
 
 CASES = (
     "not a MicroNet",
+    "negative learning steps",
     "bits out of range",
     "bits not WxA",
     "bits without calibration",
@@ -330,6 +335,7 @@ def test_export_of_a_finished_run_writes_both_graphs_and_the_card(
         f"--calibration={tiny_archive}",
         "--num_calibration=64",
         "--method=mse+adaround+bias",
+        "--learn_steps=5",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     card = json.loads((out / "card.json").read_text())
@@ -375,6 +381,7 @@ def test_released_network_exports_and_every_runtime_computes_what_jax_does(
     from micronet_jax.data.cifar import load_train_test
     from micronet_jax.deploy import onnx_sim, openvino_runtime
     from micronet_jax.deploy.tflite import Runner
+    from micronet_jax.evaluation.early_exit import logit_agreement
     from micronet_jax.models.torch_import import load_original
 
     pth = original_checkpoints / "final_ee50" / "trained_model.pth"
@@ -388,6 +395,8 @@ def test_released_network_exports_and_every_runtime_computes_what_jax_does(
         "--num_test=500",
         "--num_control=0",
         "--method=nearest",
+        "--learn_steps=1",
+        "--num_learn=64",
         "--format=onnx,tflite",
         env=user_env(compile_cache),
         timeout=900,
@@ -422,10 +431,20 @@ def test_released_network_exports_and_every_runtime_computes_what_jax_does(
     ):  # the layers' sums exact on both sides: what is left is the other ops' rounding
         assert parity["confident"] == 1.0
         assert parity["main"] >= 0.99
+    # OpenVINO runs the same integer graph, but its requantisation is its own (dequantise,
+    # then its FakeQuantize formula with the kernels it picks for the CPU), not ONNX's exact
+    # round((sum + bias) · scale): a code at a grid boundary lands one step off, and the
+    # flips compound through ~160 requantisations. Which flip depends on the CPU's kernels
+    # (87.6% of 500 images on a Xeon with AMX, 90.6% here, 89.2% here with only the fusion
+    # changed), so all images have no floor; the predictions the network is sure of do not
+    # move (all of them here, 98.9% even with every float layer in bf16), and a
+    # broken integer kernel moves everything (39% with oneDNN's ISA capped below VNNI).
     simulated = onnx_sim.load(onnx.load(out / "model_int8.onnx"))(images)
     integer = openvino_runtime.compile_model(out / "model_int8.onnx", config)
     got = list(integer.create_infer_request().infer({0: images}).values())
-    assert np.mean(got[0].argmax(-1) == np.asarray(simulated[0]).argmax(-1)) >= 0.9
+    openvino_parity = logit_agreement(tuple(got), tuple(np.asarray(s) for s in simulated))
+    assert openvino_parity["confident"] >= 0.98
+    assert openvino_parity["main"] >= 0.75
     assert card["source"]["sha256"] == file_sha256([pth])
 
 

@@ -33,27 +33,12 @@ def images(count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
 
 
-def decisive(variables: dict, factor: float = 30.0) -> dict:
-    """`variables` with both classifiers' kernels `factor` times larger: the random tiny
-    network's logits are otherwise near ties, which every rounding moves alike."""
-    import jax
-
-    from micronet_jax.models.paths import path_name
-
-    def scale(path, leaf):
-        return leaf * factor if path_name(path).endswith("fc/kernel") else leaf
-
-    return {**variables, "params": jax.tree_util.tree_map_with_path(scale, variables["params"])}
-
-
 @functools.cache
 def integer_graph(tmp_root: str):
-    """The tiny network (its classifiers decisive) and its post-training integer graph
-    (rounding to nearest)."""
+    """The tiny network and its post-training integer graph (rounding to nearest)."""
     from pathlib import Path
 
     model, variables, calibration = pruned_tiny()
-    variables = decisive(variables)
     bits = BitWidths(8, 8, depthwise_channels=False)
     quantized, _ = post_training_quantize(
         model, variables, calibration[:32], bits, parse_method("nearest"), batch_size=16
@@ -95,39 +80,48 @@ def test_the_twin_computes_the_integer_graph_bit_for_bit(tiny_integer):
     )
 
 
-def test_learning_moves_agreement_up_on_held_out_images(tiny_integer):
-    """Learned on one set of images, the integer network agrees with float32 more often,
-    and is nearer it in KL, on images it never saw, in the file's own simulation. The tiny
-    network keeps nearly every prediction at 8 bits, so learning starts from a worse point:
-    every kernel code moved by up to 3 (a badly rounded network)."""
-    model, variables, graphs = tiny_integer
-    net = IntegerNetwork(graphs["model"])
-    teacher = teacher_fn(model, variables)
-    start = net.init_params()
-    rng = np.random.default_rng(4)
-    start["kernels"] = {
-        k: v + rng.integers(-3, 4, v.shape).astype(np.float32) for k, v in start["kernels"].items()
-    }
-    targets = float_params(net, start, fold_batch_norm(variables)["params"])
-    params, losses = learn(
-        net,
-        teacher,
-        images(512, 2),
-        LearnOptions(steps=80, batch_size=32, grid_lr=1e-4),
-        params=start,
-        float_params=targets,
+@pytest.mark.slow
+@pytest.mark.shared
+def test_learning_moves_agreement_up_on_held_out_images(original_checkpoints, cifar10_archive):
+    """On the released network (the tiny one's random predictions are all one class, which
+    no rounding moves), a few dozen learning steps on CIFAR-10 training images bring the
+    integer network's predictions nearer the float32 network's on test images it never
+    saw, in its file's own simulation: higher agreement, lower KL divergence."""
+    from micronet_jax.data.cifar import load_train_test
+    from micronet_jax.models.torch_import import load_original
+
+    loaded = load_original(original_checkpoints / "final_ee50" / "trained_model.pth")
+    model, variables = loaded.model, loaded.variables
+    train, test = load_train_test("cifar10", str(cifar10_archive), download=False)
+    bits = BitWidths(8, 8, depthwise_channels=False)
+    calibration = train.images[:128]
+    quantized, _ = post_training_quantize(
+        model, variables, calibration, bits, parse_method("nearest")
     )
-    assert np.mean(losses[-10:]) < np.mean(losses[:10])
-    held_out = images(512, 3)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        graph = write_integer_graphs(
+            Path(folder), model, quantized, calibration, ["logits", "exit_logits"]
+        )["model"]
+    net = IntegerNetwork(graph)
+    teacher = teacher_fn(model, variables)
+    targets = float_params(net, net.init_params(), fold_batch_norm(variables)["params"])
+    params, losses = learn(
+        net, teacher, train.images[:2000], LearnOptions(steps=30), float_params=targets
+    )
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    held_out = test.images[:1000]
     reference = tuple(np.asarray(t) for t in teacher(held_out))
-    before = onnx_sim.load(net.to_onnx(start))(held_out)
+    before = onnx_sim.load(graph)(held_out)
     after = onnx_sim.load(net.to_onnx(params))(held_out)
-    assert float(kl_to_teacher(after, reference)) < 0.8 * float(kl_to_teacher(before, reference))
+    assert float(kl_to_teacher(after, reference)) < 0.9 * float(kl_to_teacher(before, reference))
     agree_before = logit_agreement(before, reference)
     agree_after = logit_agreement(after, reference)
-    print(agree_before, agree_after, np.bincount(reference[0].argmax(-1)))
+    print(agree_before, agree_after)
     assert agree_after["main"] > agree_before["main"]
-    assert agree_after["exit"] >= agree_before["exit"]
+    assert agree_after["exit"] > agree_before["exit"]
 
 
 @pytest.mark.slow
