@@ -171,6 +171,22 @@ def test_an_unfinished_run_gets_the_plots_it_can_have(tmp_path):
     assert float(row["test_accuracy"]) == pytest.approx(0.2)
 
 
+def test_a_run_in_progress_with_a_half_written_metrics_line_is_reported(tmp_path):
+    """A run being written to ends its metrics.jsonl in a partial line: the report plots
+    the complete records and leaves that line out, as a resume does. (Control: the same
+    file through a plain JSON-lines read raises.)"""
+    stage = tmp_path / "stage_a"
+    stage.mkdir()
+    records = [{"epoch": e, "train_loss": 3.0 - e, "test_accuracy": 0.1 * e} for e in (1, 2)]
+    text = "".join(json.dumps(r) + "\n" for r in records) + '{"epoch": 3, "train_lo'
+    (stage / "metrics.jsonl").write_text(text)
+    with pytest.raises(json.JSONDecodeError):
+        [json.loads(line) for line in text.splitlines()]
+    assert main([f"--workdir={tmp_path}"]) == 0
+    rows = read_csv(tmp_path / "plots" / "training_curves.csv")
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2]
+
+
 def test_a_run_recorded_before_a_key_existed_reads_it_as_its_default(tmp_path):
     from micronet_jax.config.defaults import default_config
 

@@ -7,7 +7,6 @@ be checked or redrawn without rerunning anything. Matplotlib runs headless (Agg)
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -229,10 +228,6 @@ def pareto_front(rows: Sequence[dict[str, Any]], metric: str = "accuracy") -> li
 
 
 # --- training curves -----------------------------------------------------------------------
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def curve_rows(stages: Sequence[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:

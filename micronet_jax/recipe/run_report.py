@@ -125,12 +125,13 @@ def find_exit_sweep(workdir: Path) -> Path | None:
 
 
 def _curves(workdir: Path, dirs: list[Path]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """(stage, epoch records) of each stage; a stage-A-only run keeps its metrics at the top."""
-    from micronet_jax.evaluation import plots
+    """(stage, epoch records) of each stage; a stage-A-only run keeps its metrics at the top.
+    A run still in progress may end in a half-written line: it is skipped, as on resume."""
+    from micronet_jax.train.metrics import read_records
 
     found = [(d, d.name) for d in dirs] + [(workdir, "train")]
     return [
-        (name, plots.read_jsonl(d / "metrics.jsonl"))
+        (name, read_records(d / "metrics.jsonl"))
         for d, name in found
         if (d / "metrics.jsonl").exists()
     ]
