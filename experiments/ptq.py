@@ -49,12 +49,13 @@ import numpy as np
 
 from experiments import agreement
 from micronet_jax.data.augment import eval_transform
+from micronet_jax.errors import ConfigError
 from micronet_jax.models.fold import fold_batch_norm
 from micronet_jax.quant import mixed
 from micronet_jax.quant.fake import QuantizedApply, calibrate
 from micronet_jax.quant.ptq import parse_method, post_training_quantize
 from micronet_jax.quant.reconstruct import Reconstruction
-from micronet_jax.quant.widths import BitWidths, parse_override, save_widths
+from micronet_jax.quant.widths import BitWidths, parse_bits, save_widths
 from micronet_jax.scoring.counter import count_micronet
 
 DEFAULT_BITS = ("8x8", "6x6", "4x8")
@@ -100,17 +101,6 @@ FRONTIER_COLUMNS = (
     "narrower_layers",
     "widths_file",
 )
-
-
-def parse_bits(text: str, keep: Sequence[str], scale_bits: int = 32) -> BitWidths:
-    """'8x8' (weights x activations; depthwise inputs per channel) or '8x8/tensor' (one grid
-    per depthwise input), plus overrides such as 'stem_conv=8,32'."""
-    widths, _, grids = text.partition("/")
-    if grids not in ("", "channel", "tensor"):
-        raise SystemExit(f"error: --bits {text!r}: after '/' comes channel or tensor")
-    weights, _, activations = widths.partition("x")
-    overrides = tuple(parse_override(k) for k in keep)
-    return BitWidths(int(weights), int(activations), overrides, grids != "tensor", scale_bits)
 
 
 def honest_score(arch, params, bits: BitWidths, ratio: float):
@@ -465,7 +455,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     for text in args.methods + [args.frontier_method]:
-        parse_method(text)  # a bad method fails now, not an hour in
+        parse_method(text)  # a bad method or width fails now, not an hour in
+    for text in args.bits:
+        try:
+            parse_bits(text, args.keep)
+        except ConfigError as error:
+            parser.error(str(error))
     tic = time.perf_counter()
     rows, frontier_rows = measure(args)
     minutes = (time.perf_counter() - tic) / 60

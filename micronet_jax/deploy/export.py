@@ -38,41 +38,10 @@ import numpy as np
 
 from micronet_jax.deploy.integer_learn import LearnOptions
 from micronet_jax.errors import CheckpointError, ConfigError, DataError
+from micronet_jax.quant.widths import parse_bits
 
-INT8_WIDTHS = range(2, 9)  # widths a code fits in int8 (kernels) and uint8 (inputs)
 CONTROL_IMAGES = 2000
 SYNTHETIC = "synthetic"  # --calibration: images made from the network's BN statistics
-
-
-def parse_bits(text: str, scale_bits: int = 32) -> Any:
-    """'WxA' (weights x activations, each 2..8 bits; a depthwise conv's input on a grid per
-    channel) or 'WxA/tensor' (one grid per depthwise input); scales at `scale_bits`. Or the
-    path of a width file (`quant.widths.save_widths`: per-layer widths, e.g. from
-    `experiments.ptq`'s search), whose own scale width holds."""
-    from micronet_jax.quant.widths import FULL, BitWidths, load_widths
-
-    if text.endswith(".json") or Path(text).is_file():
-        bits = load_widths(text)
-        if scale_bits not in (FULL, bits.scale_bits):
-            raise ConfigError(
-                f"--scale_bits {scale_bits}: the width file {text} stores its scales at "
-                f"{bits.scale_bits} bits"
-            )
-        return bits
-
-    widths, _, grids = text.partition("/")
-    weights, _, activations = widths.partition("x")
-    if (
-        grids not in ("", "tensor")
-        or not weights.isdigit()
-        or not activations.isdigit()
-        or int(weights) not in INT8_WIDTHS
-        or int(activations) not in INT8_WIDTHS
-    ):
-        raise ConfigError(
-            f"--bits {text!r}: expected WxA or WxA/tensor with W and A in 2..8 (e.g. 8x8, 6x6, 4x8)"
-        )
-    return BitWidths(int(weights), int(activations), (), grids != "tensor", scale_bits)
 
 
 def file_sha256(paths: Sequence[Path]) -> str:
@@ -195,7 +164,7 @@ FORMATS = ("onnx", "tflite")
 def export(options: ExportOptions) -> dict[str, Any]:
     """Check the options, write the files into a staging folder, put it in place; the card."""
     out = Path(options.out)
-    bits = parse_bits(options.bits, options.scale_bits) if options.bits else None
+    bits = parse_bits(options.bits, (), options.scale_bits) if options.bits else None
     if bits is not None and not options.calibration:
         raise ConfigError(
             "--bits needs --calibration (an archive whose training images set the grids)"

@@ -111,6 +111,44 @@ def parse_override(text: str) -> tuple[str, int, int]:
     return prefix, int(weights), int(activations or weights)
 
 
+QUANTISED_WIDTHS = range(2, 9)  # widths a code fits in int8 (kernels) and uint8 (inputs)
+
+
+def parse_bits(
+    text: str,
+    overrides: Sequence[str] = (),
+    scale_bits: int = FULL,
+    widths: range = QUANTISED_WIDTHS,
+) -> BitWidths:
+    """'WxA' (weights x activations, each in `widths`; a depthwise conv's input on a grid
+    per channel), 'WxA/channel' (the same, said) or 'WxA/tensor' (one grid per depthwise
+    input), with `overrides` such as 'stem_conv=8,32'; scales at `scale_bits`. Or the path
+    of a width file (`save_widths`), whose own scale width holds."""
+    if text.endswith(".json") or Path(text).is_file():
+        bits = load_widths(text)
+        if scale_bits not in (FULL, bits.scale_bits):
+            raise ConfigError(
+                f"--scale_bits {scale_bits}: the width file {text} stores its scales at "
+                f"{bits.scale_bits} bits"
+            )
+        return bits
+    pair, _, grids = text.partition("/")
+    weights, _, activations = pair.partition("x")
+    if (
+        grids not in ("", "channel", "tensor")
+        or not weights.isdigit()
+        or not activations.isdigit()
+        or int(weights) not in widths
+        or int(activations) not in widths
+    ):
+        raise ConfigError(
+            f"--bits {text!r}: expected WxA, WxA/channel or WxA/tensor with W and A in "
+            f"{widths.start}..{widths.stop - 1} (e.g. 8x8, 6x6, 4x8)"
+        )
+    parsed = tuple(parse_override(o) for o in overrides)
+    return BitWidths(int(weights), int(activations), parsed, grids != "tensor", scale_bits)
+
+
 def bit_widths(
     weights: int = FULL,
     activations: int = FULL,
