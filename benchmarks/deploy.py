@@ -27,7 +27,6 @@ files must be the export of `--checkpoint` (its card's sha256) and unchanged sin
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import statistics
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from micronet_jax.deploy.onnxruntime_session import file_sha256
 from micronet_jax.errors import CommandParser, MicronetError, fail
 from micronet_jax.evaluation.early_exit import top_probability
 
@@ -119,16 +119,12 @@ class PairRunner:
 
 
 def onnxruntime_runner(precision: str, full: Path, head: Path | None, tail: Path | None, threads):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    from micronet_jax.deploy.onnxruntime_session import session as open_session
 
     def session(path, name):
         if path is None:
             return None
-        run = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run
+        run = open_session(path, threads, inter_op_threads=1).run
         return lambda x: run(None, {name: x})
 
     return PairRunner(
@@ -207,14 +203,6 @@ def cifar10_images(archive: Path, split: str, count: int) -> np.ndarray:
 
     train, test = load_train_test("cifar10", str(archive), download=False)
     return (train if split == "train" else test).images[:count]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_export(folder: Path, checkpoint: Path, runtimes: tuple[str, ...]) -> dict:

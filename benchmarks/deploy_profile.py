@@ -33,12 +33,9 @@ def parser() -> CommandParser:
 
 def onnxruntime_profile(path: Path, images: np.ndarray, runs: int, threads: int) -> dict:
     """Kernel microseconds per call by op type."""
-    import onnxruntime as ort
+    from micronet_jax.deploy.onnxruntime_session import session as open_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.enable_profiling = True
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = open_session(path, threads, inter_op_threads=1, profile=True)
     session.run(None, {"images": images})  # warm-up (profiled too: averaged in)
     for _ in range(runs):
         session.run(None, {"images": images})

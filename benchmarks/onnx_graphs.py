@@ -39,10 +39,10 @@ def parser() -> CommandParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import onnx
-    import onnxruntime as ort
 
     from micronet_jax.deploy import onnx_graph, openvino_runtime
     from micronet_jax.deploy.onnx_clean import clean
+    from micronet_jax.deploy.onnxruntime_session import session as open_session
     from micronet_jax.models.fold import fold_batch_norm
     from micronet_jax.models.torch_import import load_original
 
@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, proto in graphs.items():
             path = Path(folder) / f"{name}.onnx"
             onnx.save(proto, path)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = open_session(path, args.threads, inter_op_threads=1)
             runners["onnxruntime", name] = lambda x, s=session: s.run(None, {"images": x})
             config = {"INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": "f32"}
             request = openvino_runtime.compile_model(path, config).create_infer_request()

@@ -334,9 +334,9 @@ def _layers(bits: BitWidths, select) -> str:
 def peer_rows(name, loaded, calibration_images, images, reference, args) -> list[dict]:
     """onnxruntime's own static int8 quantisation of the float32 export, at 8x8."""
     import onnx
-    import onnxruntime as ort
 
     from micronet_jax.deploy import onnx_graph
+    from micronet_jax.deploy.onnxruntime_session import session as open_session
 
     rows = []
     variables = fold_batch_norm(loaded.variables)
@@ -350,7 +350,7 @@ def peer_rows(name, loaded, calibration_images, images, reference, args) -> list
             path = str(Path(tmp) / f"{peer}.onnx")
             peer_images = calibration_images[:PEER_CALIBRATION]
             onnx_graph.static_quantize_peer(float_path, path, peer_images, peer)
-            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            session = open_session(path)
             parts = [
                 session.run(None, {"images": images[i : i + args.batch_size]})
                 for i in range(0, len(images), args.batch_size)

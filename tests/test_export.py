@@ -18,7 +18,8 @@ from test_ptq import pruned_tiny
 from tiny_run import user_env
 
 from micronet_jax.deploy import onnx_graph
-from micronet_jax.deploy.export import file_sha256, run_onnx, write_graphs
+from micronet_jax.deploy.export import run_onnx, write_graphs
+from micronet_jax.deploy.onnxruntime_session import file_sha256
 from micronet_jax.models.fold import fold_batch_norm
 from micronet_jax.quant.fake import QuantizedApply, scale_key
 from micronet_jax.quant.ptq import parse_method, post_training_quantize

@@ -25,32 +25,22 @@ refused unless `overwrite`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from micronet_jax.deploy.integer_learn import LearnOptions
+from micronet_jax.deploy.onnxruntime_session import file_sha256, session
 from micronet_jax.errors import CheckpointError, ConfigError, DataError
 from micronet_jax.quant.widths import parse_bits
 
 CONTROL_IMAGES = 2000
 SYNTHETIC = "synthetic"  # --calibration: images made from the network's BN statistics
-
-
-def file_sha256(paths: Sequence[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_network(path: Path) -> tuple[Any, dict, dict[str, Any]]:
@@ -120,15 +110,6 @@ def synthetic_images(model, variables, count: int) -> np.ndarray:
         count,
         progress=lambda total: tqdm(total=total, desc="synthesise calibration", leave=False),
     )
-
-
-def onnx_session(path: Path, threads: int = 0) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(session: Any, images: np.ndarray, batch: int = 500) -> tuple[np.ndarray, ...]:
@@ -273,7 +254,7 @@ def _write_float32(staging, model, variables, images, outputs) -> tuple[dict[str
     if images is not None and images[1] is not None:
         test = images[1]
         reference = tuple(r for r in predict(model.apply, variables, test, 500) if r is not None)
-        runtime = run_onnx(onnx_session(staging / "model.onnx"), test)
+        runtime = run_onnx(session(staging / "model.onnx"), test)
         entry["onnx_vs_jax"] = logit_agreement(runtime, reference)
         ratio = logit_agreement(reference, reference).get("exit_ratio")
     entry["score"] = _score(model, folded["params"], ratio, None)
@@ -340,7 +321,7 @@ def _write_quantized(
             )
         if test is None:
             return entry, learned
-        runtime = run_onnx(onnx_session(staging / "model_int8.onnx"), test)
+        runtime = run_onnx(session(staging / "model_int8.onnx"), test)
         simulated = _in_batches(onnx_sim.load(graphs["model"]), test)
         entry["agreement_with_float32"] = logit_agreement(runtime, reference)
         if learned is not None:
@@ -356,7 +337,7 @@ def _write_quantized(
     entry["graph"] = "QDQ on every layer input: the fake quantisation the score counts"
     if test is None:
         return entry, None
-    runtime = run_onnx(onnx_session(staging / "model_int8.onnx"), test)
+    runtime = run_onnx(session(staging / "model_int8.onnx"), test)
     entry["agreement_with_float32"] = fake_versus_float
     entry["onnx_vs_jax_fake_quantisation"] = logit_agreement(runtime, fake)
     if options.num_control > 0:
