@@ -179,3 +179,37 @@ def test_the_readme_python_runs_and_prints_what_it_says(original_checkpoints, ca
     pth = original_checkpoints / "first_submission" / "trained_model.pth"
     exec(blocks[1].replace('"trained_model.pth"', repr(str(pth))), namespace)
     assert namespace["result"].predictions.shape == (8,)
+
+
+def package_map() -> str:
+    """The code block under docs/architecture.md's 'The package map' heading."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    section = text.split("## The package map", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def test_the_architecture_map_names_every_module():
+    """Each module of the package is named in the map, under its subpackage's entry (or
+    at the top level): a new module the map leaves out fails here."""
+    block = package_map()
+    entries: dict[str, str] = {}
+    current = "top"
+    for line in block.splitlines():
+        match = re.match(r"  (\w+)/\s", line)
+        if match:
+            current = match.group(1)
+        elif re.match(r"  \w+\.py\s", line):
+            current = "top"
+        entries[current] = entries.get(current, "") + line + "\n"
+    package = REPO / "micronet_jax"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "__init__.py" and path.parent != package:
+            continue
+        relative = path.relative_to(package)
+        if len(relative.parts) == 1:
+            if not re.search(rf"^\s+{re.escape(path.name)}\s", entries.get("top", ""), re.M):
+                missing.append(str(relative))
+        elif not re.search(rf"\b{re.escape(path.stem)}\b", entries.get(relative.parts[0], "")):
+            missing.append(str(relative))
+    assert not missing, f"docs/architecture.md's package map leaves out {missing}"
