@@ -295,6 +295,21 @@ def _write_quantized(
         method,
         progress=lambda total: tqdm(total=total, desc="quantise", leave=False),
     )
+    learning = None
+    if not integer and options.learn_steps > 0:
+        before = quantized
+        quantized, learning = learn_fake_quantisation(
+            model, variables, bits, quantized, learn_images, options
+        )
+        if test is not None:
+            learning["post_training_agreement_with_float32"] = logit_agreement(
+                tuple(
+                    r
+                    for r in predict(QuantizedApply(model, bits), before, test, 500)
+                    if r is not None
+                ),
+                reference,
+            )
     fake, fake_versus_float = None, {}
     if test is not None:
         fake = tuple(
@@ -335,6 +350,8 @@ def _write_quantized(
         return entry, learned
     write_graphs(staging, model, quantized, bits, "_int8", outputs)
     entry["graph"] = "QDQ on every layer input: the fake quantisation the score counts"
+    if learning is not None:
+        entry["learning"] = learning
     if test is None:
         return entry, None
     runtime = run_onnx(session(staging / "model_int8.onnx"), test)
@@ -525,6 +542,41 @@ def learn_integer_graphs(folder: Path, model, variables, graphs: dict, images, o
         "seconds": round(time.perf_counter() - tic, 1),
     }
     return learned, (values, reference), entry
+
+
+def learn_fake_quantisation(model, variables, bits, quantized, images, options):
+    """The fake quantisation at widths the integer graph does not take (`quant.learn`):
+    (the learned variables, the card's entry)."""
+    from tqdm.auto import tqdm
+
+    from micronet_jax.quant.learn import FakeQuantLearning, learn_fake_quant, teacher_fn
+
+    learn = dataclasses.replace(FakeQuantLearning(), steps=options.learn_steps)
+    tic = time.perf_counter()
+    learned, losses = learn_fake_quant(
+        model,
+        bits,
+        quantized,
+        teacher_fn(model, variables),
+        images,
+        learn,
+        progress=lambda total: tqdm(total=total, desc="learn the quantised network", leave=False),
+    )
+    entry = {
+        "by": "every kernel, bias, kernel scale and activation range learned (straight-through "
+        "rounding) to give the float32 network's predictions on both heads (KL divergence) on "
+        "unlabelled training images",
+        "images": len(images),
+        "steps": learn.steps,
+        "batch_size": learn.batch_size,
+        "augment": learn.augment,
+        "loss_first_and_last_10_steps": [
+            round(float(np.mean(losses[:10])), 5),
+            round(float(np.mean(losses[-10:])), 5),
+        ],
+        "seconds": round(time.perf_counter() - tic, 1),
+    }
+    return learned, entry
 
 
 def same_values(ours: tuple, theirs: tuple) -> dict[str, Any]:

@@ -22,6 +22,9 @@ import numpy as np
 import optax
 
 from micronet_jax.deploy.integer_net import IntegerNetwork
+from micronet_jax.quant.learn import batches, kl_to_teacher, run_steps, teacher_fn
+
+__all__ = ["LearnOptions", "feature_error", "kl_to_teacher", "learn", "teacher_fn"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,43 +39,6 @@ class LearnOptions:
     augment: bool = True  # random flips and 4-pixel shifts of the unlabelled images
     feature_weight: float = 10.0  # every gridded tensor's normalised error to the float one
     seed: int = 0
-
-
-def teacher_fn(model: Any, variables: dict) -> Callable[[Any], tuple]:
-    """The float32 network as a function of uint8 NHWC images: (logits, exit logits when it
-    has an exit head), in the integer graph's output order, on the CPU's fast convolutions."""
-    from micronet_jax.data.augment import normalize_affine
-
-    def forward(images):
-        outputs = model.apply(variables, normalize_affine(images), train=False)
-        if isinstance(outputs, tuple):
-            return tuple(o for o in outputs if o is not None)
-        return (outputs,)
-
-    return forward
-
-
-def kl_to_teacher(student: tuple, teacher: tuple) -> jax.Array:
-    """Σ over heads of the mean KL(teacher ‖ student) of the softmax predictions."""
-    total = 0.0
-    for s, t in zip(student, teacher, strict=True):
-        p = jax.nn.softmax(t, -1)
-        total = total + jnp.mean(
-            jnp.sum(p * (jax.nn.log_softmax(t, -1) - jax.nn.log_softmax(s, -1)), -1)
-        )
-    return total
-
-
-def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random horizontal flips and shifts of up to 4 pixels (edges repeated): uint8 NHWC."""
-    flip = rng.random(len(images)) < 0.5
-    images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-    padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)), mode="edge")
-    out = np.empty_like(images)
-    dy, dx = rng.integers(0, 9, len(images)), rng.integers(0, 9, len(images))
-    for i in range(len(images)):
-        out[i] = padded[i, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
-    return out
 
 
 def optimizer(net: IntegerNetwork, params: dict, options: LearnOptions):
@@ -149,19 +115,10 @@ def learn(
         updates, s = tx.update(grads, s, p)
         return optax.apply_updates(p, updates), s, loss
 
-    rng = np.random.default_rng(options.seed)
-    losses: list[float] = []
-    bar = progress(options.steps) if progress is not None else None
-    size = min(options.batch_size, len(images))
-    for _ in range(options.steps):
-        batch = images[rng.choice(len(images), size, replace=False)]
-        if options.augment:
-            batch = augment(batch, rng)
-        params, state, loss = step(params, state, batch)
-        losses.append(float(loss))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(kl=f"{losses[-1]:.4f}")
-    if bar is not None:
-        bar.close()
+    def run(state, batch):
+        p, s, loss = step(*state, batch)
+        return (p, s), loss
+
+    stream = batches(images, options.steps, options.batch_size, options.augment, options.seed)
+    (params, _), losses = run_steps(run, (params, state), stream, options.steps, progress)
     return params, losses
