@@ -297,8 +297,3 @@ def search(
         if not candidate.measured:
             candidate.measured = dict(measure(candidate.bits))
     return lowest_score_meeting(candidates, floor, key), list(candidates)
-
-
-def layers_kept_wider(bits: BitWidths, base: BitWidths) -> list[str]:
-    """The layer prefixes whose widths are above `base`'s (weights or activations)."""
-    return [prefix for prefix, w, a in bits.overrides if w > base.weights or a > base.activations]

@@ -411,7 +411,6 @@ class LayerReport:
     path: str
     error_nearest: float  # rounded to nearest on the chosen scales
     error: float  # after the method (equal for plain rounding)
-    bias_shift: float = 0.0  # largest bias correction (|mean shift| over channels)
 
 
 class Reports(list):
@@ -630,7 +629,6 @@ def _round_layer(path, params, kernel, scale, moments, bits, method, iterations)
         codes = nearest
     values, error = _codes_error(codes, s, w, m)
     error_nearest, error = float(error_nearest), float(error)
-    shift = 0.0
     if method.bias_correction:
         quantized = np.asarray(values, np.float64)
         mean_shift = np.einsum("gn,gnm->gm", moments.mean_q, quantized) - np.einsum(
@@ -638,10 +636,9 @@ def _round_layer(path, params, kernel, scale, moments, bits, method, iterations)
         )
         bias = "/".join(bias_after(_nested(params), path))
         params[bias] = (params[bias] - mean_shift.reshape(-1)).astype(np.float32)
-        shift = float(np.max(np.abs(mean_shift)))
     shape = tuple(kernel.shape)
     return ungrouped_kernel(np.asarray(codes), shape, depthwise), LayerReport(
-        path, error_nearest, error, shift
+        path, error_nearest, error
     )
 
 

@@ -76,11 +76,6 @@ class BitWidths:
         """The width a value or multiplication of `bits` is charged at."""
         return bits if self.quantised else FREEBIE
 
-    @property
-    def elementwise(self) -> int:
-        """Width charged for multiplications on float32 intermediates (BN, swish, pooling)."""
-        return self.counted(FULL)
-
     def describe(self) -> str:
         if not self.quantised:
             return "16-bit (nothing quantised below 16 bits: the freebie)"
