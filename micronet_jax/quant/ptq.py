@@ -56,7 +56,12 @@ from micronet_jax.quant.fake import (
     round_scale,
     scale_key,
 )
-from micronet_jax.quant.reconstruct import Reconstruction, reconstruct_segment
+from micronet_jax.quant.reconstruct import (
+    QuantisedNetwork,
+    Reconstruction,
+    SegmentTask,
+    reconstruct_segment,
+)
 from micronet_jax.quant.widths import FULL, INTEGER_BELOW, BitWidths, is_depthwise
 
 CLIPS = ("max", "mse")
@@ -470,10 +475,10 @@ def post_training_quantize(
                 bar(path)
             if method.needs_data:
                 walk.advance(segment, paths, scales)
-    quantized = {
-        "params": jax.tree_util.tree_map(jnp.asarray, _nested(params)),
+    quantized = {  # the walk's: reconstruction replaces its parameters and ranges
+        "params": jax.tree_util.tree_map(jnp.asarray, _nested(walk.params)),
         "batch_stats": folded["batch_stats"],
-        "quant": ranges,
+        "quant": walk.ranges,
         "weight_scales": scales,
     }
     return quantized, Reports(reports, walk.segment_reports)
@@ -551,25 +556,25 @@ class _SegmentWalk:
             options = dataclasses.replace(
                 self.reconstruction or Reconstruction(), drop=QDROP if self.method.qdrop else 0.0
             )
-            self.segment_reports.append(
-                reconstruct_segment(
-                    model,
-                    bits,
-                    segment,
-                    self.params,
-                    self.folded["batch_stats"],
-                    self.ranges,
-                    scales,
-                    paths,
-                    self.float_kernels,
-                    self.inputs[segment.source],
-                    self.float_inputs[segment.name],
-                    _nested,
-                    options,
-                    rounding=self.method.rounding == "brecq",
-                    seed=len(self.segment_reports),
-                )
+            network = QuantisedNetwork(
+                self.params,
+                self.float_kernels,
+                self.folded["batch_stats"],
+                self.ranges,
+                scales,
             )
+            task = SegmentTask(
+                segment,
+                paths,
+                self.inputs[segment.source],
+                self.float_inputs[segment.name],
+                rounding=self.method.rounding == "brecq",
+                seed=len(self.segment_reports),
+            )
+            report, self.params, self.ranges = reconstruct_segment(
+                model, bits, network, task, _nested, options
+            )
+            self.segment_reports.append(report)
         current = {**self.folded, "params": _nested(self.params)}
         self.inputs[segment.name] = [
             _segment_output(model, bits, run, current, self.ranges, x)

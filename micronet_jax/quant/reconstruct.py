@@ -234,29 +234,48 @@ def _learn(problem, options, params, fixed, learned, inputs, targets, key, round
     return theta
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantisedNetwork:
+    """Where post-training quantisation stands when a segment is reconstructed: the flat
+    folded parameters with the kernels on their grids (codes times `weight_scales`), the
+    float32 kernels they came from (BRECQ learns their rounding afresh), BN statistics and
+    the activation ranges."""
+
+    params: dict[str, np.ndarray]
+    float_kernels: dict[str, np.ndarray]
+    batch_stats: dict
+    ranges: dict[str, jax.Array]
+    weight_scales: dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentTask:
+    """One segment to reconstruct: its kernels' paths, the quantised inputs it reads and
+    the float32 outputs it should give, with or without learning its kernels' rounding."""
+
+    segment: Any
+    kernels: Sequence[str]
+    inputs_q: Sequence[jax.Array]
+    targets: Sequence[jax.Array]
+    rounding: bool = False
+    seed: int = 0
+
+
 def reconstruct_segment(
     model: nn.Module,
     bits: BitWidths,
-    segment: Any,
-    params: dict[str, np.ndarray],
-    batch_stats: dict,
-    ranges: dict[str, jax.Array],
-    weight_scales: dict[str, jax.Array],
-    kernels: Sequence[str],
-    float_kernels: dict[str, np.ndarray],
-    inputs_q: Sequence[jax.Array],
-    targets: Sequence[jax.Array],
+    network: QuantisedNetwork,
+    task: SegmentTask,
     nest: Callable[[dict], dict],
     options: Reconstruction = Reconstruction(),
-    rounding: bool = False,
-    seed: int = 0,
-) -> SegmentReport:
-    """Learn the activation grids of `segment` (and, with `rounding`, its kernels' rounding)
-    so that its output on the quantised inputs `inputs_q` matches the float32 `targets`.
-    `params` are the flat folded parameters with the kernels on their grids (codes times
-    `weight_scales`), `float_kernels` the float32 kernels they came from (BRECQ learns their
-    rounding afresh). Updates `params` and `ranges` in place when the result improves on the
-    starting point."""
+) -> tuple[SegmentReport, dict[str, np.ndarray], dict[str, jax.Array]]:
+    """Learn the activation grids of the task's segment (and, with `rounding`, its kernels'
+    rounding) so that its output on the quantised inputs matches the float32 targets:
+    (the report, the parameters, the ranges), changed only where the result improves on
+    the starting point."""
+    segment, kernels, rounding = task.segment, task.kernels, task.rounding
+    params, ranges = dict(network.params), dict(network.ranges)
+    weight_scales, float_kernels = network.weight_scales, network.float_kernels
     grids = tuple(
         scale_key(p) for p in kernels if bits.of(p)[1] < INTEGER_BELOW and scale_key(p) in ranges
     )
@@ -268,7 +287,7 @@ def reconstruct_segment(
         step, zero = activation_grid(ranges[key], a_bits, bits.scale_bits)
         learned["log_step"][key] = jnp.log(step)
         learned["zero"][key] = jnp.asarray(zero, jnp.float32)
-    fixed: dict[str, Any] = {"batch_stats": batch_stats}
+    fixed: dict[str, Any] = {"batch_stats": network.batch_stats}
     for path in integer:
         scale = jnp.asarray(weight_scales[scale_key(path)], jnp.float32)
         value = jnp.asarray(params[path])
@@ -280,11 +299,12 @@ def reconstruct_segment(
         learned["v"][path] = -jnp.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
         fixed[path] = (floor, scale, mask, codes)
     others = {k: jnp.asarray(v) for k, v in params.items()}
-    x = jnp.stack(list(inputs_q))
-    t = jnp.stack(list(targets))
+    x = jnp.stack(list(task.inputs_q))
+    t = jnp.stack(list(task.targets))
     on = jnp.float32(1.0 if rounding else 0.0)
     before = float(_evaluate(problem, others, fixed, learned, x, t, jnp.float32(0.0)))
-    theta = _learn(problem, options, others, fixed, learned, x, t, jax.random.PRNGKey(seed), on)
+    key = jax.random.PRNGKey(task.seed)
+    theta = _learn(problem, options, others, fixed, learned, x, t, key, on)
     after = float(_evaluate(problem, others, fixed, theta, x, t, on))
     kept = after < before
     if kept:
@@ -298,4 +318,5 @@ def reconstruct_segment(
                 lo, hi = _code_range(problem, path)
                 codes = jnp.clip(floor + (theta["v"][path] >= 0), lo, hi) * mask
                 params[path] = np.asarray(codes * scale, np.float32)
-    return SegmentReport(segment.name, before, after if kept else before, kept)
+    report = SegmentReport(segment.name, before, after if kept else before, kept)
+    return report, params, ranges
