@@ -30,7 +30,7 @@ from micronet_jax.data import augment, policy  # noqa: E402
 DEFAULT_ARCHIVE = REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"
 
 
-def make_jax_step(batch: int):
+def make_augment_step(batch: int):
     """A jitted (key, step, images, labels) → mixed batch, as a train step would run it."""
 
     @jax.jit
@@ -46,7 +46,7 @@ def make_jax_step(batch: int):
 
 def time_jax(images, labels, batch: int, batches: int, repeats: int) -> list[float]:
     """Images/s of each repeat (``batches`` batches each), after compilation."""
-    step = make_jax_step(batch)
+    step = make_augment_step(batch)
     images, labels = jax.device_put(images), jax.device_put(labels)
     key = jax.random.key(0)
     jax.block_until_ready(step(key, 0, images, labels))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import jax
 
-from benchmarks.train_step import make_jax_step
+from benchmarks.train_step import make_train_step_without_augmentation
 from micronet_jax.data.cifar import load_train_test
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.efficientnet import MicroNet, init_variables
@@ -96,7 +96,7 @@ def main() -> None:
     model = MicroNet(arch=architecture(args.model))
     cfg = StepConfig()
     step_fn = functools.partial(train_step, cfg=cfg)
-    pure = jax.jit(make_jax_step(), donate_argnums=(0,))
+    pure = jax.jit(make_train_step_without_augmentation(), donate_argnums=(0,))
 
     state = fresh_state(model, schedule.steps_per_epoch)
     batches = pre_augmented(state, data, schedule, cfg)

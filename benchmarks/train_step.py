@@ -89,7 +89,7 @@ class JaxStep:
         self.state = create_train_state(model.apply, variables, tx, seed=0)
         x, la, lb, lam = fake_batch(batch, arch.num_classes)
         self.inputs = tuple(jax.device_put(a) for a in (x, la, lb, jnp.asarray(lam)))
-        self.jitted = jax.jit(make_jax_step(), donate_argnums=(0,))
+        self.jitted = jax.jit(make_train_step_without_augmentation(), donate_argnums=(0,))
         self.compile_seconds = 0.0
         self.memory = {}
 
@@ -111,7 +111,7 @@ class JaxStep:
         loss.block_until_ready()
 
 
-def make_jax_step():
+def make_train_step_without_augmentation():
     """train_step without augmentation: forward, mixup loss, backward, SGD, re-mask."""
     import jax
 

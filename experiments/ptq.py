@@ -166,7 +166,9 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             if cifar10_histograms is None:
                 cifar10_histograms = histograms_of(model, variables, cifar10)
             calibration = (cifar10, cifar10_histograms)
-            frontier_rows += frontier(name, loaded, calibration, held_out, images, reference, args)
+            frontier_rows += frontier_sweep(
+                name, loaded, calibration, held_out, images, reference, args
+            )
     return rows, frontier_rows
 
 
@@ -264,7 +266,7 @@ def quantised_row(
     return row
 
 
-def frontier(name, loaded, calibration, held_out, images, reference, args) -> list[dict]:
+def frontier_sweep(name, loaded, calibration, held_out, images, reference, args) -> list[dict]:
     """The mixed-precision sweep of one checkpoint (see the module docstring), calibrated on
     `calibration` = (CIFAR-10 images, their histograms): its frontier measured on the test
     images, one row per configuration, width files written."""
@@ -302,7 +304,7 @@ def frontier(name, loaded, calibration, held_out, images, reference, args) -> li
         chosen[floor] = best
     rows = []
     out = Path(args.out) / "widths"
-    for index, candidate in enumerate(mixed.frontier(measured)):
+    for index, candidate in enumerate(mixed.pareto_frontier(measured)):
         bits = candidate.bits
         quantized = quantized_by[bits]
         got = agreement.run(QuantizedApply(model, bits), quantized, images, args.batch_size)

@@ -297,7 +297,7 @@ def test_the_mixed_precision_search_honours_its_floor():
     assert chosen is not None and chosen.measured["closeness"] >= floor
     cheaper = [c for c in every if c.measured["score"] < chosen.measured["score"]]
     assert all(c.measured["closeness"] < floor for c in cheaper)
-    front = mixed.frontier(every, key="closeness")
+    front = mixed.pareto_frontier(every, key="closeness")
     assert chosen in front
     for cheaper_one, dearer_one in zip(front, front[1:], strict=False):
         assert cheaper_one.measured["score"] <= dearer_one.measured["score"]

@@ -75,7 +75,7 @@ def test_nan_stops_at_that_step_and_keeps_the_last_checkpoint(toy_reference, tmp
     workdir = tmp_path / "run"
     where = r"stage train, epoch 2, step 3 of 5 \(global step 7\)"
     with pytest.raises(NonFiniteError, match=where):
-        toy_fit(workdir, poison_step=7, nan_check_every=1)
+        toy_fit(workdir, inject_nan_step=7, nan_check_every=1)
     records = metrics_io.read_records(workdir / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1]
     ckpt, ref = Checkpointer(workdir / "checkpoints"), Checkpointer(ref_dir / "checkpoints")
@@ -91,12 +91,12 @@ def test_nan_checked_lazily_is_still_never_saved(tmp_path):
     """With reads every 100 steps the epoch-end check still runs before the save."""
     workdir = tmp_path / "run"
     with pytest.raises(NonFiniteError, match=r"global step 7\)"):
-        toy_fit(workdir, poison_step=7, nan_check_every=100)
+        toy_fit(workdir, inject_nan_step=7, nan_check_every=100)
     assert Checkpointer(workdir / "checkpoints").steps() == [5]
 
 
 def test_nan_skip_counts_and_continues(tmp_path):
-    state, records = toy_fit(tmp_path / "run", poison_step=7, nan_policy="skip")
+    state, records = toy_fit(tmp_path / "run", inject_nan_step=7, nan_policy="skip")
     assert [r["skipped_steps"] for r in records] == [0, 1, 0, 0]
     assert int(state.step) == EPOCHS * 5
     assert all(np.isfinite(p).all() for p in params_of(state))
@@ -155,10 +155,10 @@ def test_k_steps_signal_stops_at_a_group_boundary_and_resumes_exactly(k_step_run
 
 def test_k_steps_nan_inside_a_group_is_found_and_never_saved(tmp_path):
     with pytest.raises(NonFiniteError, match=r"global step 7\)"):
-        toy_fit(tmp_path / "run", poison_step=7, steps_per_dispatch=4)
+        toy_fit(tmp_path / "run", inject_nan_step=7, steps_per_dispatch=4)
     assert Checkpointer(tmp_path / "run" / "checkpoints").steps() == [5]
     state, records = toy_fit(
-        tmp_path / "skip", poison_step=7, nan_policy="skip", steps_per_dispatch=4
+        tmp_path / "skip", inject_nan_step=7, nan_policy="skip", steps_per_dispatch=4
     )
     assert [r["skipped_steps"] for r in records] == [0, 1, 0, 0]
 

@@ -266,7 +266,9 @@ def sweep(
     return out
 
 
-def frontier(candidates: Sequence[Candidate], key: str = "main_agreement") -> list[Candidate]:
+def pareto_frontier(
+    candidates: Sequence[Candidate], key: str = "main_agreement"
+) -> list[Candidate]:
     """The measured candidates no other beats on both score (lower) and `key` (higher)."""
     ordered = sorted(candidates, key=lambda c: (c.measured["score"], -c.measured[key]))
     out, best = [], -np.inf

@@ -62,17 +62,17 @@ def all_finite(tree: Any) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class GuardedStep:
     """A step that refuses non-finite updates. Hashable by value, so equal wrappers of one
-    step share a compiled program. `poison_step` >= 0 makes that global step's loss NaN
+    step share a compiled program. `inject_nan_step` >= 0 makes that global step's loss NaN
     (a fault-injection hook for tests)."""
 
     step_fn: Callable
-    poison_step: int = -1
+    inject_nan_step: int = -1
 
     def __call__(self, state: Any, batch: dict, key: jax.Array) -> tuple[Any, dict]:
         new_state, metrics = self.step_fn(state, batch, key)
         loss = metrics["loss"]
-        if self.poison_step >= 0:
-            loss = jnp.where(state.step == self.poison_step, jnp.nan, loss)
+        if self.inject_nan_step >= 0:
+            loss = jnp.where(state.step == self.inject_nan_step, jnp.nan, loss)
         ok = jnp.isfinite(loss) & all_finite(new_state.params)
         kept = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_state, state)
         kept = kept.replace(step=state.step + 1)

@@ -238,7 +238,7 @@ class FitOptions:
     desc: str = "train"
     nan_policy: str = "stop"  # a non-finite step: 'stop' raises, 'skip' counts it
     nan_check_every: int = 10  # steps between host reads of the finiteness flags
-    poison_step: int = -1  # fault injection: that global step's loss is NaN
+    inject_nan_step: int = -1  # fault injection: that global step's loss is NaN
     min_free_mb: float = 50  # refuse to checkpoint with less free disk
     steps_per_dispatch: int = 1
     constants: dict[str, float] | None = None  # added to every record (e.g. the sparsity)
@@ -251,7 +251,7 @@ class FitOptions:
             keep_checkpoints=train_config.keep_checkpoints,
             nan_policy=train_config.nan_policy,
             nan_check_every=train_config.nan_check_every,
-            poison_step=train_config.inject_nan_step,
+            inject_nan_step=train_config.inject_nan_step,
             min_free_mb=train_config.min_free_mb,
             **fields,
         )
@@ -293,7 +293,7 @@ def fit(
         raise ValueError(
             f"{schedule.num_examples} training images make no batch of {schedule.batch_size}"
         )
-    step_fn = GuardedStep(step_fn, options.poison_step)
+    step_fn = GuardedStep(step_fn, options.inject_nan_step)
     state, best_accuracy, partial = _resume(ckpt, state, spe, workdir)
     done_epochs = int(state.step) // spe
     if primary:
