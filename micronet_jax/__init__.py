@@ -79,7 +79,7 @@ API: dict[str, str] = {
     "run_pipeline": "recipe.pipeline",
     "run_test": "recipe.pipeline",
     "load_final": "recipe.stages",
-    "write_plots": "recipe.run_report",
+    "write_plots": "recipe.run_plots",
     # the backend
     "use_cpu_cores": "backend",
     "enable_compilation_cache": "backend",

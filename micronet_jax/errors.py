@@ -46,7 +46,7 @@ def fail(message: str, status: int = BAD_INPUT) -> NoReturn:
     sys.exit(status)
 
 
-def report(error: MicronetError) -> int:
+def print_error(error: MicronetError) -> int:
     """Print `error` as one line on stderr; its exit status."""
     print(f"error: {error}", file=sys.stderr, flush=True)
     return error.exit_status

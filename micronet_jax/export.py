@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from micronet_jax.deploy.export import CONTROL_IMAGES, ExportOptions, export
 from micronet_jax.deploy.integer_learn import LearnOptions
-from micronet_jax.errors import CommandParser, MicronetError, report
+from micronet_jax.errors import CommandParser, MicronetError, print_error
 from micronet_jax.quant.widths import SCALE_WIDTHS
 
 LEARN = LearnOptions()
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         card = export(ExportOptions(**vars(args)))
     except MicronetError as error:
-        return report(error)
+        return print_error(error)
     print(json.dumps(card, indent=2))
     return 0
 

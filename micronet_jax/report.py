@@ -1,5 +1,5 @@
 """`python -m micronet_jax.report --workdir=DIR`: every plot of a finished (or partly
-finished) run, each PNG with its CSV (the work is in `micronet_jax.recipe.run_report`)."""
+finished) run, each PNG with its CSV (the work is in `micronet_jax.recipe.run_plots`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from micronet_jax.errors import CommandParser, MicronetError, report
+from micronet_jax.errors import CommandParser, MicronetError, print_error
 
 
 def parser() -> CommandParser:
@@ -26,12 +26,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = cli.parse_args(argv)
     if not Path(args.workdir).is_dir():
         cli.error(f"--workdir {args.workdir} is not a directory")
-    from micronet_jax.recipe.run_report import write_plots
+    from micronet_jax.recipe.run_plots import write_plots
 
     try:
         paths = write_plots(Path(args.workdir), args.out and Path(args.out))
     except MicronetError as error:
-        return report(error)
+        return print_error(error)
     for path in paths:
         print(path)
     return 0

@@ -18,7 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from micronet_jax.errors import CheckpointError, CommandParser, ConfigError, MicronetError, report
+from micronet_jax.errors import (
+    CheckpointError,
+    CommandParser,
+    ConfigError,
+    MicronetError,
+    print_error,
+)
 from micronet_jax.models.architecture import Architecture, build_architecture
 from micronet_jax.quant.widths import bit_widths
 from micronet_jax.scoring.counter import count_micronet, measured_sparsity
@@ -214,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         counted = report_checkpoint if args.checkpoint else report_config
         text, data = counted(args)
     except MicronetError as error:
-        return report(error)
+        return print_error(error)
     print(json.dumps(data, indent=2) if args.json else text)
     return 0
 

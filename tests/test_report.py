@@ -13,7 +13,7 @@ import pytest
 
 from micronet_jax.config import builders
 from micronet_jax.evaluation import plots
-from micronet_jax.recipe.run_report import load_run_config
+from micronet_jax.recipe.run_plots import load_run_config
 from micronet_jax.recipe.stages import stage_dirs
 from micronet_jax.report import main
 from micronet_jax.scoring.counter import count_micronet

@@ -112,7 +112,7 @@ def pipeline_outcome(workdir: Path, variant: str = "pipeline") -> dict:
     when it recorded none)."""
     import jax
 
-    from micronet_jax.recipe.run_report import load_run_config
+    from micronet_jax.recipe.run_plots import load_run_config
     from micronet_jax.recipe.stages import load_final, plan_stages
     from micronet_jax.train import metrics as metrics_io
 

@@ -60,7 +60,7 @@ def load_network(path: Path) -> tuple[Any, dict, dict[str, Any]]:
         )
     if path.is_dir():
         from micronet_jax.recipe import stages
-        from micronet_jax.recipe.run_report import load_final_variables, load_run_config
+        from micronet_jax.recipe.run_plots import load_final_variables, load_run_config
 
         config = load_run_config(path)
         if config is None:
