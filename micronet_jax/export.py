@@ -1,6 +1,6 @@
 """`python -m micronet_jax.export`: a MicroNet as ONNX (and LiteRT) files for CPU runtimes,
 float32 and quantised, with a card of what was written (the work is in
-`micronet_jax.deploy.export`).
+`micronet_jax.deploy.bundle`).
 
     python -m micronet_jax.export --checkpoint=PATH --out=DIR [--bits=8x8]
         [--calibration=cifar-10-python.tar.gz|synthetic] [--method=mse+adaround+bias]
@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from micronet_jax.deploy.export import CONTROL_IMAGES, ExportOptions, export
+from micronet_jax.deploy.bundle import CONTROL_IMAGES, ExportOptions, write_bundle
 from micronet_jax.deploy.integer_learn import LearnOptions
 from micronet_jax.errors import CommandParser, MicronetError, print_error
 from micronet_jax.quant.widths import SCALE_WIDTHS
@@ -93,7 +93,7 @@ def parser() -> CommandParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        card = export(ExportOptions(**vars(args)))
+        card = write_bundle(ExportOptions(**vars(args)))
     except MicronetError as error:
         return print_error(error)
     print(json.dumps(card, indent=2))

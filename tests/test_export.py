@@ -18,7 +18,7 @@ from test_ptq import pruned_tiny
 from tiny_run import user_env
 
 from micronet_jax.deploy import onnx_graph
-from micronet_jax.deploy.export import run_onnx, write_graphs
+from micronet_jax.deploy.bundle import run_onnx, write_graphs
 from micronet_jax.deploy.onnxruntime_session import file_sha256
 from micronet_jax.models.fold import fold_batch_norm
 from micronet_jax.quant.fake import QuantizedApply, scale_key
@@ -491,7 +491,7 @@ def test_the_integer_graph_runs_on_integer_kernels_and_its_simulation_agrees(tmp
     on its QLinear kernels; the JAX simulation of the same graph (`onnx_sim`) predicts what
     onnxruntime predicts; the early-exit pair is the whole graph split."""
     from micronet_jax.deploy import onnx_sim
-    from micronet_jax.deploy.export import write_integer_graphs
+    from micronet_jax.deploy.bundle import write_integer_graphs
 
     model, variables, images = pruned_tiny()
     bits = BitWidths(8, 8, depthwise_channels=False)

@@ -14,7 +14,7 @@ import pytest
 from test_ptq import pruned_tiny
 
 from micronet_jax.deploy import onnx_sim
-from micronet_jax.deploy.export import write_integer_graphs
+from micronet_jax.deploy.bundle import write_integer_graphs
 from micronet_jax.deploy.integer_learn import LearnOptions, kl_to_teacher, learn, teacher_fn
 from micronet_jax.deploy.integer_net import (
     IntegerNetwork,
@@ -135,7 +135,7 @@ def test_export_learns_and_both_files_hold_the_learned_values(
     from test_export import export_command, session
 
     from micronet_jax.deploy import tflite_grids, tflite_sim
-    from micronet_jax.deploy.export import load_network
+    from micronet_jax.deploy.bundle import load_network
     from micronet_jax.deploy.tflite import Runner
 
     _, workdir, _ = tiny_pipeline

@@ -15,7 +15,7 @@ tf = pytest.importorskip("tensorflow", reason="the tflite extra (TensorFlow, to 
 pytest.importorskip("ai_edge_litert", reason="the export extra (LiteRT, to run)")
 
 from micronet_jax.deploy import onnx_graph  # noqa: E402
-from micronet_jax.deploy.export import write_tflite_models  # noqa: E402
+from micronet_jax.deploy.bundle import write_tflite_models  # noqa: E402
 from micronet_jax.deploy.tflite import Runner, require_tensorflow, to_tflite  # noqa: E402
 from micronet_jax.errors import ConfigError  # noqa: E402
 from micronet_jax.models.fold import fold_batch_norm  # noqa: E402

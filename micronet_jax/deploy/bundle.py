@@ -142,7 +142,7 @@ class ExportOptions:
 FORMATS = ("onnx", "tflite")
 
 
-def export(options: ExportOptions) -> dict[str, Any]:
+def write_bundle(options: ExportOptions) -> dict[str, Any]:
     """Check the options, write the files into a staging folder, put it in place; the card."""
     out = Path(options.out)
     bits = parse_bits(options.bits, (), options.scale_bits) if options.bits else None
