@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -436,3 +438,33 @@ def test_a_run_trains_on_tfrecord_data_and_says_so(prepared_tfds, tmp_path, comp
     assert done.returncode == 0, done.stderr[-3000:]
     assert "data: cifar10 from TFDS (tfrecord) " in done.stdout
     assert "200 train / 100 test images" in done.stdout
+
+
+def test_no_data_is_one_line_naming_every_source_and_nothing_from_tfds(tmp_path):
+    """With TFDS installed and no data anywhere, loading says one thing: where it looked and
+    every source it takes (the archive, its extracted folder, a data set prepared by TFDS).
+    TFDS is not asked about a folder that does not exist (asked, it logs a warning of its
+    own about the missing folder: the control)."""
+    pytest.importorskip("tensorflow_datasets", reason="the tfds extra")
+    code = (
+        "from micronet_jax.data.cifar import load_train_test\n"
+        "from micronet_jax.errors import DataError\n"
+        "try:\n"
+        f"    load_train_test('cifar100', {str(tmp_path / 'none')!r}, download=False)\n"
+        "except DataError as error:\n"
+        "    print(error)\n"
+    )
+    control = "import tensorflow_datasets as tfds\ntfds.builder('cifar100').is_prepared()\n"
+    env = {**os.environ, "HOME": str(tmp_path), "TFDS_DATA_DIR": str(tmp_path / "tfds")}
+    env.pop("MICRONET_DATA", None)
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    theirs = subprocess.run(
+        [sys.executable, "-c", control], env=env, capture_output=True, text=True
+    )
+    assert ours.returncode == 0 and theirs.returncode == 0
+    assert "dataset_info.json" in theirs.stderr  # TFDS's own notice, when asked
+    assert ours.stderr == ""
+    message = ours.stdout.strip()
+    assert "\n" not in message
+    for source in ("cifar-100-python.tar.gz", "extracted folder", "TFDS"):
+        assert source in message

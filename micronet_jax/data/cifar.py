@@ -195,7 +195,7 @@ def _load(
         return [_load_tfds(name, split, data_dir) for split in splits]
     root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
     path = _find_local(name, root)
-    if path is None and source == "auto" and _tfds_installed():
+    if path is None and source == "auto" and _tfds_installed() and _tfds_folder(name, data_dir):
         try:
             return [_load_tfds(name, split, data_dir) for split in splits]
         except DataError:
@@ -261,8 +261,18 @@ def _missing_message(name: str, root: Path, *, downloaded: bool) -> str:
     return (
         f"No {official.title} data in {root}. {_expected_text(name)}: {fix} in {root}, "
         f"or pass its path: --config.data.dir=PATH on the command line (data_dir=PATH in "
-        "Python)."
+        f"Python); or a data set prepared by TFDS (tfds.builder({name!r})."
+        "download_and_prepare(), in ~/tensorflow_datasets or that --config.data.dir)."
     )
+
+
+def _tfds_folder(name: str, data_dir: str | Path | None) -> bool:
+    """Whether TFDS could have prepared `name` there (its folder exists): only then is TFDS
+    asked, since asking about a folder that is not there makes it log a warning."""
+    base = (
+        os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets") if data_dir is None else data_dir
+    )
+    return (Path(base).expanduser() / name).is_dir()
 
 
 def _download(name: str, root: Path, url: str | None, md5: str | None) -> Path:
