@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 SMOOTHING = 0.3  # weight of the newest reading in the running step time
@@ -37,6 +38,7 @@ class StageBar:
     later_steps: int = 0  # steps of the stages after this one, for the overall estimate
     enabled: bool = True  # False: no bar, lines only
     quiet: bool = False  # True: nothing at all (processes other than the first)
+    clock: Callable[[], float] = time.perf_counter  # what the pace is measured by
     done: int = dataclasses.field(init=False)
     seconds_per_step: float | None = dataclasses.field(default=None, init=False)
 
@@ -74,7 +76,7 @@ class StageBar:
         if latest is self._seen:
             return
         self._seen = latest
-        now = time.perf_counter()
+        now = self.clock()
         postfix: dict[str, str] = {}
         if "loss" in latest:
             postfix["loss"] = f"{latest['loss']:.3f}"
