@@ -81,6 +81,9 @@ class JaxRunner:
     def full(self, images):
         return self.logits(images)[0].argmax(-1)
 
+    def outputs(self, images):
+        return self.logits(images)
+
     def exit(self, images, threshold):
         from micronet_jax.evaluation.early_exit import exit_predict_fast
 
@@ -104,6 +107,9 @@ class PairRunner:
 
     def full(self, images):
         return self._full(images)[0].argmax(-1)
+
+    def outputs(self, images):
+        return tuple(np.asarray(o) for o in self._full(images))
 
     def exit(self, images, threshold):
         exit_logits, features = self._head(images)
@@ -314,6 +320,12 @@ def parser() -> CommandParser:
     cli.add_argument("--ratio", type=float, default=0.2929, help="share of images exiting")
     cli.add_argument("--repeats", type=int, default=5, help="alternating repeats")
     cli.add_argument("--threads", type=int, default=2, help="threads of every runtime")
+    cli.add_argument(
+        "--fidelity_images",
+        type=int,
+        default=10_000,
+        help="test images each file's predictions are compared with JAX float32's on",
+    )
     return cli
 
 
@@ -338,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     exit_logits = reference.logits(images[: args.batch_images])[1]
     threshold = float(np.quantile(top_probability(exit_logits), 1.0 - args.ratio))
     rows = measure(runners, images, threshold, args)
+    if args.fidelity_images > 0:
+        test = cifar10_images(Path(args.calibration), "test", args.fidelity_images)
+        add_fidelity(rows, runners, reference, test)
     sizes = {
         p.relative_to(folder).as_posix(): p.stat().st_size
         for p in sorted(folder.rglob("*"))
@@ -393,6 +408,49 @@ def measure(runners: list, images: np.ndarray, threshold: float, args) -> list[d
     return rows
 
 
+def add_fidelity(rows: list[dict], runners: list, reference, images: np.ndarray) -> None:
+    """Each file's predictions against JAX float32's on `images` (both heads run): top-1
+    agreement of the main head, on the confident images (top probability ≥ 0.5) and of the
+    exit head, and the main head's mean KL divergence from float32, on its full-mode row."""
+    from micronet_jax.evaluation.early_exit import logit_agreement
+
+    def run(fn):
+        parts = [fn(images[i : i + 500]) for i in range(0, len(images), 500)]
+        return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+
+    want = run(reference.outputs)
+    for runner in runners:
+        got = run(runner.outputs)
+        agreement = logit_agreement(got, want)
+        row = next(
+            r
+            for r in rows
+            if (r["runtime"], r["precision"], r["mode"])
+            == (runner.runtime, runner.precision, "full")
+        )
+        row["agreement_main"] = agreement["main"]
+        row["agreement_confident"] = agreement["confident"]
+        row["agreement_exit"] = agreement.get("exit")
+        row["kl_main"] = kl_divergence(want[0], got[0])
+        row["fidelity_images"] = len(images)
+        print(
+            f"fidelity {runner.runtime} {runner.precision}: main {agreement['main']:.2%}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def kl_divergence(reference: np.ndarray, logits: np.ndarray) -> float:
+    """Mean KL(softmax(reference) ‖ softmax(logits)) over the images."""
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    p_log, q_log = log_softmax(reference.astype(np.float64)), log_softmax(logits.astype(np.float64))
+    return float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), -1)))
+
+
 def add_ratios(rows: list[dict]) -> None:
     """Each row's speed against the same runtime's float32 and against JAX float32, in the
     same mode, at batch 1 and at the large batch."""
@@ -421,18 +479,25 @@ def table(rows: list[dict], batch: int) -> str:
     def ratio(value):
         return f"{value:.2f}×" if value is not None else "—"
 
+    def share(value):
+        return f"{value:.2%}" if value is not None else "—"
+
     lines = [
         f"| runtime | precision | mode | batch 1 median / p90 ms | batch {batch} images/s | "
-        f"vs own float32 (1 / {batch}) | vs JAX float32 (1 / {batch}) |",
-        "|" + "---|" * 7,
+        f"vs own float32 (1 / {batch}) | vs JAX float32 (1 / {batch}) | "
+        "agreement main / confident / exit | KL |",
+        "|" + "---|" * 9,
     ]
     for r in rows:
+        kl = r.get("kl_main")
         lines.append(
             f"| {r['runtime']} | {r['precision']} | {r['mode']} | "
             f"{r['batch1_median_ms']:.2f} / {r['batch1_p90_ms']:.2f} | "
             f"{r['batch_images_per_s']:.0f} | "
             f"{ratio(r['batch1_vs_own_float32'])} / {ratio(r['batch_vs_own_float32'])} | "
-            f"{ratio(r['batch1_vs_jax_float32'])} / {ratio(r['batch_vs_jax_float32'])} |"
+            f"{ratio(r['batch1_vs_jax_float32'])} / {ratio(r['batch_vs_jax_float32'])} | "
+            f"{share(r.get('agreement_main'))} / {share(r.get('agreement_confident'))} / "
+            f"{share(r.get('agreement_exit'))} | {'—' if kl is None else f'{kl:.4f}'} |"
         )
     return "\n".join(lines)
 
@@ -445,7 +510,8 @@ def write_results(out: Path, rows: list[dict], sizes: dict, args) -> None:
         json.dumps({"settings": settings, "rows": rows, "sizes": sizes}, indent=2) + "\n"
     )
     with open(out / "deploy.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     plot(out / "deploy.png", rows, args.batch)
