@@ -158,9 +158,12 @@ def test_export_learns_and_both_files_hold_the_learned_values(
     model, variables, _ = load_network(workdir)
     reference = reference_kernels(fold_batch_norm(variables)["params"])
     net = IntegerNetwork(onnx.load(out / "model_int8.onnx"))
-    grids, layers, _ = learned_values(net, net.init_params(), layer_names(net, reference))
+    grids, layers, _, input_keys = learned_values(
+        net, net.init_params(), layer_names(net, reference)
+    )
     for path in ("model_int8.tflite", "early_exit/head_int8.tflite", "early_exit/tail_int8.tflite"):
-        file_grids, file_layers = tflite_grids.read_back((out / path).read_bytes(), reference)
+        data = (out / path).read_bytes()
+        file_grids, file_layers = tflite_grids.read_back(data, reference, input_keys)
         found = {k: v for k, v in file_grids.items() if k in grids}
         assert len(found) >= len(file_grids) - 1  # all but the raw pixels' (tail: features')
         for key, (step, zero) in found.items():

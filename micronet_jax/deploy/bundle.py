@@ -620,7 +620,7 @@ def hold_learned_values(folder: Path, learned) -> dict[str, Any]:
         data = tflite_grids.write_network(path.read_bytes(), values, reference)
         path.write_bytes(data)
         checks[path.relative_to(folder).as_posix()] = same_values(
-            values, tflite_grids.read_back(data, reference)
+            values, tflite_grids.read_back(data, reference, values[3])
         )
     return checks
 

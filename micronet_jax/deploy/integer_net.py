@@ -421,14 +421,16 @@ def structural_keys(
     layers: dict[str, str],
     constants: set[str],
     source: str,
+    source_key: str = "input",
 ) -> dict[str, str]:
     """Each tensor's key: what it computes from the input and the layers, in one vocabulary
     for ONNX and LiteRT graphs: a layer's output is `out:<layer>`, a sigmoid `Sigmoid(k)`, a
     product or sum of tensors `Mul(k1,k2)` / `Add(..)` (operands sorted; constant operands
     left out), a spatial mean `Mean(k)`; ops that only move values keep their input's key.
     `producers` maps a tensor to (normalised op, inputs), `layers` a layer's output tensor
-    to its layer's name."""
-    keys: dict[str, str] = {source: "input"}
+    to its layer's name; the graph's input is `source_key` (a tail graph's features: the key
+    they have in the whole network)."""
+    keys: dict[str, str] = {source: source_key}
 
     def key(name: str) -> str:
         stack = [name]
@@ -471,7 +473,9 @@ ONNX_OPS = {
 }
 
 
-def onnx_keys(net: IntegerNetwork, names: dict[int, str]) -> dict[str, str]:
+def onnx_keys(
+    net: IntegerNetwork, names: dict[int, str], input_key: str = "input"
+) -> dict[str, str]:
     """Every tensor's structural key in `net`'s graph, its layers named by `names`."""
     producers, layers = {}, {}
     for i, (op, inputs, outs, _) in enumerate(net.nodes):
@@ -480,7 +484,7 @@ def onnx_keys(net: IntegerNetwork, names: dict[int, str]) -> dict[str, str]:
             layers[outs[0]] = names[i]
         elif i not in net.skipped:
             producers[outs[0]] = (ONNX_OPS.get(op, op), inputs)
-    return structural_keys(producers, layers, set(net.constants), net.source)
+    return structural_keys(producers, layers, set(net.constants), net.source, input_key)
 
 
 def reference_kernels(params: dict) -> dict[str, np.ndarray]:
@@ -538,8 +542,9 @@ def nearest_kernel(kernel: np.ndarray, reference: dict[str, np.ndarray]) -> str:
 def learned_values(net: IntegerNetwork, params: dict, names: dict[int, str]):
     """What a learned network stores, by structural key: {key: (step, zero point)} for
     every grid (also under `in:<layer>` for a layer's input), {layer name: (codes, scales,
-    bias)} (NHWC layouts) for every layer, and {key of a product or sum: its constant
-    operand} (the input's normalisation)."""
+    bias)} (NHWC layouts) for every layer, {key of a product or sum: its constant operand}
+    (the input's normalisation), and {layer name: the key of its input} (what a tail
+    graph's input is)."""
     keys = onnx_keys(net, names)
     constants = {}
     for op, inputs, outs, _ in net.nodes:
@@ -551,21 +556,22 @@ def learned_values(net: IntegerNetwork, params: dict, names: dict[int, str]):
     grids = {}
     for root in net.grids:
         grids[keys[root]] = (steps[root], _zero_code(params["zeros"][root]))
-    layers = {}
+    layers, input_keys = {}, {}
     for i, layer in net.layers.items():
         layers[names[i]] = net.layer_codes(params, layer, steps)
         grids["in:" + names[i]] = (steps[layer.input_grid], grids[keys[layer.input_grid]][1])
-    return grids, layers, constants
+        input_keys[names[i]] = keys[layer.input_grid]
+    return grids, layers, constants, input_keys
 
 
 def transfer(source: IntegerNetwork, params: dict, target: IntegerNetwork, reference: dict):
     """`target`'s graph (another graph of the same network: the early-exit pair's head or
     tail) holding `source`'s learned codes and grids, matched by structural key and kernel.
     Every grid and layer of `target` must be found."""
-    grids, layers, _ = learned_values(source, params, layer_names(source, reference))
+    grids, layers, _, input_keys = learned_values(source, params, layer_names(source, reference))
     names = layer_names(target, reference)
-    keys = onnx_keys(target, names)
     readers = {t.input_grid: names[i] for i, t in target.layers.items()}
+    keys = onnx_keys(target, names, input_keys.get(readers.get(target.source, ""), "input"))
     steps, zeros = {}, {}
     for root in target.grids:
         found = grids.get(keys[root]) or grids.get("in:" + readers.get(root, ""))

@@ -68,7 +68,7 @@ def _kernel_litert(op: str, kernel: np.ndarray) -> np.ndarray:
     return kernel.T
 
 
-def _keys(model, graph, ops, reference: dict) -> tuple[dict, dict, dict]:
+def _keys(model, graph, ops, reference: dict, input_keys: dict | None = None):
     """(structural key of every tensor index, layer name of every layer op's output, the
     count a tensor holding a spatial sum instead of its mean is that mean times)."""
     from micronet_jax.deploy.integer_net import nearest_kernel
@@ -100,7 +100,14 @@ def _keys(model, graph, ops, reference: dict) -> tuple[dict, dict, dict]:
                 summed[out] = int(np.prod([shape[a] for a in axes]))
         else:
             raise ValueError(f"no integer-network twin of the LiteRT op {name}")
-    keys = structural_keys(producers, layers, constants, int(graph.inputs[0]))
+    source = int(graph.inputs[0])
+    keys = structural_keys(producers, layers, constants, source)
+    for name, op in ops:  # a tail's input: the features, keyed as in the whole network
+        if name in LAYERS and keys[int(op.inputs[0])] == "input" and input_keys:
+            found = input_keys.get(layers[int(op.outputs[0])])
+            if found is not None:
+                keys = structural_keys(producers, layers, constants, source, found)
+            break
     return keys, layers, summed
 
 
@@ -113,9 +120,9 @@ def write_network(flatbuffer: bytes, values: tuple, reference: dict) -> bytes:
 
     from micronet_jax.deploy.onnx_int8 import constant_grid
 
-    grids, layers, constants = values
+    grids, layers, constants, input_keys = values
     model, graph, ops = _model(flatbuffer)
-    keys, layer_of, counts = _keys(model, graph, ops, reference)
+    keys, layer_of, counts = _keys(model, graph, ops, reference, input_keys)
     readers = {}
     for name, op in ops:
         if name in LAYERS:
@@ -163,12 +170,14 @@ def _set_grid(tensor, step: float, zero: float) -> None:
     tensor.quantization.zeroPoint = np.asarray([int(zero) - 128], np.int64)
 
 
-def read_back(flatbuffer: bytes, reference: dict) -> tuple[dict, dict]:
+def read_back(
+    flatbuffer: bytes, reference: dict, input_keys: dict | None = None
+) -> tuple[dict, dict]:
     """What a LiteRT int8 model holds, in `integer_net.learned_values`' terms: ({structural
     key: (step, uint8 zero point)}, {layer name: (codes in NHWC layout, scales, (bias codes,
-    bias scale))})."""
+    bias scale))}); `input_keys` (`learned_values`' last) keys a tail's input."""
     model, graph, ops = _model(flatbuffer)
-    keys, layer_of, counts = _keys(model, graph, ops, reference)
+    keys, layer_of, counts = _keys(model, graph, ops, reference, input_keys)
     grids = {}
     for index, tensor in enumerate(graph.tensors):
         q = tensor.quantization
