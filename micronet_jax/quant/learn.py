@@ -93,8 +93,9 @@ class FakeQuantLearning:
 
     steps: int = 400
     batch_size: int = 32
-    lr: float = 0.003  # per step, relative to each tensor's mean magnitude (Adam), cosine
+    lr: float = 0.001  # per step, relative to each tensor's mean magnitude (Adam), cosine
     augment: bool = True
+    held_out: float = 0.1  # share of the images kept out of learning, to judge it on
     seed: int = 0
 
 
@@ -109,8 +110,15 @@ def learn_fake_quant(
 ) -> tuple[dict, list[float]]:
     """Post-training quantised variables (`quant.ptq`) learned on `images` to give the
     `teacher`'s outputs: kernels and biases (the pruned ones kept at 0), activation ranges
-    and kernel channel scales; returned as the same variables, kernels on their grids."""
+    and kernel channel scales; returned as the same variables, kernels on their grids. The
+    result is kept only where it is nearer the teacher (KL) than the start on the images
+    held out of learning (`options.held_out`): learning from a good post-training solution
+    (AdaRound's 4-bit rounding) can also lose to it. The losses per step, and whether the
+    learned variables were kept, ride in the returned losses' attribute `kept`."""
     from micronet_jax.quant.fake import quantize_weights
+
+    held = max(1, int(len(images) * options.held_out)) if options.held_out > 0 else 0
+    images, held_out = (images[:-held], images[-held:]) if held else (images, images[:0])
 
     apply = QuantizedApply(model, bits, ste=True)
     trainable = {
@@ -145,4 +153,34 @@ def learn_fake_quant(
     params = quantize_weights(learned["params"], bits, False, learned["weight_scales"])
     result = dict(quantized, params=params, quant=learned["quant"])
     result["weight_scales"] = learned["weight_scales"]
-    return result, losses
+    history = Losses(losses)
+    if len(held_out):
+        history.held_out = (
+            held_out_kl(apply, quantized, teacher, held_out),
+            held_out_kl(apply, result, teacher, held_out),
+        )
+        history.kept = history.held_out[1] < history.held_out[0]
+    return (result if history.kept else quantized), history
+
+
+class Losses(list):
+    """The loss per step; `held_out`: (KL before, KL after) on the held-out images; `kept`:
+    whether the learned variables were returned."""
+
+    held_out: tuple[float, float] | None = None
+    kept: bool = True
+
+
+def held_out_kl(apply, variables: dict, teacher, images: np.ndarray, batch: int = 250) -> float:
+    """Mean KL from the teacher of `apply`'s predictions on `images` (uint8)."""
+    total = 0.0
+    run = jax.jit(
+        lambda v, x: kl_to_teacher(
+            tuple(o for o in apply(v, normalize_affine(x), train=False) if o is not None),
+            teacher(x),
+        )
+    )
+    for start in range(0, len(images), batch):
+        part = images[start : start + batch]
+        total += float(run(variables, part)) * len(part)
+    return total / len(images)
