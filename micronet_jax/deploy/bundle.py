@@ -527,15 +527,8 @@ def learn_integer_graphs(folder: Path, model, variables, graphs: dict, images, o
         "(straight-through rounding) to give the float32 network's predictions on both heads "
         "(KL divergence) and every gridded tensor's float32 value (normalised squared error, "
         "weighted) on unlabelled training images",
-        "images": len(images),
-        "steps": learn.steps,
-        "batch_size": learn.batch_size,
-        "augment": learn.augment,
+        **learning_entry(learn, images, losses),
         "feature_weight": learn.feature_weight,
-        "loss_first_and_last_10_steps": [
-            round(float(np.mean(losses[:10])), 5),
-            round(float(np.mean(losses[-10:])), 5),
-        ],
         "values_equal_to_jax": same_values(
             values, learned_values(check, check.init_params(), layer_names(check, reference))
         ),
@@ -567,6 +560,18 @@ def learn_fake_quantisation(model, variables, bits, quantized, images, options):
         "rounding) to give the float32 network's predictions on both heads (KL divergence) on "
         "unlabelled training images; kept only if nearer float32 (KL) than the post-training "
         "network on the tenth of them held out of learning",
+        **learning_entry(learn, images, losses),
+        "held_out_kl_before_and_after": losses.held_out,
+        "kept": losses.kept,
+        "seconds": round(time.perf_counter() - tic, 1),
+    }
+    return learned, entry
+
+
+def learning_entry(learn: Any, images: np.ndarray, losses: list[float]) -> dict[str, Any]:
+    """What every learning entry of the card says: images, steps, batch, augmentation, the
+    loss at the start and the end."""
+    return {
         "images": len(images),
         "steps": learn.steps,
         "batch_size": learn.batch_size,
@@ -575,11 +580,7 @@ def learn_fake_quantisation(model, variables, bits, quantized, images, options):
             round(float(np.mean(losses[:10])), 5),
             round(float(np.mean(losses[-10:])), 5),
         ],
-        "held_out_kl_before_and_after": losses.held_out,
-        "kept": losses.kept,
-        "seconds": round(time.perf_counter() - tic, 1),
     }
-    return learned, entry
 
 
 def same_values(ours: tuple, theirs: tuple) -> dict[str, Any]:
