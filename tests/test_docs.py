@@ -9,6 +9,7 @@ config keys that exist. Each relative link must name a file of the repository (a
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -31,11 +32,13 @@ COMMAND = re.compile(r"python -m ([A-Za-z_][\w.]*)([^`\n|\"]*)")  # a quoted com
 
 
 def quoted_commands() -> list[tuple[str, str, str]]:
-    """(document, module, arguments) of every `python -m` command in the docs."""
+    """(document, module, arguments) of every `python -m` command in the docs, a command's
+    continuation lines (after a trailing backslash) joined to it."""
     found = []
     for doc in DOCS:
-        for module, args in COMMAND.findall((REPO / doc).read_text()):
-            found.append((doc, module, args.strip().rstrip("\\").strip()))
+        text = re.sub(r"\\\n\s*", " ", (REPO / doc).read_text())
+        for module, args in COMMAND.findall(text):
+            found.append((doc, module, args.strip()))
     return found
 
 
@@ -52,24 +55,28 @@ def test_no_doc_runs_a_script_by_path():
 
 
 HELP_ALL = """
-import runpy, sys
-failed = []
+import contextlib, io, json, runpy, sys
+failed, helps = [], {}
 for module in sys.argv[1:]:
     sys.argv = [module, "--help"]
+    text = io.StringIO()
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        with contextlib.redirect_stdout(text):
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
         failed.append(f"{module}: --help did not exit")
     except SystemExit as exit:
         if exit.code not in (0, None):
             failed.append(f"{module}: exit {exit.code}")
+    helps[module] = text.getvalue()
+print(json.dumps(helps))
 print("FAILED:" + "; ".join(failed) if failed else "OK")
 """
 
 
-def test_every_quoted_module_answers_help():
+@functools.cache
+def help_texts() -> tuple[str, dict[str, str]]:
+    """('OK' or what failed, {module: its --help}) of every quoted module but pytest."""
     modules = sorted({m for _, m, _ in quoted_commands() if m != "pytest"})
-    for module in modules:
-        assert importlib.util.find_spec(module) is not None, module
     done = subprocess.run(
         [sys.executable, "-c", HELP_ALL, *modules],
         cwd=REPO,
@@ -77,7 +84,31 @@ def test_every_quoted_module_answers_help():
         text=True,
         timeout=600,
     )
-    assert done.stdout.strip().splitlines()[-1] == "OK", done.stdout[-2000:] + done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    return lines[-1] + done.stderr[-2000:] * (lines[-1] != "OK"), json.loads(lines[-2])
+
+
+def test_every_quoted_module_answers_help():
+    modules = sorted({m for _, m, _ in quoted_commands() if m != "pytest"})
+    for module in modules:
+        assert importlib.util.find_spec(module) is not None, module
+    status, _ = help_texts()
+    assert status == "OK", status
+
+
+def test_every_quoted_flag_is_one_its_command_takes():
+    """Each `--flag` of a quoted command (continuation lines included) is in that command's
+    --help: a renamed or removed flag fails here (`main`'s --config.* keys are checked
+    against the config below)."""
+    _, helps = help_texts()
+    unknown = []
+    for doc, module, args in quoted_commands():
+        if module in ("pytest", "micronet_jax.main"):
+            continue
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", args):
+            if not re.search(rf"{re.escape(flag)}\b", helps[module]):
+                unknown.append(f"{doc}: {module} {flag}")
+    assert not unknown, unknown
 
 
 def _config_of(spec: str):
