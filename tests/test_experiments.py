@@ -165,7 +165,10 @@ def test_exit_sweep_matches_the_counter(original_checkpoints, archive, tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.shared
-def test_ptq_table_scores_what_it_quantised(original_checkpoints, archive, tmp_path):
+def test_ptq_table_scores_what_it_quantised(original_checkpoints, cifar10_archive, tmp_path):
+    """On real CIFAR-10 images (a random archive would make every agreement a coin's): the
+    8x8 rows keep most predictions and the confident ones (the full table: 89.8% and 100%
+    on 10,000 images), and the scores are the counter's at those widths."""
     from experiments import ptq
     from micronet_jax.models.torch_import import load_original
     from micronet_jax.quant.fake import quantize_weights
@@ -173,8 +176,8 @@ def test_ptq_table_scores_what_it_quantised(original_checkpoints, archive, tmp_p
     from micronet_jax.scoring.counter import count_micronet
 
     out = tmp_path / "ptq"
-    argv = [f"--out={out}", f"--data={archive}", f"--checkpoints={original_checkpoints}"]
-    options = ["--num_test=40", "--num_calibration=40", "--bits", "8x8", "--methods", "nearest"]
+    argv = [f"--out={out}", f"--data={cifar10_archive}", f"--checkpoints={original_checkpoints}"]
+    options = ["--num_test=300", "--num_calibration=64", "--bits", "8x8", "--methods", "nearest"]
     options += ["--calibration", "cifar10", "--floors"]  # no synthetic rows, no search
     assert ptq.main([*argv, *options, "--scale_bits"]) == 0
     rows = read_csv(out / "ptq.csv")
@@ -191,7 +194,8 @@ def test_ptq_table_scores_what_it_quantised(original_checkpoints, archive, tmp_p
     assert float(rows[3]["score_published_ratio"]) == pytest.approx(expected.score, rel=1e-5)
     assert float(rows[3]["param_score"]) < float(rows[2]["param_score"])
     for row in (rows[1], rows[3]):
-        assert 0 <= float(row["combined_agreement"]) <= 1
+        assert float(row["main_agreement"]) >= 0.75
+        assert float(row["confident_agreement"]) >= 0.95
     assert (out / "ptq.md").read_text().count("\n|") >= 5
 
 
