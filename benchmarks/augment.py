@@ -10,7 +10,6 @@ PIL: one image at a time in Python with the ops of ``tests/pil_reference.py``, t
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import sys
@@ -26,6 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import pil_reference  # noqa: E402
 
 from micronet_jax.data import augment, policy  # noqa: E402
+from micronet_jax.errors import CommandParser  # noqa: E402
 
 DEFAULT_ARCHIVE = REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"
 
@@ -77,7 +77,7 @@ def time_pil(images, labels, batch: int, batches: int, repeats: int) -> list[flo
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m benchmarks.augment", description=__doc__.splitlines()[0])
     parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--batches", type=int, default=20, help="batches per timed repeat")

@@ -10,17 +10,17 @@ with the size of XLA's temporaries for each block.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import numpy as np
 
 from benchmarks.train_step import timed
+from micronet_jax.errors import CommandParser
 from micronet_jax.models.architecture import build_architecture, conv_padding
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m benchmarks.blocks", description=__doc__.splitlines()[0])
     parser.add_argument("blocks", type=int, nargs="*", help="block indices (default: all)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)

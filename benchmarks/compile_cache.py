@@ -20,6 +20,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
+from micronet_jax.errors import CommandParser  # noqa: E402
+
 
 def first_step(model_size: str, batch: int) -> float:
     """Seconds from process start until one real train step has run."""
@@ -60,7 +62,9 @@ def first_step(model_size: str, batch: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(
+        prog="python -m benchmarks.compile_cache", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--model", choices=("smoke", "full"), default="smoke")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

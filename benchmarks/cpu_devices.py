@@ -13,7 +13,6 @@ medians are printed.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import sys
@@ -25,6 +24,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from micronet_jax.backend import use_cpu_cores  # noqa: E402
+from micronet_jax.errors import CommandParser
 
 
 def eval_rates(images, repeats: int) -> dict[str, float]:
@@ -106,7 +106,9 @@ def train_rates(images, repeats: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(
+        prog="python -m benchmarks.cpu_devices", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--devices", type=int, default=0, help="CPU devices (0: one per core)")
     parser.add_argument("--eval-images", type=int, default=2048)
     parser.add_argument("--train-images", type=int, default=640)

@@ -28,7 +28,6 @@ of this script, in under 3 minutes).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -48,6 +47,7 @@ import numpy as np
 
 from micronet_jax.backend import enable_compilation_cache
 from micronet_jax.config.builders import DTYPES
+from micronet_jax.errors import CommandParser
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.conv import resolve_impl
 from micronet_jax.models.efficientnet import MicroNet, init_variables
@@ -648,7 +648,9 @@ def _short(value: Any) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(
+        prog="python -m benchmarks.device_check", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--payload", type=Path, default=REPO / "benchmarks" / "payload")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds of wall time")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")

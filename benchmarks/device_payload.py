@@ -18,7 +18,6 @@ Carry the folder and run there, with no network:
 
 from __future__ import annotations
 
-import argparse
 import io
 import pickle
 import shutil
@@ -26,6 +25,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+
+from micronet_jax.errors import CommandParser
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "payload"
@@ -93,7 +94,9 @@ def download_wheels(names: list[str], folder: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(
+        prog="python -m benchmarks.device_payload", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--wheels", nargs="*", default=list(WHEELS), help="packages to carry")

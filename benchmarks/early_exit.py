@@ -15,7 +15,6 @@ count and no work of the fast path's own.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import pickle
 import statistics
@@ -29,6 +28,7 @@ import numpy as np
 
 from micronet_jax.backend import use_cpu_cores
 from micronet_jax.data.augment import eval_transform
+from micronet_jax.errors import CommandParser
 from micronet_jax.evaluation.early_exit import (
     exit_confidence,
     exit_predict_fast,
@@ -128,7 +128,9 @@ def interleaved_times(runners: dict, batches: list, repeats: int) -> dict[str, l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(
+        prog="python -m benchmarks.early_exit", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--ratio", type=float, default=0.32)

@@ -11,7 +11,6 @@ The two are measured alternately (epoch, pure, epoch, ...) and medians are repor
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import sys
@@ -22,6 +21,7 @@ import jax
 
 from benchmarks.train_step import make_train_step_without_augmentation
 from micronet_jax.data.cifar import load_train_test
+from micronet_jax.errors import CommandParser
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.efficientnet import MicroNet, init_variables
 from micronet_jax.train.loop import DeviceData, Schedule, run_epoch
@@ -81,7 +81,7 @@ def time_pure(state, pure, batches):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = CommandParser(prog="python -m benchmarks.epoch", description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("tiny", "full"), default="tiny")
     p.add_argument("--num_images", type=int, default=2560)
     p.add_argument("--batch", type=int, default=128)

@@ -14,7 +14,6 @@ reference bit for bit.
 
 from __future__ import annotations
 
-import argparse
 import random
 import shutil
 import signal
@@ -31,6 +30,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from archives import make_cifar10_python_archive  # noqa: E402
 from tiny_run import main_command, main_env, pipeline_outcome, tiny_config  # noqa: E402
 
+from micronet_jax.errors import CommandParser  # noqa: E402
 from micronet_jax.train import metrics as metrics_io  # noqa: E402
 
 
@@ -112,7 +112,9 @@ def differences(got: dict, want: dict) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(
+        prog="python -m benchmarks.kill_resume", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", type=Path, default=Path("/tmp/micronet_kill_resume"))

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from micronet_jax.errors import CommandParser
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
@@ -116,7 +118,9 @@ def run_torch(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(
+        prog="python -m benchmarks.learning_check", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--framework", choices=("jax", "torch", "both"), default="both")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--num_train", type=int, default=10240)

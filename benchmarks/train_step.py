@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from micronet_jax.errors import CommandParser
 from micronet_jax.models.architecture import build_architecture
 
 
@@ -202,7 +203,7 @@ def measure_memory(args, which: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = CommandParser(prog="python -m benchmarks.train_step", description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--impl", default="auto", choices=("auto", "fast", "xla"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

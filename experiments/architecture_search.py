@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments import proxy
+from micronet_jax.errors import CommandParser
 from micronet_jax.models.architecture import (
     BASE_BLOCK_STRINGS,
     RESOLUTION_COEFFICIENT,
@@ -81,7 +82,7 @@ def proxy_network(blocks: Sequence[str], kind: str, num_classes: int) -> Any:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m experiments.architecture_search", description=__doc__.splitlines()[0]
     )
     proxy.add_proxy_args(parser)

@@ -23,6 +23,7 @@ from typing import Any
 from experiments import proxy
 from micronet_jax.data.autoaugment import OPS
 from micronet_jax.data.policy import NUM_MAGNITUDES, Policy
+from micronet_jax.errors import CommandParser
 from micronet_jax.models.architecture import Architecture, build_architecture
 
 OP_NAMES: tuple[str, ...] = tuple(OPS)
@@ -67,7 +68,7 @@ def proxy_network(kind: str, num_classes: int) -> Architecture:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m experiments.autoaugment_search", description=__doc__.splitlines()[0]
     )
     proxy.add_proxy_args(parser)

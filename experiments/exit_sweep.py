@@ -32,6 +32,7 @@ import numpy as np
 
 from experiments import proxy
 from micronet_jax.data.cifar import load_cifar
+from micronet_jax.errors import CommandParser
 from micronet_jax.evaluation.early_exit import exit_metrics, select_predictions
 from micronet_jax.models.architecture import Architecture
 from micronet_jax.models.efficientnet import MicroNet, init_variables
@@ -70,7 +71,7 @@ COLUMNS = (
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m experiments.exit_sweep", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--out", required=True)

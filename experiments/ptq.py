@@ -49,7 +49,7 @@ import numpy as np
 
 from experiments import agreement
 from micronet_jax.data.augment import eval_transform
-from micronet_jax.errors import ConfigError
+from micronet_jax.errors import CommandParser, ConfigError
 from micronet_jax.models.fold import fold_batch_norm
 from micronet_jax.quant import mixed
 from micronet_jax.quant.fake import QuantizedApply, calibrate
@@ -383,9 +383,7 @@ def _scores(at_published, at_measured, ratio: float) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.ptq", description=__doc__.splitlines()[0]
-    )
+    parser = CommandParser(prog="python -m experiments.ptq", description=__doc__.splitlines()[0])
     agreement.add_common_args(parser)
     parser.add_argument(
         "--bits",

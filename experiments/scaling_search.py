@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments import proxy
+from micronet_jax.errors import CommandParser
 from micronet_jax.models.architecture import BASE_BLOCK_STRINGS, build_architecture
 
 RESOLUTION_RANGE = (1.0, 1.4)
@@ -57,7 +58,7 @@ def proxy_network(kind: str, width: float, resolution: float, num_classes: int) 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m experiments.scaling_search", description=__doc__.splitlines()[0]
     )
     proxy.add_proxy_args(parser)

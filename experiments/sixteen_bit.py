@@ -23,6 +23,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from experiments import agreement
+from micronet_jax.errors import CommandParser
 from micronet_jax.models.efficientnet import MicroNet
 from micronet_jax.models.fold import fold_batch_norm
 from micronet_jax.quant.fake import QuantizedApply
@@ -78,7 +79,7 @@ def measure(args: argparse.Namespace, notes: list[str] | None = None) -> list[di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m experiments.sixteen_bit", description=__doc__.splitlines()[0]
     )
     agreement.add_common_args(parser)
