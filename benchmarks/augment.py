@@ -24,10 +24,11 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import pil_reference  # noqa: E402
 
+from benchmarks.shared_data import CIFAR10_ARCHIVE  # noqa: E402
 from micronet_jax.data import augment, policy  # noqa: E402
 from micronet_jax.errors import CommandParser  # noqa: E402
 
-DEFAULT_ARCHIVE = REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"
+DEFAULT_ARCHIVE = CIFAR10_ARCHIVE
 
 
 def make_augment_step(batch: int):

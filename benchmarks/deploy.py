@@ -36,13 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.shared_data import CIFAR10_ARCHIVE, checkpoint
 from micronet_jax.deploy.onnxruntime_session import file_sha256
 from micronet_jax.errors import CommandParser, MicronetError, fail
 from micronet_jax.evaluation.early_exit import top_probability
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-CHECKPOINT = SHARED / "reference" / "osi_ai" / "final_ee50" / "trained_model.pth"
-ARCHIVE = SHARED / "data" / "cifar-10-python.tar.gz"
+CHECKPOINT = checkpoint()
+ARCHIVE = CIFAR10_ARCHIVE
 RUNTIMES = ("jax", "onnxruntime", "openvino", "litert")
 EXTRA = {"onnxruntime": "onnxruntime", "openvino": "openvino", "litert": "ai_edge_litert"}
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.shared_data import SHARED
 from micronet_jax.errors import CommandParser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def main() -> None:
     parser = CommandParser(
         prog="python -m benchmarks.device_payload", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    parser.add_argument("--shared", type=Path, default=SHARED)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--wheels", nargs="*", default=list(WHEELS), help="packages to carry")
     args = parser.parse_args()

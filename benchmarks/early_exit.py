@@ -20,12 +20,12 @@ import pickle
 import statistics
 import tarfile
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.shared_data import CIFAR10_ARCHIVE, checkpoint
 from micronet_jax.backend import use_cpu_cores
 from micronet_jax.data.augment import eval_transform
 from micronet_jax.errors import CommandParser
@@ -40,11 +40,9 @@ from micronet_jax.models.microbatch import map_eval_batch
 from micronet_jax.scoring.counter import count_micronet
 from micronet_jax.train.steps import predict
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
 
 def load_model() -> tuple[MicroNet, dict, str]:
-    pth = SHARED / "reference" / "osi_ai" / "first_submission" / "trained_model.pth"
+    pth = checkpoint("first_submission")
     if pth.exists():
         from micronet_jax.models.torch_import import load_original
 
@@ -55,7 +53,7 @@ def load_model() -> tuple[MicroNet, dict, str]:
 
 
 def load_images(n: int) -> np.ndarray:
-    archive = SHARED / "data" / "cifar-10-python.tar.gz"
+    archive = CIFAR10_ARCHIVE
     if not archive.exists():
         return np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     with tarfile.open(archive) as tar:

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.shared_data import DATA
 from micronet_jax.errors import CommandParser
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
+DEFAULT_DATA = DATA
 
 
 def recipe_config(args: argparse.Namespace):

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.shared_data import checkpoint
 from micronet_jax.errors import CommandParser
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-CHECKPOINT = SHARED / "reference" / "osi_ai" / "final_ee50" / "trained_model.pth"
+CHECKPOINT = checkpoint()
 
 
 def parser() -> CommandParser:

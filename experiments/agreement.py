@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.shared_data import REFERENCE
 from experiments import proxy
 from micronet_jax.evaluation.early_exit import (
     CONFIDENT,
@@ -25,7 +26,6 @@ from micronet_jax.evaluation.early_exit import (
 )
 from micronet_jax.train.steps import predict
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "osi_ai"
 CHECKPOINTS = ("first_submission", "final_ee50")
 THRESHOLD = DEFAULT_THRESHOLD
 # the exit ratios each checkpoint was published with (CIFAR-100 test set)

@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from benchmarks.shared_data import REFERENCE
 from experiments import proxy
 from micronet_jax.data.cifar import load_cifar
 from micronet_jax.errors import CommandParser
@@ -41,7 +42,6 @@ from micronet_jax.train.optim import cosine_per_epoch, make_optimizer
 from micronet_jax.train.state import create_exit_state, full_variables
 from micronet_jax.train.steps import StepConfig, exit_train_step, predict
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "osi_ai"
 DEFAULT_CHECKPOINT = REFERENCE / "first_submission" / "trained_model.pth"
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
 PRESETS: dict[str, dict[str, Any]] = {

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from benchmarks.shared_data import CIFAR10_ARCHIVE
 from micronet_jax.data.cifar import load_cifar
 from micronet_jax.models.architecture import Architecture
 from micronet_jax.models.efficientnet import MicroNet, init_variables
@@ -25,7 +26,7 @@ from micronet_jax.train.optim import cosine_per_epoch, make_optimizer
 from micronet_jax.train.state import create_train_state
 from micronet_jax.train.steps import StepConfig, evaluate, step_function
 
-SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-10-python.tar.gz"
+SHARED_CIFAR10 = CIFAR10_ARCHIVE
 
 # The tiny network small-scale searches train (tests/configs/tiny.py's shape, a bit wider).
 TINY_BLOCKS: tuple[str, ...] = (
