@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.shared_data import SHARED
+from micronet_jax.data.cifar import read_batch
 from micronet_jax.errors import CommandParser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,8 @@ def read_real_cifar10(archive: Path) -> tuple[dict, dict, dict]:
     with tarfile.open(archive) as tar:
 
         def member(name: str) -> dict:
-            return pickle.load(tar.extractfile(f"{ARCHIVE_FOLDER}/{name}"), encoding="bytes")
+            where = f"{archive}:{ARCHIVE_FOLDER}/{name}"
+            return read_batch(tar.extractfile(f"{ARCHIVE_FOLDER}/{name}"), where)
 
         return member("data_batch_1"), member("test_batch"), member("batches.meta")
 

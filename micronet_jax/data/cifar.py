@@ -360,7 +360,7 @@ def _parse(f: io.BufferedIOBase, where: str) -> Any:
     if where.endswith(".txt"):
         text = f.read().decode("utf-8", errors="replace")
         return tuple(line.strip() for line in text.splitlines() if line.strip())
-    return _unpickle(f, where)
+    return read_batch(f, where)
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -392,7 +392,9 @@ class _BatchUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _unpickle(f: io.BufferedIOBase, where: str) -> dict:
+def read_batch(f: io.BufferedIOBase, where: str) -> dict:
+    """One pickled CIFAR batch (a dict of bytes keys), unpickled with only the types a CIFAR
+    batch holds allowed; anything else is a DataError naming `where`."""
     try:
         batch = _BatchUnpickler(f, where).load()
     except DataError:
