@@ -20,7 +20,10 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
+from micronet_jax.config.defaults import default_config  # noqa: E402
 from micronet_jax.errors import CommandParser  # noqa: E402
+
+RECIPE = default_config()  # the recipe's values, not retyped
 
 
 def first_step(model_size: str, batch: int) -> float:
@@ -49,7 +52,7 @@ def first_step(model_size: str, batch: int) -> float:
         )
         config.model.width, config.model.resolution, config.model.head_filters = 1.0, 1.0, 64
     model = builders.model_from_config(config)
-    tx = make_optimizer(0.13, 10, 10)
+    tx = make_optimizer(RECIPE.train.lr, 10, 10)
     state = create_train_state(model.apply, init_variables(model, jax.random.key(0)), tx, 0)
     step_fn = functools.partial(train_step, cfg=step_config_from(config, 10, 10))
     rng = np.random.default_rng(0)

@@ -24,7 +24,10 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from micronet_jax.backend import use_cpu_cores  # noqa: E402
+from micronet_jax.config.defaults import default_config  # noqa: E402
 from micronet_jax.errors import CommandParser
+
+RECIPE = default_config()  # the recipe's values, not retyped
 
 
 def eval_rates(images, repeats: int) -> dict[str, float]:
@@ -82,7 +85,7 @@ def train_rates(images, repeats: int) -> dict[str, float]:
     schedule = Schedule(epochs=repeats + 1, batch_size=128, num_examples=len(images))
     step = functools.partial(train_step, cfg=StepConfig(autoaugment=True))
     variables = init_variables(model, jax.random.key(0))
-    tx = make_optimizer(0.13, repeats + 1, schedule.steps_per_epoch)
+    tx = make_optimizer(RECIPE.train.lr, repeats + 1, schedule.steps_per_epoch)
     setups = {}
     for name, mesh in (("split", sharding.make_mesh()), ("one device", None)):
         # a copy each: the epoch donates its state

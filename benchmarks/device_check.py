@@ -47,6 +47,7 @@ import numpy as np
 
 from micronet_jax.backend import enable_compilation_cache
 from micronet_jax.config.builders import DTYPES
+from micronet_jax.config.defaults import default_config
 from micronet_jax.errors import CommandParser
 from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.conv import resolve_impl
@@ -57,6 +58,8 @@ from micronet_jax.train.guard import GuardedStep
 from micronet_jax.train.optim import make_optimizer
 from micronet_jax.train.state import create_train_state
 from micronet_jax.train.steps import StepConfig, predict, step_function, train_step
+
+RECIPE = default_config()  # the recipe's values, not retyped
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_EPOCHS = 1200 + 11 * 600 + 800  # baseline, 11 pruning rounds, exit head
@@ -258,7 +261,10 @@ def sharding_check(sizes: Sizes) -> dict[str, Any]:
     results = []
     for mesh in (None, sharding.make_mesh()):
         state = create_train_state(
-            model.apply, init_variables(model, jax.random.key(0)), make_optimizer(0.13, 2, 2), 0
+            model.apply,
+            init_variables(model, jax.random.key(0)),
+            make_optimizer(RECIPE.train.lr, 2, 2),
+            0,
         )
         state = sharding.place_state(state, mesh)
         state, _ = loop.run_epoch(
@@ -281,7 +287,9 @@ class TrainProgram:
         self, arch, batch: int, k: int, dtype: str, data: loop.DeviceData, autoaugment: bool
     ):
         model = MicroNet(arch.with_exit_head(None), dtype=DTYPES[dtype])
-        tx = make_optimizer(0.13, 1200, loop.Schedule(1, batch, len(data)).steps_per_epoch)
+        tx = make_optimizer(
+            RECIPE.train.lr, RECIPE.train.epochs, loop.Schedule(1, batch, len(data)).steps_per_epoch
+        )
         self.state = create_train_state(
             model.apply, init_variables(model, jax.random.key(0)), tx, 0
         )
@@ -404,7 +412,7 @@ def epoch(sizes: Sizes, best_k: int, payload: Path | None) -> dict[str, Any]:
     batch = sizes.train_batches[0]
     model = MicroNet(sizes.arch.with_exit_head(None))
     schedule = loop.Schedule(1, batch, len(data))
-    tx = make_optimizer(0.13, 1200, schedule.steps_per_epoch)
+    tx = make_optimizer(RECIPE.train.lr, RECIPE.train.epochs, schedule.steps_per_epoch)
     state = create_train_state(model.apply, init_variables(model, jax.random.key(0)), tx, 0)
     step = GuardedStep(step_function(StepConfig(autoaugment=not sizes.smoke)))
     test = np.random.default_rng(2).integers(0, 256, (sizes.test_images, 32, 32, 3), dtype=np.uint8)

@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 
 from benchmarks.train_step import make_train_step_without_augmentation
+from micronet_jax.config.defaults import default_config
 from micronet_jax.data.cifar import load_train_test
 from micronet_jax.errors import CommandParser
 from micronet_jax.models.architecture import build_architecture
@@ -28,6 +29,8 @@ from micronet_jax.train.loop import DeviceData, Schedule, run_epoch
 from micronet_jax.train.optim import make_optimizer
 from micronet_jax.train.state import STEP_STREAM, create_train_state, stream_key
 from micronet_jax.train.steps import StepConfig, augment_batch, train_step
+
+RECIPE = default_config()  # the recipe's values, not retyped
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "/work/shared/data/cifar-10-python.tar.gz"
@@ -47,7 +50,7 @@ def architecture(name: str):
 
 def fresh_state(model, steps_per_epoch: int):
     variables = init_variables(model, jax.random.key(0))
-    tx = make_optimizer(0.13, 10, steps_per_epoch)
+    tx = make_optimizer(RECIPE.train.lr, 10, steps_per_epoch)
     return create_train_state(model.apply, variables, tx, seed=0)
 
 

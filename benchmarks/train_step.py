@@ -28,8 +28,11 @@ import time
 
 import numpy as np
 
+from micronet_jax.config.defaults import default_config
 from micronet_jax.errors import CommandParser
 from micronet_jax.models.architecture import build_architecture
+
+RECIPE = default_config()  # the recipe's values, not retyped
 
 
 def rss_bytes() -> int:
@@ -86,7 +89,7 @@ class JaxStep:
         arch = build_architecture()
         model = MicroNet(arch=arch, dtype=DTYPES[dtype], conv_impl=impl)
         variables = init_variables(model, jax.random.key(0))
-        tx = make_optimizer(0.13, 1200, 391)
+        tx = make_optimizer(RECIPE.train.lr, RECIPE.train.epochs, 391)
         self.state = create_train_state(model.apply, variables, tx, seed=0)
         x, la, lb, lam = fake_batch(batch, arch.num_classes)
         self.inputs = tuple(jax.device_put(a) for a in (x, la, lb, jnp.asarray(lam)))
