@@ -436,12 +436,20 @@ def test_released_network_exports_and_every_runtime_computes_what_jax_does(
     # 8-bit kernels with their scales store less than the 16-bit freebie (the math score
     # rises: below 16 bits additions count at 32)
     assert card["quantized"]["score"]["param"] < card["float32"]["score"]["param"]
-    for parity in (
-        card["quantized"]["onnx_vs_jax_simulation"],  # the integer graph's own JAX side
-        card["tflite"]["int8"]["litert_vs_jax_simulation"],
-    ):  # the layers' sums exact on both sides: what is left is the other ops' rounding
-        assert parity["confident"] == 1.0
-        assert parity["main"] >= 0.99
+    # the layers' sums exact on both sides: what is left is the other ops' rounding. In
+    # onnxruntime nothing is left here (the whole file, learned or not, 99.99% on 10,000
+    # images). In LiteRT every op but one gives the simulation's codes exactly, op by op on
+    # the runtime's own inputs: the spatial SUM of each squeeze-excite mean (its int8
+    # requantisation is XNNPACK's own fixed point), 35 of 194,048 codes one step off on 64
+    # images of this file, and each such code moves a whole channel's gate. So near ties
+    # move: 98.2% of these 500 images, 99.91% of 10,000 for the fully learned file, every
+    # confident prediction in both.
+    onnx_parity = card["quantized"]["onnx_vs_jax_simulation"]
+    litert_parity = card["tflite"]["int8"]["litert_vs_jax_simulation"]
+    assert onnx_parity["confident"] == litert_parity["confident"] == 1.0
+    assert onnx_parity["main"] >= 0.99 and litert_parity["main"] >= 0.97
+    for check in card["tflite"]["int8"]["values_equal_to_jax"].values():
+        assert check["layers_equal"] == check["layers"]
     # OpenVINO runs the same integer graph, but its requantisation is its own (dequantise,
     # then its FakeQuantize formula with the kernels it picks for the CPU), not ONNX's exact
     # round((sum + bias) · scale): a code at a grid boundary lands one step off, and the
