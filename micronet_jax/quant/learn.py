@@ -171,16 +171,21 @@ class Losses(list):
     kept: bool = True
 
 
-def held_out_kl(apply, variables: dict, teacher, images: np.ndarray, batch: int = 250) -> float:
-    """Mean KL from the teacher of `apply`'s predictions on `images` (uint8)."""
-    total = 0.0
+def held_out_kl(apply, teacher, batch: int = 250):
+    """A function (variables, uint8 images) -> mean KL from the teacher of `apply`'s
+    predictions, jitted once."""
     run = jax.jit(
         lambda v, x: kl_to_teacher(
             tuple(o for o in apply(v, normalize_affine(x), train=False) if o is not None),
             teacher(x),
         )
     )
-    for start in range(0, len(images), batch):
-        part = images[start : start + batch]
-        total += float(run(variables, part)) * len(part)
-    return total / len(images)
+
+    def mean_kl(variables: dict, images: np.ndarray) -> float:
+        total = 0.0
+        for start in range(0, len(images), batch):
+            part = images[start : start + batch]
+            total += float(run(variables, part)) * len(part)
+        return total / len(images)
+
+    return mean_kl
