@@ -37,7 +37,7 @@ def first_step(model_size: str, batch: int) -> float:
     from micronet_jax.config import builders
     from micronet_jax.config.defaults import default_config
     from micronet_jax.models.efficientnet import init_variables
-    from micronet_jax.train.loop import run_batch, step_config_from
+    from micronet_jax.train.loop import run_batch
     from micronet_jax.train.optim import make_optimizer
     from micronet_jax.train.state import create_train_state
     from micronet_jax.train.steps import train_step
@@ -54,7 +54,7 @@ def first_step(model_size: str, batch: int) -> float:
     model = builders.model_from_config(config)
     tx = make_optimizer(RECIPE.train.lr, 10, 10)
     state = create_train_state(model.apply, init_variables(model, jax.random.key(0)), tx, 0)
-    step_fn = functools.partial(train_step, cfg=step_config_from(config, 10, 10))
+    step_fn = functools.partial(train_step, cfg=builders.step_config_of(config, 10, 10))
     rng = np.random.default_rng(0)
     images = jax.device_put(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8))
     labels = jax.device_put(rng.integers(0, 100, (batch,)).astype(np.int32))

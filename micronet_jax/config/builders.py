@@ -1,4 +1,5 @@
-"""Config -> objects: the architecture, the model and the data sets a run uses."""
+"""Config -> objects: the architecture, the model, the data sets, and the training options
+(schedule, step, fit) a run uses. The one place a config becomes options."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from micronet_jax.data.cifar import CifarSplit, load_train_test
+from micronet_jax.data.policy import load_policy
 from micronet_jax.errors import ConfigError
 from micronet_jax.models.architecture import Architecture, build_architecture
 from micronet_jax.models.efficientnet import MicroNet
 from micronet_jax.quant.widths import BitWidths, bit_widths, load_widths
+from micronet_jax.train.loop import FitOptions, Schedule, resolve_steps_per_dispatch
+from micronet_jax.train.optim import cosine_per_epoch
+from micronet_jax.train.steps import StepConfig
 
 NUM_CLASSES = {"cifar100": 100, "cifar10": 10}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -92,3 +97,47 @@ def load_data(config: Any) -> tuple[CifarSplit, CifarSplit]:
     num_classes_of(d.name)
     train, test = load_train_test(d.name, d.dir or None, source=d.source, download=d.download)
     return _subset(train, d.num_train), _subset(test, d.num_test)
+
+
+def schedule_of(config: Any, epochs: int, num_examples: int) -> Schedule:
+    """The epochs, batches and evaluation/checkpoint cadence of a stage of `epochs` epochs."""
+    t = config.train
+    return Schedule(
+        epochs=epochs,
+        batch_size=t.batch_size,
+        num_examples=num_examples,
+        drop_last=t.drop_last,
+        batch_multiple=config.model.bn_splits,
+        eval_every=t.eval_every,
+        checkpoint_every=t.checkpoint_every,
+    )
+
+
+def step_config_of(config: Any, epochs: int, steps_per_epoch: int, **overrides: Any) -> StepConfig:
+    """The train step's settings (loss, mixup, AutoAugment, the per-epoch cosine rate) for a
+    stage of `epochs` epochs; `overrides` replace any field (the exit stages' augmentation,
+    the quantize stage's per-step rate)."""
+    fields = dict(
+        label_smoothing=config.train.label_smoothing,
+        mixup_alpha=config.data.mixup_alpha,
+        autoaugment=config.data.autoaugment,
+        policy=load_policy(config.data.policy),
+        lr_fn=cosine_per_epoch(config.train.lr, epochs, steps_per_epoch),
+    )
+    fields.update(overrides)
+    return StepConfig(**fields)
+
+
+def fit_options_of(config: Any, **fields: Any) -> FitOptions:
+    """The options `config.train` sets for `fit` (guards, disk space, kept checkpoints, steps
+    per dispatch), plus the stage's own `fields`."""
+    t = config.train
+    return FitOptions(
+        keep_checkpoints=t.keep_checkpoints,
+        nan_policy=t.nan_policy,
+        nan_check_every=t.nan_check_every,
+        inject_nan_step=t.inject_nan_step,
+        min_free_mb=t.min_free_mb,
+        steps_per_dispatch=resolve_steps_per_dispatch(t.steps_per_dispatch),
+        **fields,
+    )

@@ -47,12 +47,10 @@ from micronet_jax.recipe.stages import (
 from micronet_jax.train import pruning
 from micronet_jax.train.loop import (
     DeviceData,
-    FitOptions,
     Schedule,
     fit,
     is_primary,
     resolve_steps_per_dispatch,
-    step_config_from,
 )
 from micronet_jax.train.optim import (
     cosine_per_step,
@@ -109,16 +107,7 @@ class Context:
         )
 
     def schedule(self, epochs: int) -> Schedule:
-        t = self.config.train
-        return Schedule(
-            epochs=epochs,
-            batch_size=t.batch_size,
-            num_examples=len(self.train),
-            drop_last=t.drop_last,
-            batch_multiple=self.config.model.bn_splits,
-            eval_every=t.eval_every,
-            checkpoint_every=t.checkpoint_every,
-        )
+        return builders.schedule_of(self.config, epochs, len(self.train))
 
     @property
     def steps_per_dispatch(self) -> int:
@@ -157,6 +146,18 @@ def _without_exit_head(variables: dict) -> dict:
     return {k: {n: v for n, v in tree.items() if n != "exit_head"} for k, tree in variables.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class StageTraining:
+    """What differs between a float stage and the quantize stage: the state and step it
+    trains, how it is evaluated and how its rate is shown, and what it hands on."""
+
+    state: Any
+    step: Any
+    evaluate_fn: Any  # state -> test metrics
+    lr_of_epoch: Any  # epoch -> the rate its record shows
+    result: Any  # final state -> (variables, masks)
+
+
 def _train(
     ctx: Context,
     stage: StageSpec,
@@ -167,50 +168,64 @@ def _train(
     bar: StageBar,
 ) -> tuple[dict, Any, list[dict]]:
     """Train one stage from (variables, masks); return the final (variables, masks, metrics)."""
-    if stage.kind == "quantize":
-        return _train_quantized(ctx, stage, seed, variables, masks, workdir, bar)
-    config, t = ctx.config, ctx.config.train
     schedule = ctx.schedule(stage.epochs)
-    spe = schedule.steps_per_epoch
-    tx = make_optimizer(t.lr, stage.epochs, spe, t.momentum, t.weight_decay)
-    if stage.has_exit_head:
-        overrides = dict(
-            mixup_alpha=config.data.mixup_alpha if config.pipeline.exit_mixup else 0.0,
-            autoaugment=config.pipeline.exit_autoaugment,
-        )
-        model = ctx.exit_model
-        state = create_exit_state(model.apply, variables, tx, seed, masks["exit_head"])
-    else:
-        overrides = {}
-        model = ctx.model
-        state = create_train_state(model.apply, variables, tx, seed, masks)
-    state = sharding.place_state(state, ctx.mesh)
-    step_cfg = step_config_from(config, stage.epochs, spe, **overrides)
+    build = _quantized_training if stage.kind == "quantize" else _float_training
+    training = build(ctx, stage, seed, variables, masks, schedule.steps_per_epoch)
     kept = sharding.local_copy(masks)  # the share of zeros in the masks: the stage's sparsity
     constants = {"sparsity": pruning.global_sparsity(kept, pruning.main_network)}
     if stage.has_exit_head:
         constants["exit_sparsity"] = pruning.global_sparsity(kept, pruning.exit_head)
     state, records = fit(
-        state,
-        step_function(step_cfg, exit_head=stage.has_exit_head),
+        sharding.place_state(training.state, ctx.mesh),
+        training.step,
         ctx.train,
         schedule,
         workdir,
-        FitOptions.from_train_config(
-            t,
-            evaluate_fn=functools.partial(_evaluate, ctx, model, stage.has_exit_head),
-            lr_of_epoch=lambda e: lr_at_epoch(t.lr, stage.epochs, e),
+        builders.fit_options_of(
+            ctx.config,
+            evaluate_fn=training.evaluate_fn,
+            lr_of_epoch=training.lr_of_epoch,
             progress=bar,
             desc=stage.name,
-            steps_per_dispatch=ctx.steps_per_dispatch,
             constants=constants,
         ),
     )
-    if stage.has_exit_head:
-        final_masks = dict(masks)
-        final_masks["exit_head"] = state.masks
-        return full_variables(state), final_masks, records
-    return variables_of(state), state.masks, records
+    return (*training.result(state), records)
+
+
+def _float_training(
+    ctx: Context, stage: StageSpec, seed: int, variables: dict, masks: Any, spe: int
+) -> StageTraining:
+    """A float32 stage: the main network (baseline, pruning) or the exit head's stages."""
+    config, t = ctx.config, ctx.config.train
+    tx = make_optimizer(t.lr, stage.epochs, spe, t.momentum, t.weight_decay)
+    lr_of_epoch = functools.partial(lr_at_epoch, t.lr, stage.epochs)
+    if not stage.has_exit_head:
+        return StageTraining(
+            state=create_train_state(ctx.model.apply, variables, tx, seed, masks),
+            step=step_function(builders.step_config_of(config, stage.epochs, spe)),
+            evaluate_fn=functools.partial(_evaluate, ctx, ctx.model, False),
+            lr_of_epoch=lr_of_epoch,
+            result=lambda state: (variables_of(state), state.masks),
+        )
+    step_config = builders.step_config_of(
+        config,
+        stage.epochs,
+        spe,
+        mixup_alpha=config.data.mixup_alpha if config.pipeline.exit_mixup else 0.0,
+        autoaugment=config.pipeline.exit_autoaugment,
+    )
+
+    def result(state: Any) -> tuple[dict, Any]:
+        return full_variables(state), {**masks, "exit_head": state.masks}
+
+    return StageTraining(
+        state=create_exit_state(ctx.exit_model.apply, variables, tx, seed, masks["exit_head"]),
+        step=step_function(step_config, exit_head=True),
+        evaluate_fn=functools.partial(_evaluate, ctx, ctx.exit_model, True),
+        lr_of_epoch=lr_of_epoch,
+        result=result,
+    )
 
 
 def _evaluate(ctx: Context, model: MicroNet, is_exit: bool, state: Any) -> dict[str, float]:
@@ -225,51 +240,27 @@ def _evaluate(ctx: Context, model: MicroNet, is_exit: bool, state: Any) -> dict[
     return exit_metrics(result, ctx.test_labels)
 
 
-def _train_quantized(
-    ctx: Context,
-    stage: StageSpec,
-    seed: int,
-    variables: dict,
-    masks: Any,
-    workdir: Path,
-    bar: StageBar,
-) -> tuple[dict, Any, list[dict]]:
+def _quantized_training(
+    ctx: Context, stage: StageSpec, seed: int, variables: dict, masks: Any, spe: int
+) -> StageTraining:
     """The quantize stage: the whole network trained on its grids (train/qat.py)."""
     config, q, t = ctx.config, ctx.config.quant, ctx.config.train
     bits = builders.bit_widths_of(config)
-    schedule = ctx.schedule(stage.epochs)
-    spe = schedule.steps_per_epoch
     tx = make_optimizer(q.lr, stage.epochs, spe, t.momentum, t.weight_decay, per_step=True)
     lr_fn = cosine_per_step(q.lr, stage.epochs * spe)
     variables = dict(variables)
     ranges = variables.pop("quant")
-    model = ctx.exit_model
-    state = create_quant_state(model, variables, ranges, tx, seed, masks, bits, q.distill)
-    state = sharding.place_state(state, ctx.mesh)
-    base = step_config_from(config, stage.epochs, spe, lr_fn=lr_fn)
-    step = quant_step_function(QuantStepConfig(base, bits, q.distill, q.temperature, q.freeze_bn))
-    kept = sharding.local_copy(masks)
-    constants = {
-        "sparsity": pruning.global_sparsity(kept, pruning.main_network),
-        "exit_sparsity": pruning.global_sparsity(kept, pruning.exit_head),
-    }
-    state, records = fit(
-        state,
-        step,
-        ctx.train,
-        schedule,
-        workdir,
-        FitOptions.from_train_config(
-            t,
-            evaluate_fn=functools.partial(_evaluate_quantized, ctx, bits),
-            lr_of_epoch=lambda e: float(lr_fn(e * spe - 1)),  # its last step's
-            progress=bar,
-            desc=stage.name,
-            steps_per_dispatch=ctx.steps_per_dispatch,
-            constants=constants,
+    state = create_quant_state(ctx.exit_model, variables, ranges, tx, seed, masks, bits, q.distill)
+    base = builders.step_config_of(config, stage.epochs, spe, lr_fn=lr_fn)
+    return StageTraining(
+        state=state,
+        step=quant_step_function(
+            QuantStepConfig(base, bits, q.distill, q.temperature, q.freeze_bn)
         ),
+        evaluate_fn=functools.partial(_evaluate_quantized, ctx, bits),
+        lr_of_epoch=lambda e: float(lr_fn(e * spe - 1)),  # its last step's
+        result=lambda state: (quant_variables(state), state.masks),
     )
-    return quant_variables(state), state.masks, records
 
 
 def _evaluate_quantized(ctx: Context, bits: BitWidths, state: Any) -> dict[str, float]:
@@ -369,34 +360,56 @@ def _stage_bar(ctx: Context, stages: list[StageSpec], index: int, workdir: Path)
     )
 
 
-def run_pipeline(config: Any, workdir: str | Path) -> dict[str, Any]:
-    """Run (or resume) every stage, then evaluate and score the result."""
-    stages = plan_stages(config)
+def _run_stage(
+    ctx: Context,
+    stages: list[StageSpec],
+    index: int,
+    workdir: Path,
+    start: Any,
+) -> tuple[dict, Any]:
+    """Stage `index`: its saved result when it finished before, else trained from `start()`
+    (its first variables and masks) and saved; returns its final (variables, masks)."""
+    stage = stages[index]
+    position = f"stage {index + 1}/{len(stages)}"
+    stage_dir = workdir / stage.name
+    if is_done(workdir, stage):
+        if is_primary():
+            print(banner.finished_stage_line(position, stage, workdir), flush=True)
+        return load_final(ctx.config, stage, stage_dir)
+    tic = time.perf_counter()
+    bar = _stage_bar(ctx, stages, index, workdir)
+    variables, masks = start()
+    seed = _stage_seed(ctx.config, index)
+    variables, masks, records = _train(ctx, stage, seed, variables, masks, stage_dir, bar)
+    summary = _summary(stage, variables, records, time.perf_counter() - tic)
+    save_final(stage_dir, variables, masks, summary, write_summary=is_primary())
+    bar.note(
+        f"{position} {stage.name} done in {format_duration(summary['seconds'])}: "
+        + banner.stage_result(summary)
+    )
+    return variables, masks
+
+
+def _begin(config: Any, workdir: str | Path, stages: list[StageSpec]) -> tuple[Context, Path]:
+    """The resume check, the data and models, the banner and the recorded config."""
     check_resume(config, workdir)
     ctx = Context.from_config(config)
     workdir = Path(workdir)
     ctx.announce(stages, workdir)
     if is_primary():
         record_config(config, workdir)
+    return ctx, workdir
+
+
+def run_pipeline(config: Any, workdir: str | Path) -> dict[str, Any]:
+    """Run (or resume) every stage, then evaluate and score the result."""
+    stages = plan_stages(config)
+    ctx, workdir = _begin(config, workdir, stages)
     variables, masks = None, None
     for index, stage in enumerate(stages):
-        position = f"stage {index + 1}/{len(stages)}"
-        stage_dir = workdir / stage.name
-        if is_done(workdir, stage):
-            variables, masks = load_final(config, stage, stage_dir)
-            if is_primary():
-                print(banner.finished_stage_line(position, stage, workdir), flush=True)
-            continue
-        tic = time.perf_counter()
-        bar = _stage_bar(ctx, stages, index, workdir)
-        variables, masks = _prepare(ctx, stage, variables, masks)
-        seed = _stage_seed(config, index)
-        variables, masks, records = _train(ctx, stage, seed, variables, masks, stage_dir, bar)
-        summary = _summary(stage, variables, records, time.perf_counter() - tic)
-        save_final(stage_dir, variables, masks, summary, write_summary=is_primary())
-        bar.note(
-            f"{position} {stage.name} done in {format_duration(summary['seconds'])}: "
-            + banner.stage_result(summary)
+        previous = (variables, masks)
+        variables, masks = _run_stage(
+            ctx, stages, index, workdir, lambda s=stage, p=previous: _prepare(ctx, s, *p)
         )
     bits = builders.bit_widths_of(config) if stages[-1].kind == "quantize" else None
     return _final_report(ctx, variables, workdir, stages, bits)
@@ -406,34 +419,18 @@ def run_quantize(config: Any, workdir: str | Path) -> dict[str, Any]:
     """The quantize stage alone (mode=quantize), from `config.checkpoint`: one of the
     original's `.pth` files or a finished pipeline workdir; then the report, with each path's
     agreement with the float32 network it started from."""
-    if not builders.bit_widths_of(config).quantised:
+    bits = builders.bit_widths_of(config)
+    if not bits.quantised:
         raise ConfigError("mode=quantize needs quant.weight_bits or quant.activation_bits below 16")
-    check_resume(config, workdir)
-    variables, masks, source = _starting_point(config)
-    ctx = Context.from_config(config)
-    workdir = Path(workdir)
+    checkpoint = load_checkpoint(config, "mode=quantize")
+    checkpoint.require_architecture(builders.architecture_from_config(config, with_exit=True))
     stage = quantize_stage(config)
-    ctx.announce([stage], workdir)
+    ctx, workdir = _begin(config, workdir, [stage])
     if is_primary():
-        record_config(config, workdir)
-        print(f"starting point: {source}", flush=True)
-    stage_dir = workdir / stage.name
-    start = _calibrated(ctx, variables)  # also the float32 reference the report compares with
-    if is_done(workdir, stage):
-        variables, masks = load_final(config, stage, stage_dir)
-    else:
-        tic = time.perf_counter()
-        bar = _stage_bar(ctx, [stage], 0, workdir)
-        variables, masks, records = _train(
-            ctx, stage, _stage_seed(config, 0), start, masks, stage_dir, bar
-        )
-        summary = _summary(stage, variables, records, time.perf_counter() - tic)
-        save_final(stage_dir, variables, masks, summary, write_summary=is_primary())
-        bar.note(
-            f"quantize done in {format_duration(summary['seconds'])}: "
-            + banner.stage_result(summary)
-        )
-    return _final_report(ctx, variables, workdir, [stage], builders.bit_widths_of(config), source)
+        print(f"starting point: {checkpoint.source}", flush=True)
+    start = _calibrated(ctx, checkpoint.variables)  # also the float32 reference of the report
+    variables, _ = _run_stage(ctx, [stage], 0, workdir, lambda: (start, checkpoint.masks))
+    return _final_report(ctx, variables, workdir, [stage], bits, checkpoint.source)
 
 
 def _final_report(
@@ -464,30 +461,52 @@ def _final_report(
     return report
 
 
-def _starting_point(config: Any) -> tuple[dict, Any, str]:
-    """(variables, masks, description) of `config.checkpoint`."""
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A network to evaluate or start from: the original's `.pth` or a finished workdir."""
+
+    path: Path
+    model: MicroNet  # with the exit head
+    variables: dict
+    masks: Any
+    source: str  # what was read, for the banner and the report
+
+    def require_architecture(self, arch: Any) -> None:
+        """Refuse a checkpoint of another architecture than `model.*` describes."""
+        if self.model.arch != arch:
+            raise ConfigError(
+                f"{self.source} holds another architecture than model.* describes (classes "
+                f"{self.model.arch.num_classes} vs {arch.num_classes}, exit block "
+                f"{self.model.arch.exit_head and self.model.arch.exit_head.after_block}); set "
+                "--config.model.num_classes and --config.model.exit_block to match it"
+            )
+
+
+def load_checkpoint(config: Any, mode: str) -> Checkpoint:
+    """`config.checkpoint` read as `mode` (its name in the errors) needs it."""
     path = Path(config.checkpoint) if config.checkpoint else None
-    if path is None or not path.exists():
-        raise CheckpointError(
-            f"mode=quantize starts from --config.checkpoint (a .pth or a finished pipeline "
-            f"workdir); got {config.checkpoint!r}"
+    if path is None:
+        raise ConfigError(
+            f"{mode} reads --config.checkpoint (a .pth file or a finished pipeline workdir); set it"
         )
-    exit_arch = builders.architecture_from_config(config, with_exit=True)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_file():
         from micronet_jax.models.torch_import import load_original
 
         converted = load_original(path)
-        if converted.arch != exit_arch:
-            raise ConfigError(
-                f"{path} holds another architecture than model.* describes (classes "
-                f"{converted.arch.num_classes} vs {exit_arch.num_classes}, exit block "
-                f"{converted.arch.exit_head and converted.arch.exit_head.after_block}); set "
-                "--config.model.num_classes and --config.model.exit_block to match it"
-            )
-        return converted.variables, converted.masks, f"{path} (the original's checkpoint)"
+        return Checkpoint(
+            path,
+            converted.model,
+            converted.variables,
+            converted.masks,
+            f"{path} (the original's checkpoint)",
+        )
     stage = last_exit_stage(config, path)
+    arch = builders.architecture_from_config(config, with_exit=True)
     variables, masks = load_final(config, stage, path / stage.name)
-    return variables, masks, f"{path}/{stage.name}"
+    model = builders.model_from_config(config, arch)
+    return Checkpoint(path, model, variables, masks, f"{path}/{stage.name}")
 
 
 def train_and_evaluate(config: Any, workdir: str | Path) -> tuple[Any, list[dict[str, Any]]]:
@@ -532,22 +551,8 @@ def _train_banner(ctx: Context, stage: StageSpec, workdir: Path) -> list[str]:
 
 def run_test(config: Any, workdir: str | Path | None) -> dict[str, Any]:
     """Evaluate and score `config.checkpoint`: a `.pth` of the original or a pipeline workdir."""
-    path = Path(config.checkpoint) if config.checkpoint else None
-    if path is None:
-        raise ConfigError("set --config.checkpoint to a .pth file or a finished pipeline workdir")
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.is_file():
-        from micronet_jax.models.torch_import import load_original
-
-        converted = load_original(path)
-        model, variables = converted.model, converted.variables
-    else:
-        stage = last_exit_stage(config, path)
-        model = builders.model_from_config(
-            config, builders.architecture_from_config(config, with_exit=True)
-        )
-        variables, _ = load_final(config, stage, path / stage.name)
+    checkpoint = load_checkpoint(config, "mode=test")
+    model, variables = checkpoint.model, checkpoint.variables
     train, test = builders.load_data(config)
     expected = model.arch.num_classes
     if test.num_classes != expected:
@@ -558,7 +563,7 @@ def run_test(config: Any, workdir: str | Path | None) -> dict[str, Any]:
     bits = builders.bit_widths_of(config)
     if is_primary():
         lines = [banner.device_line(), banner.data_line(config.data.name, None, test)]
-        print("\n".join([*lines, banner.model_line(model.arch), f"checkpoint: {path}"]))
+        print("\n".join([*lines, banner.model_line(model.arch), f"checkpoint: {checkpoint.path}"]))
     reference = None
     if bits.quantised:
         reference = exit_predict_exact(
@@ -572,7 +577,7 @@ def run_test(config: Any, workdir: str | Path | None) -> dict[str, Any]:
         test.labels,
         config.pipeline.threshold,
         config.train.eval_batch_size,
-        source=str(path),
+        source=str(checkpoint.path),
         bits=bits if bits.quantised else None,
         reference=reference,
     )

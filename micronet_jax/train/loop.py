@@ -20,7 +20,6 @@ import numpy as np
 from jax import lax
 
 from micronet_jax.backend import on_cpu
-from micronet_jax.data.policy import load_policy
 from micronet_jax.distributed.preemption import AgreedStop
 from micronet_jax.errors import CheckpointError
 from micronet_jax.train import metrics as metrics_io
@@ -243,19 +242,6 @@ class FitOptions:
     steps_per_dispatch: int = 1
     constants: dict[str, float] | None = None  # added to every record (e.g. the sparsity)
 
-    @classmethod
-    def from_train_config(cls, train_config: Any, **fields: Any) -> FitOptions:
-        """The options `config.train` sets (guards, disk space, kept checkpoints), plus
-        `fields`."""
-        return cls(
-            keep_checkpoints=train_config.keep_checkpoints,
-            nan_policy=train_config.nan_policy,
-            nan_check_every=train_config.nan_check_every,
-            inject_nan_step=train_config.inject_nan_step,
-            min_free_mb=train_config.min_free_mb,
-            **fields,
-        )
-
 
 def fit(
     state: Any,
@@ -467,19 +453,3 @@ def _save_interrupted(
         f"stopped by signal {signals.signum} {where}; {saved}; rerun the same command to resume",
         signals.signum,
     )
-
-
-def step_config_from(config: Any, epochs: int, steps_per_epoch: int, **overrides) -> Any:
-    """The StepConfig of the recipe's main-network training for `config`."""
-    from micronet_jax.train.optim import cosine_per_epoch
-    from micronet_jax.train.steps import StepConfig
-
-    fields = dict(
-        label_smoothing=config.train.label_smoothing,
-        mixup_alpha=config.data.mixup_alpha,
-        autoaugment=config.data.autoaugment,
-        policy=load_policy(config.data.policy),
-        lr_fn=cosine_per_epoch(config.train.lr, epochs, steps_per_epoch),
-    )
-    fields.update(overrides)
-    return StepConfig(**fields)
