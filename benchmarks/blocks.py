@@ -15,8 +15,9 @@ import statistics
 import numpy as np
 
 from benchmarks.train_step import timed
+from micronet_jax import build_architecture
 from micronet_jax.errors import CommandParser
-from micronet_jax.models.architecture import build_architecture, conv_padding
+from micronet_jax.models.architecture import conv_padding
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
-from micronet_jax.config.defaults import default_config  # noqa: E402
+from micronet_jax import default_config  # noqa: E402
 from micronet_jax.errors import CommandParser  # noqa: E402
 
 RECIPE = default_config()  # the recipe's values, not retyped
@@ -33,14 +33,16 @@ def first_step(model_size: str, batch: int) -> float:
     import jax
     import numpy as np
 
-    from micronet_jax.backend import enable_compilation_cache
+    from micronet_jax import (
+        create_train_state,
+        default_config,
+        enable_compilation_cache,
+        init_variables,
+        make_optimizer,
+        train_step,
+    )
     from micronet_jax.config import builders
-    from micronet_jax.config.defaults import default_config
-    from micronet_jax.models.efficientnet import init_variables
     from micronet_jax.train.loop import run_batch
-    from micronet_jax.train.optim import make_optimizer
-    from micronet_jax.train.state import create_train_state
-    from micronet_jax.train.steps import train_step
 
     enable_compilation_cache(os.environ["MICRONET_CACHE_DIR"])
     config = default_config()

@@ -23,8 +23,7 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from micronet_jax.backend import use_cpu_cores  # noqa: E402
-from micronet_jax.config.defaults import default_config  # noqa: E402
+from micronet_jax import default_config, use_cpu_cores
 from micronet_jax.errors import CommandParser
 
 RECIPE = default_config()  # the recipe's values, not retyped
@@ -34,9 +33,7 @@ def eval_rates(images, repeats: int) -> dict[str, float]:
     import jax.numpy as jnp
     import numpy as np
 
-    from micronet_jax.data.augment import eval_transform
-    from micronet_jax.models.architecture import build_architecture
-    from micronet_jax.models.efficientnet import MicroNet, init_variables
+    from micronet_jax import MicroNet, build_architecture, eval_transform, init_variables
     from micronet_jax.models.microbatch import map_eval_batch
 
     model = MicroNet(build_architecture())
@@ -72,13 +69,19 @@ def eval_rates(images, repeats: int) -> dict[str, float]:
 def train_rates(images, repeats: int) -> dict[str, float]:
     import numpy as np
 
+    from micronet_jax import (
+        DeviceData,
+        MicroNet,
+        Schedule,
+        StepConfig,
+        build_architecture,
+        create_train_state,
+        init_variables,
+        make_optimizer,
+        run_epoch,
+        train_step,
+    )
     from micronet_jax.distributed import sharding
-    from micronet_jax.models.architecture import build_architecture
-    from micronet_jax.models.efficientnet import MicroNet, init_variables
-    from micronet_jax.train.loop import DeviceData, Schedule, run_epoch
-    from micronet_jax.train.optim import make_optimizer
-    from micronet_jax.train.state import create_train_state
-    from micronet_jax.train.steps import StepConfig, train_step
 
     model = MicroNet(build_architecture())
     labels = np.random.default_rng(0).integers(0, 100, len(images)).astype(np.int32)

@@ -59,7 +59,7 @@ class JaxRunner:
     def __init__(self, model, variables) -> None:
         import jax
 
-        from micronet_jax.data.augment import eval_transform
+        from micronet_jax import eval_transform
         from micronet_jax.models.microbatch import map_eval_batch
 
         self.model, self.variables = model, variables
@@ -85,7 +85,7 @@ class JaxRunner:
         return self.logits(images)
 
     def exit(self, images, threshold):
-        from micronet_jax.evaluation.early_exit import exit_predict_fast
+        from micronet_jax import exit_predict_fast
 
         if len(images) > 1:
             return exit_predict_fast(
@@ -205,7 +205,7 @@ def time_batches(fn: Callable, images: np.ndarray, batch: int) -> float:
 
 
 def cifar10_images(archive: Path, split: str, count: int) -> np.ndarray:
-    from micronet_jax.data.cifar import load_train_test
+    from micronet_jax import load_train_test
 
     train, test = load_train_test("cifar10", str(archive), download=False)
     return (train if split == "train" else test).images[:count]
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         check_export(folder, checkpoint, args.runtimes)
     except MicronetError as error:
         fail(str(error))
-    from micronet_jax.models.torch_import import load_original
+    from micronet_jax import load_original
 
     images = cifar10_images(Path(args.calibration), "test", max(args.images, args.batch_images))
     loaded = load_original(checkpoint)

@@ -45,19 +45,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from micronet_jax.backend import enable_compilation_cache
+from micronet_jax import (
+    MicroNet,
+    StepConfig,
+    build_architecture,
+    count_micronet,
+    create_train_state,
+    default_config,
+    enable_compilation_cache,
+    init_variables,
+    make_optimizer,
+    predict,
+    train_step,
+)
 from micronet_jax.config.builders import DTYPES
-from micronet_jax.config.defaults import default_config
 from micronet_jax.errors import CommandParser
-from micronet_jax.models.architecture import build_architecture
 from micronet_jax.models.conv import resolve_impl
-from micronet_jax.models.efficientnet import MicroNet, init_variables
-from micronet_jax.scoring.counter import count_micronet
 from micronet_jax.train import loop
 from micronet_jax.train.guard import GuardedStep
-from micronet_jax.train.optim import make_optimizer
-from micronet_jax.train.state import create_train_state
-from micronet_jax.train.steps import StepConfig, predict, step_function, train_step
+from micronet_jax.train.steps import step_function
 
 RECIPE = default_config()  # the recipe's values, not retyped
 
@@ -206,7 +212,7 @@ def checkpoint_parity(payload: Path | None) -> dict[str, Any]:
     reference = payload / "reference" / "logits.npz" if payload else None
     if reference is None or not reference.exists():
         return {"skipped": "no payload (python -m benchmarks.device_payload)"}
-    from micronet_jax.models.torch_import import load_original
+    from micronet_jax import load_original
 
     saved = np.load(reference)
     images, out = saved["images"], {}
@@ -458,8 +464,7 @@ def learning_run(
         archive = make_smoke_archive(workdir)
     elif archive is None or not archive.exists():
         return {"skipped": "no payload: no real images to learn from"}
-    from micronet_jax.config.defaults import default_config
-    from micronet_jax.recipe.pipeline import train_and_evaluate
+    from micronet_jax import default_config, train_and_evaluate
 
     config = default_config()
     config.data.name, config.data.dir, config.data.download = "cifar10", str(archive), False
@@ -512,7 +517,7 @@ def inference(sizes: Sizes, payload: Path | None) -> dict[str, Any]:
     variables = init_variables(model, jax.random.key(0))
     pth = payload / "reference" / "first_submission.pth" if payload else None
     if pth is not None and pth.exists() and not sizes.smoke:
-        from micronet_jax.models.torch_import import load_original
+        from micronet_jax import load_original
 
         loaded = load_original(pth)
         model, variables, source = loaded.model, loaded.variables, "first-submission checkpoint"

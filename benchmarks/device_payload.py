@@ -73,8 +73,7 @@ def write_subset_archive(path: Path, train: dict, test: dict, meta: dict) -> Non
 
 def reference_logits(checkpoints: dict[str, Path], images: np.ndarray) -> dict[str, np.ndarray]:
     """Main and exit logits of each checkpoint on `images`, on this host's CPU."""
-    from micronet_jax.models.torch_import import load_original
-    from micronet_jax.train.steps import predict
+    from micronet_jax import load_original, predict
 
     out = {"images": images}
     for name, path in checkpoints.items():

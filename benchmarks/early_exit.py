@@ -24,25 +24,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.shared_data import CIFAR10_ARCHIVE, checkpoint
-from micronet_jax.backend import use_cpu_cores
-from micronet_jax.data.augment import eval_transform
-from micronet_jax.errors import CommandParser
-from micronet_jax.evaluation.early_exit import (
-    exit_confidence,
+from micronet_jax import (
+    MicroNet,
+    build_architecture,
+    count_micronet,
+    eval_transform,
     exit_predict_fast,
+    init_variables,
+    predict,
     select_predictions,
+    use_cpu_cores,
 )
-from micronet_jax.models.architecture import build_architecture
-from micronet_jax.models.efficientnet import MicroNet, init_variables
+from micronet_jax.errors import CommandParser
+from micronet_jax.evaluation.early_exit import exit_confidence
 from micronet_jax.models.microbatch import map_eval_batch
-from micronet_jax.scoring.counter import count_micronet
-from micronet_jax.train.steps import predict
 
 
 def load_model() -> tuple[MicroNet, dict, str]:
     pth = checkpoint("first_submission")
     if pth.exists():
-        from micronet_jax.models.torch_import import load_original
+        from micronet_jax import load_original
 
         ckpt = load_original(pth)
         return ckpt.model, ckpt.variables, "original first-submission checkpoint"
@@ -54,7 +55,7 @@ def load_images(n: int) -> np.ndarray:
     archive = CIFAR10_ARCHIVE
     if not archive.exists():
         return np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    from micronet_jax.data.cifar import load_train_test
+    from micronet_jax import load_train_test
 
     _, test = load_train_test("cifar10", str(archive), download=False)
     return test.images[:n]

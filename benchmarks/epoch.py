@@ -20,15 +20,23 @@ from pathlib import Path
 import jax
 
 from benchmarks.train_step import make_train_step_without_augmentation
-from micronet_jax.config.defaults import default_config
-from micronet_jax.data.cifar import load_train_test
+from micronet_jax import (
+    DeviceData,
+    MicroNet,
+    Schedule,
+    StepConfig,
+    build_architecture,
+    create_train_state,
+    default_config,
+    init_variables,
+    load_train_test,
+    make_optimizer,
+    run_epoch,
+    train_step,
+)
 from micronet_jax.errors import CommandParser
-from micronet_jax.models.architecture import build_architecture
-from micronet_jax.models.efficientnet import MicroNet, init_variables
-from micronet_jax.train.loop import DeviceData, Schedule, run_epoch
-from micronet_jax.train.optim import make_optimizer
-from micronet_jax.train.state import STEP_STREAM, create_train_state, stream_key
-from micronet_jax.train.steps import StepConfig, augment_batch, train_step
+from micronet_jax.train.state import STEP_STREAM, stream_key
+from micronet_jax.train.steps import augment_batch
 
 RECIPE = default_config()  # the recipe's values, not retyped
 

@@ -30,7 +30,7 @@ DEFAULT_DATA = DATA
 
 
 def recipe_config(args: argparse.Namespace):
-    from micronet_jax.config.defaults import default_config
+    from micronet_jax import default_config
 
     config = default_config()
     config.data.name = "cifar10"
@@ -45,7 +45,7 @@ def recipe_config(args: argparse.Namespace):
 
 
 def run_jax(args: argparse.Namespace) -> dict:
-    from micronet_jax.recipe.pipeline import train_and_evaluate
+    from micronet_jax import train_and_evaluate
 
     config = recipe_config(args)
     with tempfile.TemporaryDirectory() as workdir:

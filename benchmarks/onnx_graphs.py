@@ -40,11 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import onnx
 
+    from micronet_jax import fold_batch_norm, load_original
     from micronet_jax.deploy import onnx_graph, openvino_runtime
     from micronet_jax.deploy.onnx_clean import clean
     from micronet_jax.deploy.onnxruntime_session import session as open_session
-    from micronet_jax.models.fold import fold_batch_norm
-    from micronet_jax.models.torch_import import load_original
 
     loaded = load_original(args.checkpoint)
     forward = onnx_graph.forward_fn(loaded.model, fold_batch_norm(loaded.variables))

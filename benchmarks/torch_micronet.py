@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from micronet_jax.models.architecture import Architecture, BlockSpec, conv_padding
+from micronet_jax import Architecture
+from micronet_jax.models.architecture import BlockSpec, conv_padding
 
 
 class GhostBN(nn.Module):

@@ -28,9 +28,8 @@ import time
 
 import numpy as np
 
-from micronet_jax.config.defaults import default_config
+from micronet_jax import build_architecture, default_config
 from micronet_jax.errors import CommandParser
-from micronet_jax.models.architecture import build_architecture
 
 RECIPE = default_config()  # the recipe's values, not retyped
 
@@ -79,10 +78,8 @@ class JaxStep:
         import jax
         import jax.numpy as jnp
 
+        from micronet_jax import MicroNet, create_train_state, init_variables, make_optimizer
         from micronet_jax.config.builders import DTYPES
-        from micronet_jax.models.efficientnet import MicroNet, init_variables
-        from micronet_jax.train.optim import make_optimizer
-        from micronet_jax.train.state import create_train_state
 
         if not device:
             jax.config.update("jax_platforms", "cpu")
@@ -119,8 +116,9 @@ def make_train_step_without_augmentation():
     """train_step without augmentation: forward, mixup loss, backward, SGD, re-mask."""
     import jax
 
+    from micronet_jax import apply_masks
     from micronet_jax.train.losses import mixup_loss
-    from micronet_jax.train.state import STEP_STREAM, apply_masks, stream_key
+    from micronet_jax.train.state import STEP_STREAM, stream_key
 
     def step(state, x, labels_a, labels_b, lam):
         key = stream_key(state.rng, STEP_STREAM, state.step)

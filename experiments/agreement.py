@@ -18,13 +18,8 @@ import numpy as np
 
 from benchmarks.shared_data import REFERENCE
 from experiments import proxy
-from micronet_jax.evaluation.early_exit import (
-    CONFIDENT,
-    DEFAULT_THRESHOLD,
-    select_predictions,
-    top_probability,
-)
-from micronet_jax.train.steps import predict
+from micronet_jax import predict, select_predictions
+from micronet_jax.evaluation.early_exit import CONFIDENT, DEFAULT_THRESHOLD, top_probability
 
 CHECKPOINTS = ("first_submission", "final_ee50")
 THRESHOLD = DEFAULT_THRESHOLD
@@ -127,7 +122,7 @@ def measured_images(
     """(test images, calibration images): the first `num_test` test images of the archive
     (CIFAR-10's, or CIFAR-100's when its name says so), and `num_calibration` training images
     (apart from the measured ones)."""
-    from micronet_jax.data.cifar import load_train_test
+    from micronet_jax import load_train_test
 
     if not data:
         raise SystemExit("error: no CIFAR-10 archive; pass --data=PATH/cifar-10-python.tar.gz")

@@ -22,12 +22,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments import proxy
+from micronet_jax import build_architecture
 from micronet_jax.errors import CommandParser
 from micronet_jax.models.architecture import (
     BASE_BLOCK_STRINGS,
     RESOLUTION_COEFFICIENT,
     WIDTH_COEFFICIENT,
-    build_architecture,
     decode_block_string,
 )
 

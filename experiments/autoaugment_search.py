@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments import proxy
+from micronet_jax import Architecture, build_architecture
 from micronet_jax.data.autoaugment import OPS
 from micronet_jax.data.policy import NUM_MAGNITUDES, Policy
 from micronet_jax.errors import CommandParser
-from micronet_jax.models.architecture import Architecture, build_architecture
 
 OP_NAMES: tuple[str, ...] = tuple(OPS)
 NUM_SUBPOLICIES = 25

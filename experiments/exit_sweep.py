@@ -32,15 +32,24 @@ import numpy as np
 
 from benchmarks.shared_data import REFERENCE
 from experiments import proxy
+from micronet_jax import (
+    Architecture,
+    MicroNet,
+    StepConfig,
+    count_micronet,
+    create_exit_state,
+    exit_metrics,
+    exit_train_step,
+    init_variables,
+    make_optimizer,
+    measured_sparsity,
+    predict,
+    select_predictions,
+)
 from micronet_jax.data.cifar import load_cifar
 from micronet_jax.errors import CommandParser
-from micronet_jax.evaluation.early_exit import exit_metrics, select_predictions
-from micronet_jax.models.architecture import Architecture
-from micronet_jax.models.efficientnet import MicroNet, init_variables
-from micronet_jax.scoring.counter import count_micronet, measured_sparsity
-from micronet_jax.train.optim import cosine_per_epoch, make_optimizer
-from micronet_jax.train.state import create_exit_state, full_variables
-from micronet_jax.train.steps import StepConfig, exit_train_step, predict
+from micronet_jax.train.optim import cosine_per_epoch
+from micronet_jax.train.state import full_variables
 
 DEFAULT_CHECKPOINT = REFERENCE / "first_submission" / "trained_model.pth"
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
@@ -113,7 +122,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def load_source(args: argparse.Namespace) -> tuple[Architecture, dict, str]:
     """(architecture with its exit head, variables, label) of the checkpoint or workdir."""
     if args.checkpoint:
-        from micronet_jax.models.torch_import import load_original
+        from micronet_jax import load_original
 
         loaded = load_original(args.checkpoint)
         return loaded.arch, loaded.variables, str(args.checkpoint)

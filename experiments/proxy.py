@@ -18,13 +18,21 @@ import jax
 import numpy as np
 
 from benchmarks.shared_data import CIFAR10_ARCHIVE
+from micronet_jax import (
+    Architecture,
+    DeviceData,
+    MicroNet,
+    Schedule,
+    StepConfig,
+    create_train_state,
+    evaluate,
+    init_variables,
+    make_optimizer,
+    run_epoch,
+)
 from micronet_jax.data.cifar import load_cifar
-from micronet_jax.models.architecture import Architecture
-from micronet_jax.models.efficientnet import MicroNet, init_variables
-from micronet_jax.train.loop import DeviceData, Schedule, run_epoch
-from micronet_jax.train.optim import cosine_per_epoch, make_optimizer
-from micronet_jax.train.state import create_train_state
-from micronet_jax.train.steps import StepConfig, evaluate, step_function
+from micronet_jax.train.optim import cosine_per_epoch
+from micronet_jax.train.steps import step_function
 
 SHARED_CIFAR10 = CIFAR10_ARCHIVE
 
@@ -286,7 +294,7 @@ def split_from(args: Any) -> Split:
 
 def prepare(args: Any) -> Path:
     """Output folder and compilation cache, before anything compiles."""
-    from micronet_jax.backend import enable_compilation_cache
+    from micronet_jax import enable_compilation_cache
 
     enable_compilation_cache(args.cache)
     out = Path(args.out)
@@ -296,7 +304,7 @@ def prepare(args: Any) -> Path:
 
 def micronet_numbers(arch: Architecture) -> dict[str, float]:
     """The dense MicroNet count of a candidate (16-bit, BN not counted, as `score` prints)."""
-    from micronet_jax.scoring.counter import count_micronet
+    from micronet_jax import count_micronet
 
     count = count_micronet(arch)
     return {

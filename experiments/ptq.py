@@ -48,15 +48,20 @@ from pathlib import Path
 import numpy as np
 
 from experiments import agreement
-from micronet_jax.data.augment import eval_transform
+from micronet_jax import (
+    BitWidths,
+    QuantizedApply,
+    calibrate,
+    count_micronet,
+    eval_transform,
+    fold_batch_norm,
+    post_training_quantize,
+)
 from micronet_jax.errors import CommandParser, ConfigError
-from micronet_jax.models.fold import fold_batch_norm
 from micronet_jax.quant import mixed
-from micronet_jax.quant.fake import QuantizedApply, calibrate
-from micronet_jax.quant.ptq import parse_method, post_training_quantize
+from micronet_jax.quant.ptq import parse_method
 from micronet_jax.quant.reconstruct import Reconstruction
-from micronet_jax.quant.widths import BitWidths, parse_bits, save_widths
-from micronet_jax.scoring.counter import count_micronet
+from micronet_jax.quant.widths import parse_bits, save_widths
 
 DEFAULT_BITS = ("8x8", "6x6", "4x8")
 DEFAULT_METHODS = ("nearest", "mse+bias", "mse+brecq+lsq+qdrop")
@@ -109,7 +114,7 @@ def honest_score(arch, params, bits: BitWidths, ratio: float):
 
 def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     """(the method × width × calibration rows, the frontier rows) of every checkpoint."""
-    from micronet_jax.models.torch_import import load_original
+    from micronet_jax import load_original
 
     images, train_images = agreement.measured_images(
         args.data, args.num_test, args.num_calibration + args.fisher_images + args.held_out

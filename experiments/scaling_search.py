@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments import proxy
+from micronet_jax import build_architecture
 from micronet_jax.errors import CommandParser
-from micronet_jax.models.architecture import BASE_BLOCK_STRINGS, build_architecture
+from micronet_jax.models.architecture import BASE_BLOCK_STRINGS
 
 RESOLUTION_RANGE = (1.0, 1.4)
 COLUMNS = (

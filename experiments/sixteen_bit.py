@@ -23,11 +23,8 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from experiments import agreement
+from micronet_jax import BitWidths, MicroNet, QuantizedApply, fold_batch_norm
 from micronet_jax.errors import CommandParser
-from micronet_jax.models.efficientnet import MicroNet
-from micronet_jax.models.fold import fold_batch_norm
-from micronet_jax.quant.fake import QuantizedApply
-from micronet_jax.quant.widths import BitWidths
 
 COLUMNS = (
     "checkpoint",
@@ -53,7 +50,7 @@ def apply_fn(arch, variant: str):
 
 
 def measure(args: argparse.Namespace, notes: list[str] | None = None) -> list[dict]:
-    from micronet_jax.models.torch_import import load_original
+    from micronet_jax import load_original
 
     images, _ = agreement.measured_images(args.data, args.num_test, 0)
     rows = []
