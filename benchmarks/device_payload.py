@@ -5,7 +5,8 @@
 A device machine receives the working tree and at most 64 MiB of carried files, and the
 174 MB CIFAR-10 archive cannot go. This writes, under `--out` (git-ignored):
 - `cifar-10-python.tar.gz`: a standard-layout archive of 10,000 real training images (the
-  first training batch) and 5,000 real test images, for the short learning run;
+  first training batch, in five batches of 2,000) and 2,000 real test images, for the short
+  learning run (the project's loader takes it: every batch the size batches.meta states);
 - `reference/first_submission.pth`, `reference/final_ee50.pth`: the original's checkpoints;
 - `reference/logits.npz`: both checkpoints' main and exit logits on 1,000 of those test images,
   computed here on the CPU, for the parity check on the device;
@@ -28,12 +29,13 @@ import numpy as np
 
 from benchmarks.shared_data import SHARED
 from micronet_jax.data.cifar import read_batch
-from micronet_jax.errors import CommandParser
+from micronet_jax.errors import CommandParser, fail
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "payload"
 CHECKPOINTS = ("first_submission", "final_ee50")
-NUM_TRAIN, NUM_TEST, NUM_PARITY = 10_000, 5_000, 1_000
+# the standard layout's batches are all one size: 5 training batches and the test batch of 2,000
+NUM_TRAIN, NUM_TEST, NUM_PARITY = 10_000, 2_000, 1_000
 WHEELS = ("ml_collections", "tensorboardX")  # not in a bare JAX image; pure Python
 ARCHIVE_FOLDER = "cifar-10-batches-py"
 
@@ -51,8 +53,8 @@ def read_real_cifar10(archive: Path) -> tuple[dict, dict, dict]:
 
 def write_subset_archive(path: Path, train: dict, test: dict, meta: dict) -> None:
     """A standard cifar-10-python archive: the training images split over data_batch_1..5."""
-    members = {"batches.meta": meta}
     per_batch = NUM_TRAIN // 5
+    members = {"batches.meta": {**meta, b"num_cases_per_batch": per_batch}}
     for i in range(5):
         rows = slice(i * per_batch, (i + 1) * per_batch)
         members[f"data_batch_{i + 1}"] = {
@@ -105,7 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     archive = args.shared / "data" / "cifar-10-python.tar.gz"
     if not archive.exists():
-        raise SystemExit(f"error: {archive} is missing (the real CIFAR-10 archive)")
+        fail(f"{archive} is missing (the real CIFAR-10 archive)")
     out = args.out
     (out / "reference").mkdir(parents=True, exist_ok=True)
     train, test, meta = read_real_cifar10(archive)

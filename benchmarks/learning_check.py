@@ -37,6 +37,7 @@ def recipe_config(args: argparse.Namespace):
     config.data.dir = str(args.data)
     config.data.download = False
     config.data.num_train = args.num_train
+    config.data.num_test = args.num_test
     config.train.epochs = args.epochs
     config.train.eval_every = args.epochs
     config.train.checkpoint_every = args.epochs
@@ -125,6 +126,9 @@ def main() -> None:
     parser.add_argument("--framework", choices=("jax", "torch", "both"), default="both")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--num_train", type=int, default=10240)
+    parser.add_argument(
+        "--num_test", type=int, default=0, help="test images scored (0: all 10,000)"
+    )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="append results as JSON lines")
@@ -132,7 +136,9 @@ def main() -> None:
     runs = ("jax", "torch") if args.framework == "both" else (args.framework,)
     for name in runs:
         result = run_jax(args) if name == "jax" else run_torch(args)
-        result.update(num_train=args.num_train, epochs=args.epochs, seed=args.seed)
+        result.update(
+            num_train=args.num_train, num_test=args.num_test, epochs=args.epochs, seed=args.seed
+        )
         print(json.dumps(result))
         if args.out:
             with open(args.out, "a") as f:

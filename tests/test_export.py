@@ -465,6 +465,16 @@ def test_released_network_exports_and_every_runtime_computes_what_jax_does(
     assert openvino_parity["confident"] >= 0.98
     assert openvino_parity["main"] >= 0.75
     assert card["source"]["sha256"] == file_sha256([pth])
+    # the per-operator profile of these files runs (its figures: benchmarks/RESULTS.md)
+    profile = subprocess.run(
+        [sys.executable, "-m", "benchmarks.deploy_profile", f"--onnx_dir={out}", "--batch=4",
+         "--runs=1"],
+        env=user_env(compile_cache), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert profile.returncode == 0, profile.stderr[-3000:]
+    for name in ("model.onnx", "model_int8.onnx"):
+        assert f"onnxruntime {name}, batch 4" in profile.stdout
+        assert f"OpenVINO {name}, batch 4" in profile.stdout
 
 
 def test_the_quantize_static_peer_quantises_each_kernel_per_output_channel(tmp_path):
