@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 
+import jax
 import numpy as np
 import onnx
 import pytest
@@ -86,7 +87,9 @@ def test_learning_moves_agreement_up_on_held_out_images(original_checkpoints, ci
     """On the released network (the tiny one's random predictions are all one class, which
     no rounding moves), a few dozen learning steps on CIFAR-10 training images bring the
     integer network's predictions nearer the float32 network's on test images it never
-    saw, in its file's own simulation: higher agreement, lower KL divergence."""
+    saw: higher agreement, lower KL divergence. Measured on the integer network itself (the
+    twin of its file, bit for bit its simulation: the test above), both sides compiled once
+    for the 1,000 images."""
     from micronet_jax.data.cifar import load_train_test
     from micronet_jax.models.torch_import import load_original
 
@@ -109,13 +112,18 @@ def test_learning_moves_agreement_up_on_held_out_images(original_checkpoints, ci
     teacher = teacher_fn(model, variables)
     targets = float_params(net, net.init_params(), fold_batch_norm(variables)["params"])
     params, losses = learn(
-        net, teacher, train.images[:2000], LearnOptions(steps=30), float_params=targets
+        net,
+        teacher,
+        train.images[:2000],
+        LearnOptions(steps=40, batch_size=16),
+        float_params=targets,
     )
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     held_out = test.images[:1000]
-    reference = tuple(np.asarray(t) for t in teacher(held_out))
-    before = onnx_sim.load(graph)(held_out)
-    after = onnx_sim.load(net.to_onnx(params))(held_out)
+    reference = tuple(np.asarray(t) for t in jax.jit(teacher)(held_out))
+    integer = jax.jit(net.apply)
+    before = tuple(np.asarray(t) for t in integer(net.init_params(), held_out))
+    after = tuple(np.asarray(t) for t in integer(params, held_out))
     assert float(kl_to_teacher(after, reference)) < 0.9 * float(kl_to_teacher(before, reference))
     agree_before = logit_agreement(before, reference)
     agree_after = logit_agreement(after, reference)
