@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from test_ptq import pruned_tiny
-from tiny_run import TINY, main_env, run_main
+from tiny_run import TINY, main_env, run_main, tiny_config
 
 from micronet_jax.data.augment import eval_transform
 from micronet_jax.errors import ConfigError
@@ -272,7 +272,41 @@ def test_test_mode_quantises_at_a_width_file_and_reports_agreement(
     assert "post-training quantisation: weights 8-bit, activations 8-bit" in scored.stdout
     report = json.loads((tmp_path / "test" / "report.json").read_text())
     assert "fc/kernel 6/16" in json.dumps(report)
-    assert 0.0 <= report["metrics"]["main_agreement"] <= 1.0
+
+    # the width file reached the network that was measured and scored: the report's numbers
+    # are those of the checkpoint quantised here at the file's widths, and not at 8x8
+    from micronet_jax.config import builders
+    from micronet_jax.evaluation.early_exit import agreement, exit_predict_exact
+    from micronet_jax.quant.fake import quantize_weights
+    from micronet_jax.recipe.pipeline import load_checkpoint
+
+    config = tiny_config("pipeline")
+    config.checkpoint, config.data.dir = str(workdir), str(tiny_archive)
+    config.quant.calibration_images = 64
+    checkpoint = load_checkpoint(config, "mode=test")
+    model, variables = checkpoint.model, checkpoint.variables
+    train, test = builders.load_data(config)
+    method = parse_method(config.quant.ptq_method)
+    threshold, batch = config.pipeline.threshold, config.train.eval_batch_size
+
+    def measured(widths: BitWidths) -> tuple[dict, dict]:
+        quantised, _ = post_training_quantize(model, variables, train.images[:64], widths, method)
+        result = exit_predict_exact(
+            model, quantised, test.images, threshold, batch, QuantizedApply(model, widths)
+        )
+        float32 = exit_predict_exact(model, variables, test.images, threshold, batch)
+        weights = quantize_weights(quantised["params"], widths)
+        score = count_micronet(
+            model.arch, params=weights, exit_ratio=result.exit_ratio,
+            bn_as_bias=True, bits=widths,
+        )  # fmt: skip
+        return agreement(result, float32), score.to_dict()
+
+    agreed, score = measured(bits)
+    assert report["metrics"]["main_agreement"] == pytest.approx(agreed["main"], abs=1e-9)
+    assert report["score_quantized"]["param_score"] == pytest.approx(score["param_score"])
+    _, uniform = measured(BitWidths(8, 8, (), True, 16))
+    assert report["score_quantized"]["param_score"] != pytest.approx(uniform["param_score"])
 
 
 # --- mixed precision --------------------------------------------------------------------------
