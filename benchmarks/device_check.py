@@ -61,6 +61,7 @@ from micronet_jax import (
 from micronet_jax.config.builders import DTYPES
 from micronet_jax.errors import CommandParser
 from micronet_jax.models.conv import resolve_impl
+from micronet_jax.recipe.stages import plan_stages
 from micronet_jax.train import loop
 from micronet_jax.train.guard import GuardedStep
 from micronet_jax.train.steps import step_function
@@ -68,8 +69,9 @@ from micronet_jax.train.steps import step_function
 RECIPE = default_config()  # the recipe's values, not retyped
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE_EPOCHS = 1200 + 11 * 600 + 800  # baseline, 11 pruning rounds, exit head
-EVAL_EVERY = 10  # the recipe evaluates on the test set every 10 epochs
+# the whole recipe's epochs (baseline, 11 pruning rounds, exit head) and its test cadence
+RECIPE_EPOCHS = sum(stage.epochs for stage in plan_stages(RECIPE))
+EVAL_EVERY = RECIPE.train.eval_every
 # --smoke's network: two small blocks, the exit head after the first (compiles fast on a CPU)
 TINY = ("r1_k3_s2_e2_i8_o16_se0.25", "r1_k3_s1_e2_i16_o16_se0.25")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jax
 
+from benchmarks.shared_data import CIFAR10_ARCHIVE
 from benchmarks.train_step import make_train_step_without_augmentation
 from micronet_jax import (
     DeviceData,
@@ -41,7 +42,6 @@ from micronet_jax.train.steps import augment_batch
 RECIPE = default_config()  # the recipe's values, not retyped
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = "/work/shared/data/cifar-10-python.tar.gz"
 
 
 def architecture(name: str):
@@ -97,7 +97,7 @@ def main() -> None:
     p.add_argument("--num_images", type=int, default=2560)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--data", default=str(CIFAR10_ARCHIVE))
     args = p.parse_args()
 
     train, _ = load_train_test("cifar10", args.data, download=False)

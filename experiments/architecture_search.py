@@ -102,40 +102,27 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     study = proxy.tpe_study(args.seed, args.startup_trials)
     if not args.no_original:
         study.enqueue_trial(original_params())
-    rows: list[dict[str, Any]] = []
 
-    def objective(trial: Any) -> float:
+    def measure(trial: Any) -> tuple[dict[str, Any], str]:
         blocks = suggest_blocks(trial)
         scored = build_architecture(blocks, WIDTH_COEFFICIENT, resolution=RESOLUTION_COEFFICIENT)
         result = proxy.proxy_train(
             proxy_network(blocks, args.proxy, split.num_classes), split, settings
         )
-        rows.append(
-            {
-                "trial": trial.number,
-                **result,
-                **proxy.micronet_numbers(scored),
-                "num_blocks": len(scored.blocks),
-                "blocks": " ".join(blocks),
-            }
-        )
-        print(
-            f"trial {trial.number}: val loss {result['val_loss']:.4f}, score "
-            f"{rows[-1]['score']:.6f} ({result['seconds']:.0f}s)",
-            flush=True,
-        )
-        return result["val_loss"]
+        row = {
+            **result,
+            **proxy.micronet_numbers(scored),
+            "num_blocks": len(scored.blocks),
+            "blocks": " ".join(blocks),
+        }
+        return row, ""
 
-    study.optimize(objective, n_trials=args.trials)
     notes = [
-        proxy.data_note(args),
         "Score: dense MicroNet score of the candidate as built for CIFAR-100 (width 0.9, "
         "resolution 1.4; 16-bit params and mults, BN not counted, upsample not counted), "
         "before any pruning or early exit. Trial 0 is the original's block arguments.",
-        f"Best by validation loss: trial {study.best_trial.number}.",
     ]
-    proxy.write_outputs(out, rows, COLUMNS, "Architecture search (TPE)", notes)
-    return rows
+    return proxy.search(study, args, out, measure, COLUMNS, "Architecture search (TPE)", notes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -330,6 +330,36 @@ def write_outputs(
     trial_plot(out / "trials.png", rows, f"{title}: validation loss per trial")
 
 
+def search(
+    study: Any,
+    args: Any,
+    out: Path,
+    measure: Any,
+    columns: Sequence[str],
+    title: str,
+    notes: Sequence[str],
+) -> list[dict[str, Any]]:
+    """Run `args.trials` trials of `study`, each `measure(trial)` -> (its row with
+    `val_loss` and `score`, a label for its progress line); write the outputs under `out`
+    with the data, `notes` and the best trial; return the rows."""
+    rows: list[dict[str, Any]] = []
+
+    def objective(trial: Any) -> float:
+        row, label = measure(trial)
+        rows.append({"trial": trial.number, **row})
+        print(
+            f"trial {trial.number}: {label}val loss {row['val_loss']:.4f}, score "
+            f"{row['score']:.6f} ({row['seconds']:.0f}s)",
+            flush=True,
+        )
+        return row["val_loss"]
+
+    study.optimize(objective, n_trials=args.trials)
+    best = f"Best by validation loss: trial {study.best_trial.number}."
+    write_outputs(out, rows, columns, title, [data_note(args), *notes, best])
+    return rows
+
+
 def data_note(args: Any) -> str:
     return (
         f"{args.dataset}: {args.num_train} training / {args.num_val} validation images (both "

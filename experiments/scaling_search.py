@@ -71,41 +71,28 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     split = proxy.split_from(args)
     settings = proxy.settings_from(args, autoaugment=args.preset == "full")
     study = proxy.tpe_study(args.seed, args.startup_trials)
-    rows: list[dict[str, Any]] = []
 
-    def objective(trial: Any) -> float:
+    def measure(trial: Any) -> tuple[dict[str, Any], str]:
         resolution = trial.suggest_float("resolution", *RESOLUTION_RANGE)
         width = width_for(resolution)
         scored = build_architecture(BASE_BLOCK_STRINGS, width=width, resolution=resolution)
         arch = proxy_network(args.proxy, width, resolution, split.num_classes)
         result = proxy.proxy_train(arch, split, settings)
-        rows.append(
-            {
-                "trial": trial.number,
-                "resolution": resolution,
-                "width": width,
-                "image_size": scored.image_size,
-                **result,
-                **proxy.micronet_numbers(scored),
-            }
-        )
-        print(
-            f"trial {trial.number}: resolution {resolution:.3f} width {width:.3f}: val loss "
-            f"{result['val_loss']:.4f}, score {rows[-1]['score']:.6f}",
-            flush=True,
-        )
-        return result["val_loss"]
+        row = {
+            "resolution": resolution,
+            "width": width,
+            "image_size": scored.image_size,
+            **result,
+            **proxy.micronet_numbers(scored),
+        }
+        return row, f"resolution {resolution:.3f} width {width:.3f}: "
 
-    study.optimize(objective, n_trials=args.trials)
     notes = [
-        proxy.data_note(args),
         "width = sqrt(2 / resolution²); image size = ceil(32 · round(resolution², 2)). Score: "
         "dense MicroNet score of the base block strings at that scaling, for CIFAR-100 "
         "(16-bit, BN not counted, upsample not counted).",
-        f"Best by validation loss: trial {study.best_trial.number}.",
     ]
-    proxy.write_outputs(out, rows, COLUMNS, "Scaling search (TPE)", notes)
-    return rows
+    return proxy.search(study, args, out, measure, COLUMNS, "Scaling search (TPE)", notes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -184,8 +184,33 @@ def is_layer_call(context: Any) -> bool:
     return context.method_name == "__call__" and isinstance(context.module, Conv2d | Dense)
 
 
+class LayerInputGrids:
+    """Base of the method interceptors that put every conv and dense layer's input on its
+    grid: `on_grid(path, x, bits)` where the layer's input width is an integer kernel's, plain
+    rounding to `bits` where it is wider, untouched at full width; other calls run as they
+    are. Subclasses hold `bits` (a BitWidths) and say how a grid is computed."""
+
+    bits: BitWidths
+    ste: bool = False
+
+    def on_grid(self, path: str, x: jax.Array, bits: int) -> jax.Array:
+        raise NotImplementedError
+
+    def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        if not is_layer_call(context):
+            return next_fun(*args, **kwargs)
+        path = kernel_path(context.module)
+        _, activation_bits = self.bits.of(path)
+        x = args[0]
+        if activation_bits < INTEGER_BELOW:
+            x = self.on_grid(path, x, activation_bits)
+        elif activation_bits < FULL:
+            x = fake_quant(x, 1.0, activation_bits, self.ste)
+        return next_fun(x, *args[1:], **kwargs)
+
+
 @dataclasses.dataclass
-class ActivationQuantizer:
+class ActivationQuantizer(LayerInputGrids):
     """Method interceptor: the input of every conv and dense layer on its per-tensor grid.
 
     `ranges` maps `scale_key`s to each layer's calibrated (low, high); layers whose width is
@@ -197,20 +222,11 @@ class ActivationQuantizer:
     ste: bool = False
     ops: FakeQuant = FAKE_QUANT
 
-    def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-        if not is_layer_call(context):
-            return next_fun(*args, **kwargs)
-        path = kernel_path(context.module)
-        _, activation_bits = self.bits.of(path)
-        x = args[0]
-        if activation_bits < INTEGER_BELOW:
-            bounds = self.ranges[scale_key(path)]
-            with jax.ensure_compile_time_eval():  # constants when the ranges are (export)
-                step, zero = activation_grid(bounds, activation_bits, self.bits.scale_bits)
-            x = self.ops.activation(x, step, zero, activation_bits, self.ste)
-        elif activation_bits < FULL:
-            x = fake_quant(x, 1.0, activation_bits, self.ste)
-        return next_fun(x, *args[1:], **kwargs)
+    def on_grid(self, path: str, x: jax.Array, bits: int) -> jax.Array:
+        bounds = self.ranges[scale_key(path)]
+        with jax.ensure_compile_time_eval():  # constants when the ranges are (export)
+            step, zero = activation_grid(bounds, bits, self.bits.scale_bits)
+        return self.ops.activation(x, step, zero, bits, self.ste)
 
 
 @dataclasses.dataclass

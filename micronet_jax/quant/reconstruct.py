@@ -39,10 +39,8 @@ import optax
 from flax import linen as nn
 
 from micronet_jax.quant.fake import (
+    LayerInputGrids,
     activation_grid,
-    fake_quant,
-    is_layer_call,
-    kernel_path,
     qmax,
     round_scale,
     scale_key,
@@ -104,7 +102,7 @@ def grid_bounds(step: jax.Array, zero: jax.Array, bits: int, scale_bits: int) ->
 
 
 @dataclasses.dataclass
-class _LearnedQuantizer:
+class _LearnedQuantizer(LayerInputGrids):
     """Method interceptor for a segment under reconstruction: every conv and dense layer's
     input on its learned grid (`grids`: scale_key -> (log step, zero point)); with
     `drop`, each activation kept in float32 with that probability (QDrop)."""
@@ -115,24 +113,13 @@ class _LearnedQuantizer:
     drop: jax.Array
     calls: list = dataclasses.field(default_factory=list)
 
-    def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-        if not is_layer_call(context):
-            return next_fun(*args, **kwargs)
-        path = kernel_path(context.module)
-        _, activation_bits = self.bits.of(path)
-        x = args[0]
-        if activation_bits < INTEGER_BELOW:
-            log_step, zero = self.grids[scale_key(path)]
-            quantized = learned_grid_quant(
-                x, jnp.exp(log_step), zero, activation_bits, self.bits.scale_bits
-            )
-            key = jax.random.fold_in(self.key, len(self.calls))
-            self.calls.append(path)
-            keep = jax.random.uniform(key, x.shape) >= self.drop
-            x = jnp.where(keep, quantized, x)
-        elif activation_bits < FULL:
-            x = fake_quant(x, 1.0, activation_bits)
-        return next_fun(x, *args[1:], **kwargs)
+    def on_grid(self, path: str, x: jax.Array, bits: int) -> jax.Array:
+        log_step, zero = self.grids[scale_key(path)]
+        quantized = learned_grid_quant(x, jnp.exp(log_step), zero, bits, self.bits.scale_bits)
+        key = jax.random.fold_in(self.key, len(self.calls))
+        self.calls.append(path)
+        keep = jax.random.uniform(key, x.shape) >= self.drop
+        return jnp.where(keep, quantized, x)
 
 
 def _soft(v: jax.Array) -> jax.Array:
