@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -126,8 +125,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    rows = run(parse_args(argv))
-    print(json.dumps(min(rows, key=lambda r: r["val_loss"]), indent=2))
+    proxy.print_best(run(parse_args(argv)))
     return 0
 
 

@@ -360,6 +360,11 @@ def search(
     return rows
 
 
+def print_best(rows: Sequence[dict[str, Any]]) -> None:
+    """The trial of lowest validation loss, as the search's last output."""
+    print(json.dumps(min(rows, key=lambda r: r["val_loss"]), indent=2))
+
+
 def data_note(args: Any) -> str:
     return (
         f"{args.dataset}: {args.num_train} training / {args.num_val} validation images (both "

@@ -16,7 +16,6 @@ block strings (CIFAR-100, 45k/5k, 1 epoch, 100 trials).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -96,8 +95,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    rows = run(parse_args(argv))
-    print(json.dumps(min(rows, key=lambda r: r["val_loss"]), indent=2))
+    proxy.print_best(run(parse_args(argv)))
     return 0
 
 
