@@ -352,3 +352,34 @@ def test_the_mixed_precision_search_honours_its_floor():
     for cheaper_one, dearer_one in zip(front, front[1:], strict=False):
         assert cheaper_one.measured["score"] <= dearer_one.measured["score"]
         assert cheaper_one.measured["closeness"] < dearer_one.measured["closeness"]
+
+
+# --- learning the fake quantisation -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lr", [0.001, 50.0])
+def test_learned_fake_quantisation_is_kept_only_when_nearer_on_held_out_images(lr):
+    """`learn_fake_quant` judges its result on the images it held out of learning: it returns
+    the learned variables only when their KL from the float32 network there is lower, else the
+    post-training ones unchanged. A rate of 50 (relative to each tensor's magnitude) wrecks
+    the network, so that run must fall back."""
+    from micronet_jax.quant.learn import FakeQuantLearning, learn_fake_quant, teacher_fn
+
+    model, variables, images = pruned_tiny()
+    bits = BitWidths(4, 8)
+    quantized, _ = post_training_quantize(
+        model, variables, images[:32], bits, parse_method("nearest"), batch_size=16
+    )
+    options = FakeQuantLearning(steps=4, batch_size=8, lr=lr, held_out=0.25, augment=False)
+    teacher = teacher_fn(model, variables)
+    returned, history = learn_fake_quant(model, bits, quantized, teacher, images[:32], options)
+    assert len(history) == 4 and history.held_out is not None
+    before, after = history.held_out
+    assert np.isfinite(before) and before > 0
+    assert history.kept == (after < before)
+    if lr == 50.0:
+        assert after > before and not history.kept
+    same = jax.tree_util.tree_all(
+        jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), returned, quantized)
+    )
+    assert same == (not history.kept)

@@ -155,10 +155,8 @@ def learn_fake_quant(
     result["weight_scales"] = learned["weight_scales"]
     history = Losses(losses)
     if len(held_out):
-        history.held_out = (
-            held_out_kl(apply, quantized, teacher, held_out),
-            held_out_kl(apply, result, teacher, held_out),
-        )
+        kl = held_out_kl(apply, teacher)
+        history.held_out = (kl(quantized, held_out), kl(result, held_out))
         history.kept = history.held_out[1] < history.held_out[0]
     return (result if history.kept else quantized), history
 
