@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -365,7 +366,7 @@ def _run_stage(
     stages: list[StageSpec],
     index: int,
     workdir: Path,
-    start: Any,
+    start: Callable[[], tuple[dict, Any]],
 ) -> tuple[dict, Any]:
     """Stage `index`: its saved result when it finished before, else trained from `start()`
     (its first variables and masks) and saved; returns its final (variables, masks)."""
@@ -407,10 +408,8 @@ def run_pipeline(config: Any, workdir: str | Path) -> dict[str, Any]:
     ctx, workdir = _begin(config, workdir, stages)
     variables, masks = None, None
     for index, stage in enumerate(stages):
-        previous = (variables, masks)
-        variables, masks = _run_stage(
-            ctx, stages, index, workdir, lambda s=stage, p=previous: _prepare(ctx, s, *p)
-        )
+        start = functools.partial(_prepare, ctx, stage, variables, masks)
+        variables, masks = _run_stage(ctx, stages, index, workdir, start)
     bits = builders.bit_widths_of(config) if stages[-1].kind == "quantize" else None
     return _final_report(ctx, variables, workdir, stages, bits)
 
